@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package that building, testing, benchmarking and the demo need.
+# Idempotent: packages already present are left alone. The README, .ci/run and
+# deploy/Dockerfile all call this one script, so it is the single list of dependencies.
+#
+# Usage: scripts/install-deps.sh [--runtime]
+#   --runtime   only the shared libraries montaged needs at run time (for the container image)
+set -euo pipefail
+
+BUILD_PACKAGES=(
+  # toolchain
+  build-essential cmake ninja-build ccache pkg-config git unzip ca-certificates
+  # gRPC, protobuf, Abseil
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
+  # googleapis and gRPC protos, used in place (never copied into the repository)
+  golang-github-gogo-googleapis-dev libgoogle-common-protos-java grpc-proto
+  # libraries the services link
+  libcurl4-openssl-dev libsqlite3-dev libyaml-cpp-dev nlohmann-json3-dev prometheus-cpp-dev
+  libhiredis-dev libespeak-ng-dev espeak-ng-data libevent-dev zlib1g-dev
+  libavformat-dev libavcodec-dev libavfilter-dev libavutil-dev libswscale-dev libswresample-dev
+  # tests and benchmarks
+  googletest libgtest-dev libgmock-dev libbenchmark-dev
+  nghttp2-client redis-server redis-tools util-linux procps curl python3
+  # deployment checks
+  docker-compose
+)
+
+RUNTIME_PACKAGES=(
+  ca-certificates libgrpc++1.51 libprotobuf32 libcurl4 libsqlite3-0 libyaml-cpp0.7
+  libprometheus-cpp-core1.0 libhiredis0.14 libespeak-ng1 espeak-ng-data libevent-2.1-7 libevent-pthreads-2.1-7 zlib1g
+  libavformat59 libavcodec59 libavfilter8 libavutil57 libswscale6 libswresample4
+)
+
+packages=("${BUILD_PACKAGES[@]}")
+if [[ "${1:-}" == "--runtime" ]]; then
+  packages=("${RUNTIME_PACKAGES[@]}")
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]} == 0)); then
+  echo "install-deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+echo "install-deps: installing ${#missing[@]} packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-deps: done"
