@@ -26,7 +26,7 @@ BUILD_PACKAGES=(
 )
 
 RUNTIME_PACKAGES=(
-  ca-certificates libgrpc++1.51 libprotobuf32 libcurl4 libsqlite3-0 libyaml-cpp0.7
+  ca-certificates curl libgrpc++1.51 libprotobuf32 libcurl4 libsqlite3-0 libyaml-cpp0.7
   libprometheus-cpp-core1.0 libhiredis0.14 libespeak-ng1 espeak-ng-data libevent-2.1-7 libevent-pthreads-2.1-7 zlib1g
   libavformat59 libavcodec59 libavfilter8 libavutil57 libswscale6 libswresample4
 )

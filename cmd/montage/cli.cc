@@ -1,0 +1,385 @@
+#include "cmd/montage/cli.h"
+
+#include <cstdlib>
+#include <iomanip>
+#include <iostream>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/time.h"
+#include "common/status.h"
+#include "google/protobuf/util/json_util.h"
+#include "google/protobuf/util/time_util.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "montage/cache/v1/cache.grpc.pb.h"
+
+namespace montage::cli {
+namespace {
+
+namespace cachepb = ::montage::cache::v1;
+using google::protobuf::util::TimeUtil;
+
+constexpr char kUsage[] = R"(usage: montage [--addr=HOST:PORT] [--json] [--timeout=DURATION] <command>
+
+commands:
+  cache get KEY [--namespace=NS]          print the value (raw bytes; exit 1 on a miss)
+  cache set KEY VALUE|- [--ttl=DURATION] [--namespace=NS]
+                                          store VALUE (or standard input with -)
+  cache delete KEY [--namespace=NS]
+  cache invalidate [--prefix=P] [--all] [KEY...] [--namespace=NS]
+  cache stats [--namespace=NS]            entries, bytes, hit rate per namespace
+  cache snapshot                          write the persistence file now
+  health                                  grpc.health.v1 status of every service
+
+--addr defaults to $MONTAGE_ADDR or 127.0.0.1:50051; --timeout to 30s.
+)";
+
+struct Options {
+  std::string addr;
+  bool json = false;
+  absl::Duration timeout = absl::Seconds(30);
+  std::string ns;
+  std::optional<absl::Duration> ttl;
+  std::string prefix;
+  bool all = false;
+  std::vector<std::string> positional;
+};
+
+// Parses --flag=value / --flag value anywhere on the line. Returns an error message or "".
+std::string Parse(const std::vector<std::string>& args, Options& o) {
+  const char* env = std::getenv("MONTAGE_ADDR");
+  o.addr = env != nullptr && *env != '\0' ? env : "127.0.0.1:50051";
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (!absl::StartsWith(a, "--") || a == "--" || a == "-") {
+      o.positional.push_back(a);
+      continue;
+    }
+    std::string name = a.substr(2);
+    std::string value;
+    bool has_value = false;
+    if (size_t eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      has_value = true;
+    }
+    auto take = [&]() -> bool {
+      if (has_value) return true;
+      if (i + 1 >= args.size()) return false;
+      value = args[++i];
+      return true;
+    };
+    if (name == "json") {
+      o.json = true;
+    } else if (name == "all") {
+      o.all = true;
+    } else if (name == "addr" || name == "namespace" || name == "prefix" || name == "ttl" ||
+               name == "timeout") {
+      if (!take()) return absl::StrCat("--", name, " needs a value");
+      if (name == "addr") o.addr = value;
+      if (name == "namespace") o.ns = value;
+      if (name == "prefix") o.prefix = value;
+      if (name == "ttl" || name == "timeout") {
+        absl::Duration d;
+        if (!absl::ParseDuration(value, &d) || d < absl::ZeroDuration()) {
+          return absl::StrCat("--", name, ": '", value, "' is not a duration (e.g. 90s, 1h)");
+        }
+        if (name == "ttl") o.ttl = d;
+        if (name == "timeout") o.timeout = d;
+      }
+    } else if (name == "help") {
+      o.positional = {"help"};
+      return "";
+    } else {
+      return absl::StrCat("unknown option --", name);
+    }
+  }
+  return "";
+}
+
+std::string HumanBytes(uint64_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  return u == 0 ? absl::StrCat(bytes, " B") : absl::StrFormat("%.1f %s", v, units[u]);
+}
+
+std::string ToJson(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, options);
+  return out;
+}
+
+int Fail(std::ostream& err, const grpc::Status& status, bool json) {
+  if (json) {
+    google::rpc::Status rpc;
+    if (status.error_details().empty() || !rpc.ParseFromString(status.error_details())) {
+      rpc.set_code(status.error_code());
+      rpc.set_message(status.error_message());
+    }
+    err << ToJson(rpc);
+    return 3;
+  }
+  err << "montage: " << GrpcCodeName(status.error_code()) << ": " << status.error_message() << "\n";
+  google::rpc::Status rpc;
+  if (!status.error_details().empty() && rpc.ParseFromString(status.error_details())) {
+    for (const auto& any : rpc.details()) {
+      google::rpc::BadRequest bad;
+      if (any.UnpackTo(&bad)) {
+        for (const auto& v : bad.field_violations()) {
+          err << "  field " << v.field() << ": " << v.description() << "\n";
+        }
+      }
+    }
+  }
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    err << "  is montaged running? start it with: montaged all\n";
+  }
+  return 3;
+}
+
+class Client {
+ public:
+  explicit Client(const Options& o)
+      : options_(o), channel_(grpc::CreateChannel(o.addr, grpc::InsecureChannelCredentials())) {}
+
+  void Prepare(grpc::ClientContext& ctx) const {
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
+  }
+  std::shared_ptr<grpc::Channel> channel() const { return channel_; }
+
+ private:
+  const Options& options_;
+  std::shared_ptr<grpc::Channel> channel_;
+};
+
+int CacheGet(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  if (o.positional.size() != 3) {
+    err << "usage: montage cache get KEY [--namespace=NS]\n";
+    return 2;
+  }
+  auto stub = cachepb::CacheService::NewStub(client.channel());
+  cachepb::GetRequest req;
+  req.set_namespace_(o.ns);
+  req.set_key(o.positional[2]);
+  cachepb::GetResponse resp;
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  grpc::Status s = stub->Get(&ctx, req, &resp);
+  if (!s.ok()) return Fail(err, s, o.json);
+  if (o.json) {
+    out << ToJson(resp);
+    return resp.found() ? 0 : 1;
+  }
+  if (!resp.found()) {
+    err << "not found: " << req.key() << "\n";
+    return 1;
+  }
+  out << resp.entry().value();
+  return 0;
+}
+
+int CacheSet(const Options& o, Client& client, std::istream& in, std::ostream& out,
+             std::ostream& err) {
+  if (o.positional.size() != 4) {
+    err << "usage: montage cache set KEY VALUE|- [--ttl=DURATION] [--namespace=NS]\n";
+    return 2;
+  }
+  cachepb::SetRequest req;
+  req.set_namespace_(o.ns);
+  req.set_key(o.positional[2]);
+  if (o.positional[3] == "-") {
+    req.set_value(std::string(std::istreambuf_iterator<char>(in), {}));
+  } else {
+    req.set_value(o.positional[3]);
+  }
+  if (o.ttl.has_value()) {
+    *req.mutable_ttl() = TimeUtil::NanosecondsToDuration(absl::ToInt64Nanoseconds(*o.ttl));
+  }
+  auto stub = cachepb::CacheService::NewStub(client.channel());
+  cachepb::Entry resp;
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  grpc::Status s = stub->Set(&ctx, req, &resp);
+  if (!s.ok()) return Fail(err, s, o.json);
+  if (o.json) {
+    out << ToJson(resp);
+    return 0;
+  }
+  out << "stored " << resp.key() << " in " << resp.namespace_() << " ("
+      << HumanBytes(req.value().size()) << ", ";
+  if (resp.has_expire_time()) {
+    const absl::Time expire =
+        absl::FromUnixNanos(TimeUtil::TimestampToNanoseconds(resp.expire_time()));
+    out << "expires " << absl::FormatTime("%Y-%m-%d %H:%M:%S UTC", expire, absl::UTCTimeZone());
+  } else {
+    out << "never expires";
+  }
+  out << ")\n";
+  return 0;
+}
+
+int CacheDelete(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  if (o.positional.size() != 3) {
+    err << "usage: montage cache delete KEY [--namespace=NS]\n";
+    return 2;
+  }
+  auto stub = cachepb::CacheService::NewStub(client.channel());
+  cachepb::DeleteRequest req;
+  req.set_namespace_(o.ns);
+  req.set_key(o.positional[2]);
+  cachepb::DeleteResponse resp;
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  grpc::Status s = stub->Delete(&ctx, req, &resp);
+  if (!s.ok()) return Fail(err, s, o.json);
+  if (o.json) {
+    out << ToJson(resp);
+  } else {
+    out << (resp.deleted() ? "deleted " : "was not there: ") << req.key() << "\n";
+  }
+  return 0;
+}
+
+int CacheInvalidate(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  cachepb::InvalidateRequest req;
+  req.set_namespace_(o.ns);
+  req.set_prefix(o.prefix);
+  req.set_all(o.all);
+  for (size_t i = 2; i < o.positional.size(); ++i) req.add_keys(o.positional[i]);
+  auto stub = cachepb::CacheService::NewStub(client.channel());
+  cachepb::InvalidateResponse resp;
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  grpc::Status s = stub->Invalidate(&ctx, req, &resp);
+  if (!s.ok()) return Fail(err, s, o.json);
+  if (o.json) {
+    out << ToJson(resp);
+  } else {
+    out << "removed " << resp.removed() << " entries\n";
+  }
+  return 0;
+}
+
+int CacheStats(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  auto stub = cachepb::CacheService::NewStub(client.channel());
+  cachepb::GetStatsRequest req;
+  req.set_namespace_(o.ns);
+  cachepb::CacheStats resp;
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  grpc::Status s = stub->GetStats(&ctx, req, &resp);
+  if (!s.ok()) return Fail(err, s, o.json);
+  if (o.json) {
+    out << ToJson(resp);
+    return 0;
+  }
+  out << absl::StrFormat("%-16s %9s %12s %12s %9s %9s %8s %10s %11s\n", "NAMESPACE", "ENTRIES",
+                         "BYTES", "BUDGET", "HITS", "MISSES", "HIT%", "EVICTIONS",
+                         "EXPIRATIONS");
+  auto row = [&out](const cachepb::NamespaceStats& n, const std::string& name) {
+    out << absl::StrFormat("%-16s %9d %12s %12s %9d %9d %7.1f%% %10d %11d\n", name, n.entries(),
+                           HumanBytes(n.bytes()), HumanBytes(n.max_bytes()), n.hits(),
+                           n.misses(), 100.0 * n.hit_rate(), n.evictions(), n.expirations());
+  };
+  for (const auto& n : resp.namespaces()) row(n, n.namespace_());
+  if (resp.namespaces_size() != 1) row(resp.total(), "(total)");
+  return 0;
+}
+
+int CacheSnapshot(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  auto stub = cachepb::CacheService::NewStub(client.channel());
+  cachepb::SnapshotResponse resp;
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  grpc::Status s = stub->Snapshot(&ctx, cachepb::SnapshotRequest(), &resp);
+  if (!s.ok()) return Fail(err, s, o.json);
+  if (o.json) {
+    out << ToJson(resp);
+  } else {
+    out << "saved " << resp.entries() << " entries (" << HumanBytes(resp.bytes()) << ") to "
+        << resp.path() << "\n";
+  }
+  return 0;
+}
+
+int Health(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  auto stub = grpc::health::v1::Health::NewStub(client.channel());
+  const std::vector<std::string> services = {
+      "",
+      "montage.cache.v1.CacheService",
+      "montage.generation.v1.GenerationService",
+      "montage.speech.v1.SpeechService",
+      "montage.analytics.v1.AnalyticsService",
+      "montage.render.v1.RenderService",
+      "montage.gateway.v1.BatchService"};
+  int serving = 0;
+  for (const std::string& name : services) {
+    grpc::health::v1::HealthCheckRequest req;
+    req.set_service(name);
+    grpc::health::v1::HealthCheckResponse resp;
+    grpc::ClientContext ctx;
+    client.Prepare(ctx);
+    grpc::Status s = stub->Check(&ctx, req, &resp);
+    std::string state;
+    if (s.ok()) {
+      state = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status());
+      serving += resp.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+    } else if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
+      state = "not running here";
+    } else {
+      return Fail(err, s, o.json);
+    }
+    out << absl::StrFormat("%-42s %s\n", name.empty() ? "(server)" : name, state);
+  }
+  return serving > 0 ? 0 : 3;
+}
+
+}  // namespace
+
+int Run(const std::vector<std::string>& args, std::istream& in, std::ostream& out,
+        std::ostream& err) {
+  Options o;
+  if (std::string problem = Parse(args, o); !problem.empty()) {
+    err << "montage: " << problem << "\n\n" << kUsage;
+    return 2;
+  }
+  const auto& p = o.positional;
+  if (p.empty() || p[0] == "help") {
+    (p.empty() ? err : out) << kUsage;
+    return p.empty() ? 2 : 0;
+  }
+  Client client(o);
+  if (p[0] == "health") return Health(o, client, out, err);
+  if (p[0] == "cache" && p.size() >= 2) {
+    if (p[1] == "get") return CacheGet(o, client, out, err);
+    if (p[1] == "set") return CacheSet(o, client, in, out, err);
+    if (p[1] == "delete") return CacheDelete(o, client, out, err);
+    if (p[1] == "invalidate") return CacheInvalidate(o, client, out, err);
+    if (p[1] == "stats") return CacheStats(o, client, out, err);
+    if (p[1] == "snapshot") return CacheSnapshot(o, client, out, err);
+  }
+  err << "montage: unknown command '" << p[0] << (p.size() > 1 ? " " + p[1] : "") << "'\n\n"
+      << kUsage;
+  return 2;
+}
+
+}  // namespace montage::cli

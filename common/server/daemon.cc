@@ -1,0 +1,237 @@
+#include "common/server/daemon.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "common/telemetry/grpc_interceptors.h"
+#include "common/telemetry/metrics.h"
+#include "common/telemetry/tracer.h"
+#include "google/protobuf/util/time_util.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server.h"
+#include "grpcpp/server_builder.h"
+#include "nlohmann/json.hpp"
+
+namespace montage {
+namespace {
+
+using google::protobuf::util::TimeUtil;
+
+absl::Duration ToAbsl(const google::protobuf::Duration& d) {
+  return absl::Nanoseconds(TimeUtil::DurationToNanoseconds(d));
+}
+
+LogLevel ToLogLevel(config::v1::LoggingConfig::Level level) {
+  switch (level) {
+    case config::v1::LoggingConfig::DEBUG: return LogLevel::kDebug;
+    case config::v1::LoggingConfig::WARNING: return LogLevel::kWarning;
+    case config::v1::LoggingConfig::ERROR: return LogLevel::kError;
+    default: return LogLevel::kInfo;
+  }
+}
+
+telemetry::TracerOptions TracerOptionsFrom(const config::Config& config,
+                                           const std::string& service_name) {
+  const auto& t = config.tracing();
+  telemetry::TracerOptions options;
+  options.service_name = service_name;
+  options.sample_ratio = t.sample_ratio();
+  options.ring_buffer_spans = t.ring_buffer_spans();
+  options.endpoint = t.endpoint();
+  options.export_interval = ToAbsl(t.export_interval());
+  options.max_export_batch = t.max_export_batch();
+  options.max_export_queue = t.max_export_queue();
+  switch (t.exporter()) {
+    case config::v1::TracingConfig::ZIPKIN:
+      options.exporter = telemetry::ExporterKind::kZipkin;
+      break;
+    case config::v1::TracingConfig::OTLP:
+      options.exporter = telemetry::ExporterKind::kOtlp;
+      break;
+    default:
+      options.exporter = telemetry::ExporterKind::kNone;
+  }
+  return options;
+}
+
+absl::Status WritePortFile(const std::string& path, const std::string& grpc_address,
+                           const std::string& admin_address) {
+  nlohmann::json j;
+  j["grpc"] = grpc_address;
+  j["admin"] = admin_address;
+  j["pid"] = static_cast<int64_t>(getpid());
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << j.dump() << "\n";
+    if (!out) return absl::UnavailableError(absl::StrCat("cannot write port file ", tmp));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return absl::UnavailableError(absl::StrCat("cannot rename port file into ", path));
+  }
+  return absl::OkStatus();
+}
+
+// "host:port" with the port the server actually bound.
+std::string BoundAddress(const std::string& listen, int port) {
+  auto hp = SplitHostPort(listen);
+  std::string host = hp.ok() ? hp->first : "127.0.0.1";
+  if (host.find(':') != std::string::npos) return absl::StrCat("[", host, "]:", port);
+  return absl::StrCat(host, ":", port);
+}
+
+}  // namespace
+
+int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration> registry) {
+  // Every thread started from here on inherits the blocked signals; only sigwait below sees them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  absl::StatusOr<config::Config> loaded = config::LoadConfig(options.config);
+  if (!loaded.ok()) {
+    LogError("invalid configuration", {{"error", std::string(loaded.status().message())}});
+    return 2;
+  }
+  config::Config config = *std::move(loaded);
+  if (!options.listen.empty()) config.mutable_server()->set_listen(options.listen);
+  if (!options.admin_listen.empty()) config.mutable_server()->set_admin_listen(options.admin_listen);
+  if (absl::Status valid = config::Validate(config); !valid.ok()) {
+    LogError("invalid configuration", {{"error", std::string(valid.message())}});
+    return 2;
+  }
+
+  const std::string process_name = absl::StrCat("montaged[", absl::StrJoin(options.services, ","), "]");
+  ConfigureLogging(ToLogLevel(config.logging().level()),
+                   config.logging().format() == config::v1::LoggingConfig::JSON, process_name);
+  telemetry::ConfigureGlobalTracer(
+      TracerOptionsFrom(config, absl::StrCat("montage-", absl::StrJoin(options.services, "-"))));
+
+  absl::StatusOr<std::unique_ptr<AdminServer>> admin =
+      AdminServer::Start(config.server().admin_listen());
+  if (!admin.ok()) {
+    LogError("cannot start the admin server", {{"error", std::string(admin.status().message())}});
+    return 1;
+  }
+
+  std::atomic<int> state{0};  // 0 starting, 1 live, 2 draining
+  (*admin)->Handle("/healthz", [](const AdminRequest&) { return AdminResponse{200, "text/plain", "OK\n"}; });
+  (*admin)->Handle("/ready", [&state](const AdminRequest&) {
+    switch (state.load()) {
+      case 1: return AdminResponse{200, "text/plain", "LIVE\n"};
+      case 2: return AdminResponse{503, "text/plain", "DRAINING\n"};
+      default: return AdminResponse{503, "text/plain", "PRE_INITIALIZING\n"};
+    }
+  });
+  (*admin)->Handle("/metrics", [](const AdminRequest&) {
+    return AdminResponse{200, "text/plain; version=0.0.4; charset=utf-8",
+                         telemetry::RenderPrometheusText()};
+  });
+  (*admin)->Handle("/debug/traces", [](const AdminRequest& req) {
+    size_t limit = 200;
+    if (auto it = req.query.find("limit"); it != req.query.end()) {
+      limit = std::min<size_t>(std::max(1, std::atoi(it->second.c_str())), 10000);
+    }
+    return AdminResponse{200, "application/json", telemetry::GlobalTracer().RecentTracesJson(limit)};
+  });
+  (*admin)->Handle("/config_dump", [&config](const AdminRequest&) {
+    return AdminResponse{200, "application/json", config::ConfigToJson(config)};
+  });
+
+  ThreadPool executor(config.server().executor_threads(), 10'000, "montage-cpu");
+  ServiceContext context{config, RealClock(), executor, **admin};
+
+  std::vector<std::unique_ptr<ServiceModule>> modules;
+  for (const std::string& name : options.services) {
+    const ServiceRegistration* reg = nullptr;
+    for (const auto& r : registry) {
+      if (r.name == name) reg = &r;
+    }
+    if (reg == nullptr) {
+      LogError("unknown service", {{"service", name}});
+      return 2;
+    }
+    absl::StatusOr<std::unique_ptr<ServiceModule>> module = reg->factory(context);
+    if (!module.ok()) {
+      LogError("service failed to start",
+               {{"service", name}, {"error", std::string(module.status().message())}});
+      return 1;
+    }
+    modules.push_back(*std::move(module));
+  }
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int grpc_port = 0;
+  builder.AddListeningPort(config.server().listen(), grpc::InsecureServerCredentials(), &grpc_port);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.server().max_receive_message_bytes()));
+  builder.SetMaxSendMessageSize(static_cast<int>(config.server().max_send_message_bytes()));
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(telemetry::MakeServerTelemetryInterceptorFactory(
+      telemetry::GlobalTracer(), telemetry::MetricsRegistry()));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  std::vector<std::string> health_names;
+  for (auto& module : modules) {
+    for (grpc::Service* service : module->GrpcServices()) builder.RegisterService(service);
+    for (const std::string& n : module->HealthNames()) health_names.push_back(n);
+  }
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || grpc_port == 0) {
+    LogError("cannot listen for gRPC", {{"listen", config.server().listen()}});
+    return 1;
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  for (const std::string& n : health_names) health->SetServingStatus(n, true);
+  health->SetServingStatus(true);
+
+  const std::string grpc_address = BoundAddress(config.server().listen(), grpc_port);
+  if (!options.port_file.empty()) {
+    if (absl::Status s = WritePortFile(options.port_file, grpc_address, (*admin)->address());
+        !s.ok()) {
+      LogError("cannot write the port file", {{"error", std::string(s.message())}});
+      return 1;
+    }
+  }
+  state.store(1);
+  LogInfo("montaged serving", {{"services", absl::StrJoin(options.services, ",")},
+                               {"grpc", grpc_address},
+                               {"admin", (*admin)->address()}});
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  const absl::Duration drain = ToAbsl(config.server().drain_timeout());
+  LogInfo("draining", {{"signal", signal_number == SIGTERM ? "SIGTERM" : "SIGINT"},
+                       {"deadline_ms", absl::ToInt64Milliseconds(drain)}});
+  state.store(2);
+  health->SetServingStatus(false);
+  for (auto& module : modules) module->OnDraining();
+  const absl::Time drain_start = absl::Now();
+  // Waits for in-flight calls until the deadline, then cancels the rest.
+  server->Shutdown(absl::ToChronoTime(drain_start + drain));
+  server->Wait();
+  for (auto& module : modules) module->Stop();
+  modules.clear();
+  executor.Shutdown();
+  (*admin)->Stop();
+  telemetry::GlobalTracer().Shutdown();
+  LogInfo("stopped", {{"drain_ms", absl::ToInt64Milliseconds(absl::Now() - drain_start)}});
+  return 0;
+}
+
+}  // namespace montage

@@ -1,0 +1,54 @@
+// How a service plugs into montaged. Each service folder offers one factory returning a
+// ServiceModule; montaged's main lists the factories by name (explicit registration, no static
+// initialisers). A module owns its engine, its gRPC service objects and its background tasks.
+#ifndef MONTAGE_COMMON_SERVER_SERVICE_MODULE_H_
+#define MONTAGE_COMMON_SERVER_SERVICE_MODULE_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "common/clock.h"
+#include "common/config.h"
+#include "common/executor.h"
+#include "common/server/admin_server.h"
+#include "grpcpp/impl/codegen/service_type.h"
+
+namespace montage {
+
+// What the daemon hands every module. Outlives the module.
+struct ServiceContext {
+  const config::Config& config;
+  Clock& clock;
+  // Bounded pool for CPU work and blocking file I/O (never the gRPC threads).
+  Executor& executor;
+  // To add admin pages.
+  AdminServer& admin;
+};
+
+class ServiceModule {
+ public:
+  virtual ~ServiceModule() = default;
+  // The gRPC services to register (owned by the module).
+  virtual std::vector<grpc::Service*> GrpcServices() = 0;
+  // Full names reported through grpc.health.v1 (e.g. "montage.cache.v1.CacheService").
+  virtual std::vector<std::string> HealthNames() const = 0;
+  // SIGTERM arrived: the server stops taking calls next. Wake anything waiting on a long timer.
+  virtual void OnDraining() {}
+  // After the gRPC server has stopped: stop background tasks, persist state.
+  virtual void Stop() {}
+};
+
+using ServiceFactory = absl::StatusOr<std::unique_ptr<ServiceModule>> (*)(ServiceContext&);
+
+struct ServiceRegistration {
+  absl::string_view name;
+  absl::string_view description;
+  ServiceFactory factory;
+};
+
+}  // namespace montage
+
+#endif  // MONTAGE_COMMON_SERVER_SERVICE_MODULE_H_

@@ -1,0 +1,76 @@
+// Starts a real montaged (or any montage binary) as a child process on free loopback ports, for
+// integration tests. The process writes its bound ports to a port file; Start() polls for it with
+// a bound, and Stop() sends SIGTERM and reaps the exit code (SIGKILL only if a bound passes).
+#ifndef MONTAGE_TESTS_INTEGRATION_MONTAGED_PROCESS_H_
+#define MONTAGE_TESTS_INTEGRATION_MONTAGED_PROCESS_H_
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "grpcpp/channel.h"
+
+namespace montage::testing {
+
+struct ProcessResult {
+  bool exited = false;
+  int exit_code = -1;
+  int signal = 0;
+};
+
+class MontagedProcess {
+ public:
+  // `args` follow the binary: e.g. {"cache", "--set=cache.max_bytes=1MiB"}. Listen addresses and
+  // the port file are added here.
+  static absl::StatusOr<std::unique_ptr<MontagedProcess>> Start(std::vector<std::string> args);
+  ~MontagedProcess();
+
+  const std::string& grpc_address() const { return grpc_address_; }
+  const std::string& admin_address() const { return admin_address_; }
+  pid_t pid() const { return pid_; }
+  std::shared_ptr<grpc::Channel> channel() const { return channel_; }
+  // What the process wrote to stderr so far (its log).
+  std::string log() const;
+
+  // SIGTERM, then wait (bounded) for the exit.
+  ProcessResult Stop();
+  // Non-blocking check; ProcessResult::exited false while it runs.
+  ProcessResult Poll();
+  void Signal(int signal);
+
+ private:
+  MontagedProcess() = default;
+  pid_t pid_ = -1;
+  std::string dir_;
+  std::string grpc_address_;
+  std::string admin_address_;
+  std::shared_ptr<grpc::Channel> channel_;
+  bool reaped_ = false;
+  ProcessResult result_;
+};
+
+// Path of the built montaged / montage binaries (set by CMake).
+std::string MontagedPath();
+std::string MontageCliPath();
+
+// A unique empty directory under the test temp dir.
+std::string MakeTempDir();
+
+// Runs a command to completion, capturing stdout+stderr. Bounded by `timeout_seconds`.
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+CommandResult RunCommand(const std::vector<std::string>& argv, const std::string& stdin_data = "",
+                         int timeout_seconds = 60);
+
+// A plain HTTP GET to host:port/path (status, body); status 0 on connection failure.
+std::pair<long, std::string> HttpGet(const std::string& address, const std::string& path);
+
+}  // namespace montage::testing
+
+#endif  // MONTAGE_TESTS_INTEGRATION_MONTAGED_PROCESS_H_
