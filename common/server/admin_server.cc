@@ -94,6 +94,13 @@ absl::StatusOr<std::unique_ptr<AdminServer>> AdminServer::Start(const std::strin
   server->port_ = addr.ss_family == AF_INET6
                       ? ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port)
                       : ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+  // Stop() activates this event; unlike event_base_loopbreak, an activation made before the
+  // loop starts is not lost.
+  server->stop_event_ = event_new(
+      server->base_, -1, 0,
+      [](evutil_socket_t, short, void* base) { event_base_loopbreak(static_cast<event_base*>(base)); },
+      server->base_);
+  if (server->stop_event_ == nullptr) return absl::InternalError("event_new failed");
   AdminServer* raw = server.get();
   server->thread_ = std::thread([raw] { event_base_dispatch(raw->base_); });
   return server;
@@ -101,13 +108,15 @@ absl::StatusOr<std::unique_ptr<AdminServer>> AdminServer::Start(const std::strin
 
 AdminServer::~AdminServer() {
   Stop();
+  if (stop_event_ != nullptr) event_free(stop_event_);
   if (http_ != nullptr) evhttp_free(http_);
   if (base_ != nullptr) event_base_free(base_);
 }
 
 void AdminServer::Stop() {
-  if (base_ != nullptr) event_base_loopbreak(base_);
-  if (thread_.joinable()) thread_.join();
+  if (!thread_.joinable()) return;
+  event_active(stop_event_, EV_READ, 0);
+  thread_.join();
 }
 
 std::string AdminServer::address() const {

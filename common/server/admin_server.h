@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 
+struct event;
 struct event_base;
 struct evhttp;
 struct evhttp_request;
@@ -64,6 +65,7 @@ class AdminServer {
   int port_ = 0;
   event_base* base_ = nullptr;
   evhttp* http_ = nullptr;
+  event* stop_event_ = nullptr;
   std::thread thread_;
   absl::Mutex mu_;
   absl::flat_hash_map<std::string, AdminHandler> handlers_ ABSL_GUARDED_BY(mu_);

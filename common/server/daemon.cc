@@ -14,6 +14,7 @@
 #include "absl/time/time.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "common/telemetry/config.h"
 #include "common/telemetry/grpc_interceptors.h"
 #include "common/telemetry/metrics.h"
 #include "common/telemetry/tracer.h"
@@ -41,30 +42,6 @@ LogLevel ToLogLevel(config::v1::LoggingConfig::Level level) {
     case config::v1::LoggingConfig::ERROR: return LogLevel::kError;
     default: return LogLevel::kInfo;
   }
-}
-
-telemetry::TracerOptions TracerOptionsFrom(const config::Config& config,
-                                           const std::string& service_name) {
-  const auto& t = config.tracing();
-  telemetry::TracerOptions options;
-  options.service_name = service_name;
-  options.sample_ratio = t.sample_ratio();
-  options.ring_buffer_spans = t.ring_buffer_spans();
-  options.endpoint = t.endpoint();
-  options.export_interval = ToAbsl(t.export_interval());
-  options.max_export_batch = t.max_export_batch();
-  options.max_export_queue = t.max_export_queue();
-  switch (t.exporter()) {
-    case config::v1::TracingConfig::ZIPKIN:
-      options.exporter = telemetry::ExporterKind::kZipkin;
-      break;
-    case config::v1::TracingConfig::OTLP:
-      options.exporter = telemetry::ExporterKind::kOtlp;
-      break;
-    default:
-      options.exporter = telemetry::ExporterKind::kNone;
-  }
-  return options;
 }
 
 absl::Status WritePortFile(const std::string& path, const std::string& grpc_address,
@@ -119,8 +96,15 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
   const std::string process_name = absl::StrCat("montaged[", absl::StrJoin(options.services, ","), "]");
   ConfigureLogging(ToLogLevel(config.logging().level()),
                    config.logging().format() == config::v1::LoggingConfig::JSON, process_name);
-  telemetry::ConfigureGlobalTracer(
-      TracerOptionsFrom(config, absl::StrCat("montage-", absl::StrJoin(options.services, "-"))));
+  absl::StatusOr<telemetry::TracerOptions> tracer_options = telemetry::TracerOptionsFromConfig(
+      config.tracing(), absl::StrCat("montage-", absl::StrJoin(options.services, "-")));
+  absl::Status tracer_status = tracer_options.ok()
+                                   ? telemetry::ConfigureGlobalTracer(*std::move(tracer_options))
+                                   : tracer_options.status();
+  if (!tracer_status.ok()) {
+    LogError("invalid tracing configuration", {{"error", std::string(tracer_status.message())}});
+    return 2;
+  }
 
   absl::StatusOr<std::unique_ptr<AdminServer>> admin =
       AdminServer::Start(config.server().admin_listen());
@@ -225,11 +209,12 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
   // Waits for in-flight calls until the deadline, then cancels the rest.
   server->Shutdown(absl::ToChronoTime(drain_start + drain));
   server->Wait();
+  LogInfo("gRPC server drained", {{"ms", absl::ToInt64Milliseconds(absl::Now() - drain_start)}});
   for (auto& module : modules) module->Stop();
   modules.clear();
   executor.Shutdown();
   (*admin)->Stop();
-  telemetry::GlobalTracer().Shutdown();
+  telemetry::ShutdownGlobalTracer();
   LogInfo("stopped", {{"drain_ms", absl::ToInt64Milliseconds(absl::Now() - drain_start)}});
   return 0;
 }

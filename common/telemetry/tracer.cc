@@ -1,0 +1,407 @@
+#include "common/telemetry/tracer.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/random/distributions.h"
+#include "absl/random/random.h"
+#include "absl/strings/str_cat.h"
+#include "common/telemetry/metrics.h"
+#include "common/telemetry/span_json.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+
+namespace montage::telemetry {
+namespace {
+
+absl::BitGen& ThreadBitGen() {
+  thread_local absl::BitGen gen;
+  return gen;
+}
+
+template <size_t N>
+std::array<uint8_t, N> RandomNonZeroId() {
+  std::array<uint8_t, N> id{};
+  do {
+    for (size_t i = 0; i < N; i += 8) {
+      uint64_t bits = absl::Uniform<uint64_t>(ThreadBitGen());
+      for (size_t j = 0; j < 8 && i + j < N; ++j) {
+        id[i + j] = static_cast<uint8_t>(bits);
+        bits >>= 8;
+      }
+    }
+  } while (std::all_of(id.begin(), id.end(), [](uint8_t b) { return b == 0; }));
+  return id;
+}
+
+prometheus::Family<prometheus::Counter>& CounterFamily(prometheus::Registry& registry,
+                                                       const std::string& name,
+                                                       const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(registry);
+}
+
+prometheus::Counter& DroppedCounter(prometheus::Registry& registry, const std::string& reason) {
+  return CounterFamily(registry, "montage_trace_spans_dropped_total",
+                       "Finished spans that were not exported, by reason.")
+      .Add({{"reason", reason}});
+}
+
+std::unique_ptr<SpanExporter> ExporterFor(const TracerOptions& options) {
+  switch (options.exporter) {
+    case ExporterKind::kNone:
+      return nullptr;
+    case ExporterKind::kZipkin:
+      return MakeHttpSpanExporter(SpanFormat::kZipkin, options.endpoint);
+    case ExporterKind::kOtlp:
+      return MakeHttpSpanExporter(SpanFormat::kOtlp, options.endpoint);
+  }
+  return nullptr;
+}
+
+prometheus::Registry& RegistryOr(prometheus::Registry* registry) {
+  return registry != nullptr ? *registry : MetricsRegistry();
+}
+
+// The constructor cannot fail: options that were not validated are made harmless.
+TracerOptions Sanitized(TracerOptions options) {
+  if (!(options.sample_ratio > 0.0)) options.sample_ratio = 0.0;  // NaN included
+  if (options.sample_ratio > 1.0) options.sample_ratio = 1.0;
+  options.ring_buffer_spans = std::max<size_t>(1, options.ring_buffer_spans);
+  options.max_export_batch = std::max<size_t>(1, options.max_export_batch);
+  options.max_export_queue = std::max<size_t>(1, options.max_export_queue);
+  if (options.export_interval <= absl::ZeroDuration()) options.export_interval = absl::Seconds(1);
+  if (options.export_timeout <= absl::ZeroDuration()) options.export_timeout = absl::Seconds(5);
+  return options;
+}
+
+}  // namespace
+
+absl::Status ValidateTracerOptions(const TracerOptions& options) {
+  if (!(options.sample_ratio >= 0.0 && options.sample_ratio <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tracing.sample_ratio: must be within [0, 1], got ", options.sample_ratio));
+  }
+  if (options.ring_buffer_spans == 0) {
+    return absl::InvalidArgumentError("tracing.ring_buffer_spans: must be positive");
+  }
+  if (options.exporter == ExporterKind::kNone) return absl::OkStatus();
+  if (options.endpoint.empty()) {
+    return absl::InvalidArgumentError("tracing.endpoint: required when an exporter is set");
+  }
+  if (absl::Status status = ValidateExportEndpoint(options.endpoint); !status.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("tracing.endpoint: ", status.message()));
+  }
+  if (options.export_interval <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("tracing.export_interval: must be positive");
+  }
+  if (options.max_export_batch == 0) {
+    return absl::InvalidArgumentError("tracing.max_export_batch: must be positive");
+  }
+  if (options.max_export_queue == 0) {
+    return absl::InvalidArgumentError("tracing.max_export_queue: must be positive");
+  }
+  if (options.export_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("tracing.export_timeout: must be positive");
+  }
+  return absl::OkStatus();
+}
+
+// ----------------------------------------------------------------------------------------------
+// Span
+
+Span::Span(Span&& other) noexcept
+    : tracer_(std::exchange(other.tracer_, nullptr)),
+      context_(std::move(other.context_)),
+      data_(std::move(other.data_)) {}
+
+Span& Span::operator=(Span&& other) noexcept {
+  if (this != &other) {
+    End();
+    tracer_ = std::exchange(other.tracer_, nullptr);
+    context_ = std::move(other.context_);
+    data_ = std::move(other.data_);
+  }
+  return *this;
+}
+
+void Span::Set(absl::string_view key, AttributeValue value) {
+  for (auto& [k, v] : data_->attributes) {
+    if (k == key) {
+      v = std::move(value);
+      return;
+    }
+  }
+  data_->attributes.emplace_back(std::string(key), std::move(value));
+}
+
+void Span::SetAttribute(absl::string_view key, absl::string_view value) {
+  if (data_ != nullptr) Set(key, std::string(value));
+}
+void Span::SetAttribute(absl::string_view key, double value) {
+  if (data_ != nullptr) Set(key, value);
+}
+void Span::SetAttribute(absl::string_view key, bool value) {
+  if (data_ != nullptr) Set(key, value);
+}
+void Span::SetIntAttribute(absl::string_view key, int64_t value) {
+  if (data_ != nullptr) Set(key, value);
+}
+
+void Span::SetStatus(SpanStatusCode code, absl::string_view message) {
+  if (data_ == nullptr) return;
+  data_->status_code = code;
+  data_->status_message = std::string(message);
+}
+
+void Span::AddEvent(absl::string_view name) {
+  if (data_ == nullptr) return;
+  data_->events.push_back({std::string(name), tracer_->clock().Now()});
+}
+
+void Span::End() {
+  if (data_ == nullptr) return;
+  data_->end = tracer_->clock().Now();
+  tracer_->Record(std::move(data_));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Tracer
+
+Tracer::Tracer(TracerOptions options, TracerDeps deps)
+    : options_(Sanitized(std::move(options))),
+      clock_(deps.clock != nullptr ? *deps.clock : RealClock()),
+      exporter_(deps.exporter != nullptr ? std::move(deps.exporter) : ExporterFor(options_)),
+      exported_counter_(CounterFamily(RegistryOr(deps.registry),
+                                      "montage_trace_spans_exported_total",
+                                      "Spans accepted by the trace collector.")
+                            .Add({})),
+      dropped_queue_full_counter_(DroppedCounter(RegistryOr(deps.registry), "queue_full")),
+      dropped_export_failed_counter_(DroppedCounter(RegistryOr(deps.registry), "export_failed")),
+      dropped_shutdown_counter_(DroppedCounter(RegistryOr(deps.registry), "shutdown")),
+      export_failures_counter_(CounterFamily(RegistryOr(deps.registry),
+                                             "montage_trace_export_failures_total",
+                                             "Span export requests that failed.")
+                                   .Add({})),
+      ring_(options_.ring_buffer_spans) {
+  if (exporter_ != nullptr) export_thread_ = std::thread([this] { ExportLoop(); });
+}
+
+Tracer::~Tracer() { Shutdown(); }
+
+Span Tracer::StartSpan(absl::string_view name, SpanKind kind,
+                       const std::optional<SpanContext>& parent) {
+  SpanContext ctx;
+  SpanId parent_span_id{};
+  const bool has_parent = parent.has_value() && parent->IsValid();
+  if (has_parent) {
+    ctx.trace_id = parent->trace_id;
+    ctx.tracestate = parent->tracestate;
+    parent_span_id = parent->span_id;
+  } else {
+    ctx.trace_id = RandomNonZeroId<16>();
+  }
+  ctx.span_id = RandomNonZeroId<8>();
+  if (has_parent && !parent->sampling_deferred) {
+    ctx.sampled = parent->sampled;
+  } else if (options_.sample_ratio >= 1.0) {
+    ctx.sampled = true;
+  } else if (options_.sample_ratio == 0.0) {
+    ctx.sampled = false;
+  } else {
+    ctx.sampled = absl::Bernoulli(ThreadBitGen(), options_.sample_ratio);
+  }
+  if (!ctx.sampled) return Span(this, std::move(ctx), nullptr);
+
+  auto data = std::make_unique<SpanData>();
+  data->name = std::string(name);
+  data->service_name = options_.service_name;
+  data->trace_id = ctx.trace_id;
+  data->span_id = ctx.span_id;
+  data->parent_span_id = parent_span_id;
+  data->kind = kind;
+  data->start = clock_.Now();
+  return Span(this, std::move(ctx), std::move(data));
+}
+
+void Tracer::Record(std::unique_ptr<SpanData> span) {
+  spans_recorded_.fetch_add(1, std::memory_order_relaxed);
+  std::shared_ptr<const SpanData> shared(std::move(span));
+  std::shared_ptr<const SpanData> evicted = shared;
+  {
+    absl::MutexLock lock(&ring_mu_);
+    ring_[ring_next_ % ring_.size()].swap(evicted);
+    ++ring_next_;
+  }
+  // `evicted` (the oldest span) is freed here, outside the lock.
+  if (exporter_ != nullptr) Enqueue(std::move(shared));
+}
+
+void Tracer::Enqueue(std::shared_ptr<const SpanData> span) {
+  prometheus::Counter* dropped = nullptr;
+  {
+    absl::MutexLock lock(&queue_mu_);
+    if (stopping_) {
+      dropped = &dropped_shutdown_counter_;
+    } else if (queue_.size() >= options_.max_export_queue) {
+      dropped = &dropped_queue_full_counter_;
+    } else {
+      queue_.push_back(std::move(span));
+      ++enqueued_;
+    }
+  }
+  if (dropped != nullptr) CountDropped(*dropped, 1);
+}
+
+void Tracer::CountDropped(prometheus::Counter& counter, uint64_t n) {
+  spans_dropped_.fetch_add(n, std::memory_order_relaxed);
+  counter.Increment(static_cast<double>(n));
+}
+
+bool Tracer::ExportReady() const {
+  return stopping_ || queue_.size() >= options_.max_export_batch ||
+         (flush_requested_ && !queue_.empty());
+}
+
+void Tracer::ExportLoop() {
+  std::vector<std::shared_ptr<const SpanData>> batch;
+  std::vector<const SpanData*> pointers;
+  while (true) {
+    absl::Time deadline;
+    {
+      absl::MutexLock lock(&queue_mu_);
+      queue_mu_.AwaitWithTimeout(absl::Condition(this, &Tracer::ExportReady),
+                                 options_.export_interval);
+      if (queue_.empty()) {
+        flush_requested_ = false;
+        if (stopping_) return;
+        continue;
+      }
+      const absl::Time now = absl::Now();
+      if (stopping_ && now >= shutdown_deadline_) {
+        const uint64_t n = queue_.size();
+        queue_.clear();
+        handled_ += n;
+        CountDropped(dropped_shutdown_counter_, n);
+        return;
+      }
+      const size_t n = std::min(queue_.size(), options_.max_export_batch);
+      for (size_t i = 0; i < n; ++i) {
+        batch.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
+      if (queue_.empty()) flush_requested_ = false;
+      deadline = std::min(now + options_.export_timeout, shutdown_deadline_);
+    }
+    pointers.clear();
+    for (const auto& span : batch) pointers.push_back(span.get());
+    const absl::Status status = exporter_->Export(pointers, deadline);
+    if (status.ok()) {
+      spans_exported_.fetch_add(batch.size(), std::memory_order_relaxed);
+      exported_counter_.Increment(static_cast<double>(batch.size()));
+    } else {
+      export_failures_.fetch_add(1, std::memory_order_relaxed);
+      export_failures_counter_.Increment();
+      CountDropped(dropped_export_failed_counter_, batch.size());
+    }
+    const size_t n = batch.size();
+    batch.clear();
+    absl::MutexLock lock(&queue_mu_);
+    handled_ += n;
+  }
+}
+
+std::vector<SpanData> Tracer::RecentSpans(size_t max) const {
+  std::vector<std::shared_ptr<const SpanData>> spans;
+  {
+    absl::MutexLock lock(&ring_mu_);
+    const uint64_t count = std::min<uint64_t>({max, ring_next_, ring_.size()});
+    spans.reserve(count);
+    for (uint64_t i = ring_next_ - count; i < ring_next_; ++i) {
+      spans.push_back(ring_[i % ring_.size()]);
+    }
+  }
+  std::vector<SpanData> out;
+  out.reserve(spans.size());
+  for (const auto& span : spans) out.push_back(*span);
+  return out;
+}
+
+std::string Tracer::RecentTracesJson(size_t max) const {
+  return TracesWaterfallJson(RecentSpans(max));
+}
+
+bool Tracer::ForceFlush(absl::Duration timeout) {
+  if (exporter_ == nullptr) return true;
+  absl::MutexLock lock(&queue_mu_);
+  const uint64_t target = enqueued_;
+  if (handled_ >= target) return true;
+  flush_requested_ = true;
+  struct Done {
+    const Tracer* tracer;
+    uint64_t target;
+    bool operator()() const ABSL_NO_THREAD_SAFETY_ANALYSIS { return tracer->handled_ >= target; }
+  } done{this, target};
+  return queue_mu_.AwaitWithTimeout(absl::Condition(&done), timeout);
+}
+
+void Tracer::Shutdown(absl::Duration timeout) {
+  std::call_once(shutdown_once_, [&] {
+    {
+      absl::MutexLock lock(&queue_mu_);
+      stopping_ = true;
+      shutdown_deadline_ = absl::Now() + timeout;
+    }
+    if (export_thread_.joinable()) export_thread_.join();
+  });
+}
+
+Tracer::Stats Tracer::stats() const {
+  Stats stats;
+  stats.spans_recorded = spans_recorded_.load(std::memory_order_relaxed);
+  stats.spans_exported = spans_exported_.load(std::memory_order_relaxed);
+  stats.spans_dropped = spans_dropped_.load(std::memory_order_relaxed);
+  stats.export_failures = export_failures_.load(std::memory_order_relaxed);
+  return stats;
+}
+
+// ----------------------------------------------------------------------------------------------
+// The global tracer
+
+namespace {
+
+std::atomic<Tracer*>& GlobalTracerSlot() {
+  static std::atomic<Tracer*> slot{nullptr};
+  return slot;
+}
+
+}  // namespace
+
+Tracer& GlobalTracer() {
+  std::atomic<Tracer*>& slot = GlobalTracerSlot();
+  Tracer* tracer = slot.load(std::memory_order_acquire);
+  if (tracer != nullptr) return *tracer;
+  // Leaked on purpose, like every global tracer: references to it must never dangle.
+  auto* fresh = new Tracer(TracerOptions{});
+  if (slot.compare_exchange_strong(tracer, fresh, std::memory_order_acq_rel)) return *fresh;
+  delete fresh;  // another thread won; `tracer` now holds its value
+  return *tracer;
+}
+
+absl::Status ConfigureGlobalTracer(TracerOptions options) {
+  if (absl::Status status = ValidateTracerOptions(options); !status.ok()) return status;
+  auto* fresh = new Tracer(std::move(options));
+  Tracer* old = GlobalTracerSlot().exchange(fresh, std::memory_order_acq_rel);
+  if (old != nullptr) {
+    // Someone may still hold a reference: stop its exporter but keep it alive (and reachable).
+    old->Shutdown();
+    static absl::Mutex retired_mu(absl::kConstInit);
+    static auto* const retired = new std::vector<Tracer*>();
+    absl::MutexLock lock(&retired_mu);
+    retired->push_back(old);
+  }
+  return absl::OkStatus();
+}
+
+void ShutdownGlobalTracer(absl::Duration timeout) { GlobalTracer().Shutdown(timeout); }
+
+}  // namespace montage::telemetry
