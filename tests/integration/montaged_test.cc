@@ -14,6 +14,7 @@
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "montage/cache/v1/cache.grpc.pb.h"
 #include "montage/generation/v1/generation.grpc.pb.h"
@@ -221,6 +222,33 @@ TEST(MontagedAllTest, EveryServiceServesHealthAndStubsSayWhatIsMissing) {
   EXPECT_EQ(Get(*cache, "", "k").entry().value(), "v");
 
   EXPECT_EQ((*process)->Stop().exit_code, 0) << (*process)->log();
+}
+
+TEST(MontagedAllTest, ServerReflectionListsEveryService) {
+  auto process = MontagedProcess::Start({"all"});
+  ASSERT_TRUE(process.ok()) << process.status();
+  auto stub = grpc::reflection::v1alpha::ServerReflection::NewStub((*process)->channel());
+  grpc::ClientContext ctx;
+  WithDeadline(ctx);
+  auto stream = stub->ServerReflectionInfo(&ctx);
+  grpc::reflection::v1alpha::ServerReflectionRequest req;
+  req.set_list_services("");
+  ASSERT_TRUE(stream->Write(req));
+  grpc::reflection::v1alpha::ServerReflectionResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  std::vector<std::string> names;
+  for (const auto& s : resp.list_services_response().service()) names.push_back(s.name());
+  for (const char* name : kAllServices) EXPECT_THAT(names, ::testing::Contains(name));
+
+  // The descriptors come with the file, so a client can build requests from them.
+  grpc::reflection::v1alpha::ServerReflectionRequest file_req;
+  file_req.set_file_containing_symbol("montage.cache.v1.CacheService");
+  ASSERT_TRUE(stream->Write(file_req));
+  grpc::reflection::v1alpha::ServerReflectionResponse file_resp;
+  ASSERT_TRUE(stream->Read(&file_resp));
+  EXPECT_GT(file_resp.file_descriptor_response().file_descriptor_proto_size(), 0);
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
 }
 
 TEST(MontagedCacheTest, OneServiceProcessDoesNotClaimTheOthers) {
