@@ -26,10 +26,10 @@ google::protobuf::Duration ToProtoDuration(absl::Duration d) {
   return TimeUtil::NanosecondsToDuration(absl::ToInt64Nanoseconds(d));
 }
 
-void FillEntry(const Entry& entry, bool with_value, v1::Entry* out) {
+void FillEntry(Entry& entry, bool with_value, v1::Entry* out) {
   out->set_namespace_(entry.ns);
   out->set_key(entry.key);
-  if (with_value) out->set_value(entry.value);
+  if (with_value) out->set_value(std::move(entry.value));
   out->set_size_bytes(entry.size_bytes);
   if (entry.expire_time != absl::InfiniteFuture()) {
     *out->mutable_expire_time() = ToProto(entry.expire_time);
@@ -198,7 +198,7 @@ grpc::ServerUnaryReactor* CacheServiceImpl::BatchGet(grpc::CallbackServerContext
   std::vector<std::string> keys(request->keys().begin(), request->keys().end());
   auto entries = engine_.BatchGet(request->namespace_(), keys);
   if (!entries.ok()) return Done(context, entries.status());
-  for (const std::optional<Entry>& entry : *entries) {
+  for (std::optional<Entry>& entry : *entries) {
     v1::GetResponse* result = response->add_results();
     if (entry.has_value()) {
       result->set_found(true);
