@@ -122,10 +122,6 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
       default: return AdminResponse{503, "text/plain", "PRE_INITIALIZING\n"};
     }
   });
-  (*admin)->Handle("/metrics", [](const AdminRequest&) {
-    return AdminResponse{200, "text/plain; version=0.0.4; charset=utf-8",
-                         telemetry::RenderPrometheusText()};
-  });
   (*admin)->Handle("/debug/traces", [](const AdminRequest& req) {
     size_t limit = 200;
     if (auto it = req.query.find("limit"); it != req.query.end()) {
@@ -159,6 +155,12 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
     modules.push_back(*std::move(module));
   }
 
+  (*admin)->Handle("/metrics", [&modules](const AdminRequest&) {
+    for (auto& module : modules) module->RefreshMetrics();
+    return AdminResponse{200, "text/plain; version=0.0.4; charset=utf-8",
+                         telemetry::RenderPrometheusText()};
+  });
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -178,6 +180,7 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || grpc_port == 0) {
     LogError("cannot listen for gRPC", {{"listen", config.server().listen()}});
+    (*admin)->Stop();
     return 1;
   }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
@@ -189,6 +192,7 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
     if (absl::Status s = WritePortFile(options.port_file, grpc_address, (*admin)->address());
         !s.ok()) {
       LogError("cannot write the port file", {{"error", std::string(s.message())}});
+      (*admin)->Stop();
       return 1;
     }
   }
@@ -211,9 +215,9 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
   server->Wait();
   LogInfo("gRPC server drained", {{"ms", absl::ToInt64Milliseconds(absl::Now() - drain_start)}});
   for (auto& module : modules) module->Stop();
+  (*admin)->Stop();  // before the modules go: its handlers reach into them
   modules.clear();
   executor.Shutdown();
-  (*admin)->Stop();
   telemetry::ShutdownGlobalTracer();
   LogInfo("stopped", {{"drain_ms", absl::ToInt64Milliseconds(absl::Now() - drain_start)}});
   return 0;

@@ -35,6 +35,9 @@ class ServiceModule {
   virtual std::vector<grpc::Service*> GrpcServices() = 0;
   // Full names reported through grpc.health.v1 (e.g. "montage.cache.v1.CacheService").
   virtual std::vector<std::string> HealthNames() const = 0;
+  // Called on the admin thread just before /metrics is rendered, so gauges read from the engine
+  // are exact at scrape time. Must be quick and thread-safe.
+  virtual void RefreshMetrics() {}
   // SIGTERM arrived: the server stops taking calls next. Wake anything waiting on a long timer.
   virtual void OnDraining() {}
   // After the gRPC server has stopped: stop background tasks, persist state.

@@ -3,6 +3,9 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
+#include <map>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -33,20 +36,49 @@ const prometheus::Histogram::BucketBoundaries& DurationBuckets() {
   return *buckets;
 }
 
-// The metric children of one method, created on its first call and kept for the life of the
-// process. The pointers are owned by the prometheus families.
-struct MethodMetrics {
+// "/pkg.Service/Method" -> ("pkg.Service", "Method").
+std::pair<absl::string_view, absl::string_view> SplitMethod(absl::string_view full) {
+  if (!full.empty() && full.front() == '/') full.remove_prefix(1);
+  const size_t slash = full.rfind('/');
+  if (slash == absl::string_view::npos) return {absl::string_view(), full};
+  return {full.substr(0, slash), full.substr(slash + 1)};
+}
+
+// The status code attribute every call span ends with. The span templates list it (with
+// UNKNOWN until the call sets the real code) so that setting it allocates nothing.
+constexpr char kStatusCodeAttribute[] = "rpc.grpc.status_code";
+
+// Everything calls of one method share: its name, the span template with the rpc.* attributes
+// (OpenTelemetry's rpc conventions) and the metric children, built on the method's first call
+// and kept for the life of the factory, so that a call allocates nothing for them. The metric
+// pointers are owned by the prometheus families.
+struct MethodState {
+  explicit MethodState(absl::string_view method) : name(method) {
+    const auto [service, rpc_method] = SplitMethod(name);
+    span_template = std::make_shared<const SpanTemplate>(
+        name, SpanTemplate::Attributes{
+                  {"rpc.system", std::string("grpc")},
+                  {"rpc.service", std::string(service)},
+                  {"rpc.method", std::string(rpc_method)},
+                  {kStatusCodeAttribute, static_cast<int64_t>(grpc::StatusCode::UNKNOWN)}});
+  }
+
+  const std::string name;
+  std::shared_ptr<const SpanTemplate> span_template;
   prometheus::Gauge* in_flight = nullptr;  // server only
   prometheus::Histogram* duration = nullptr;
   std::array<std::atomic<prometheus::Counter*>, kNumStatusCodes> requests{};
 };
 
-// Per-method metrics of one side (server or client). Thread-safe: after a method's first call
-// its lookup takes a shared lock, and each update is an atomic operation.
+// Per-method state of one side (server or client). Thread-safe. A call finds its method's
+// state through a small per-thread cache keyed by the address of gRPC's method name (a static
+// string for generated services), checked against the name itself, so the usual lookup takes
+// no lock and hashes nothing; a miss takes a mutex.
 class RpcMetrics {
  public:
   RpcMetrics(prometheus::Registry& registry, const std::string& side, bool with_in_flight)
-      : requests_(prometheus::BuildCounter()
+      : id_(NextId()),
+        requests_(prometheus::BuildCounter()
                       .Name("montage_grpc_" + side + "_requests_total")
                       .Help("gRPC calls completed, by method and status code.")
                       .Register(registry)),
@@ -60,32 +92,38 @@ class RpcMetrics {
                                          .Register(registry)
                                   : nullptr) {}
 
-  MethodMetrics& ForMethod(const std::string& method) {
-    {
-      absl::ReaderMutexLock lock(&mu_);
-      if (auto it = methods_.find(method); it != methods_.end()) return *it->second;
+  // `method` as gRPC gives it ("/pkg.Service/Method"), null meaning "unknown".
+  MethodState& ForMethod(const char* method) {
+    if (method == nullptr) method = "unknown";
+    // Entries of RpcMetrics that no longer exist never match: ids are not reused.
+    struct CacheEntry {
+      uint64_t owner;
+      const char* method;
+      MethodState* state;
+    };
+    constexpr size_t kCacheSize = 8;
+    thread_local CacheEntry cache[kCacheSize];  // zero-initialised, no guard
+    CacheEntry& entry = cache[(reinterpret_cast<uintptr_t>(method) >> 3) % kCacheSize];
+    // The address alone is not enough: a generic service's name may live in memory that a
+    // later call reuses for another name.
+    if (entry.owner == id_ && entry.method == method && entry.state->name == method) {
+      return *entry.state;
     }
-    absl::MutexLock lock(&mu_);
-    auto& slot = methods_[method];
-    if (slot == nullptr) {
-      slot = std::make_unique<MethodMetrics>();
-      slot->duration = &duration_.Add({{"method", method}}, DurationBuckets());
-      if (in_flight_ != nullptr) slot->in_flight = &in_flight_->Add({{"method", method}});
-    }
-    return *slot;
+    MethodState& state = Lookup(method);
+    entry = CacheEntry{id_, method, &state};
+    return state;
   }
 
   // Counters per code are created on first use so that the exposition lists only codes seen.
-  prometheus::Counter& Requests(MethodMetrics& metrics, const std::string& method,
-                                grpc::StatusCode code) {
+  prometheus::Counter& Requests(MethodState& method, grpc::StatusCode code) {
     int index = static_cast<int>(code);
     if (index < 0 || index >= kNumStatusCodes) index = static_cast<int>(grpc::StatusCode::UNKNOWN);
-    std::atomic<prometheus::Counter*>& slot = metrics.requests[index];
+    std::atomic<prometheus::Counter*>& slot = method.requests[index];
     prometheus::Counter* counter = slot.load(std::memory_order_acquire);
     if (counter == nullptr) {
       // Family::Add returns the existing child for equal labels, so a race is harmless.
       counter = &requests_.Add(
-          {{"method", method},
+          {{"method", method.name},
            {"code", std::string(GrpcCodeName(static_cast<grpc::StatusCode>(index)))}});
       slot.store(counter, std::memory_order_release);
     }
@@ -93,28 +131,29 @@ class RpcMetrics {
   }
 
  private:
+  static uint64_t NextId() {
+    static std::atomic<uint64_t> next{1};
+    return next.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  MethodState& Lookup(absl::string_view method) {
+    absl::MutexLock lock(&mu_);
+    auto& slot = methods_[method];
+    if (slot == nullptr) {
+      slot = std::make_unique<MethodState>(method);
+      slot->duration = &duration_.Add({{"method", slot->name}}, DurationBuckets());
+      if (in_flight_ != nullptr) slot->in_flight = &in_flight_->Add({{"method", slot->name}});
+    }
+    return *slot;
+  }
+
+  const uint64_t id_;
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Histogram>& duration_;
   prometheus::Family<prometheus::Gauge>* const in_flight_;
   absl::Mutex mu_;
-  absl::flat_hash_map<std::string, std::unique_ptr<MethodMetrics>> methods_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, std::unique_ptr<MethodState>> methods_ ABSL_GUARDED_BY(mu_);
 };
-
-// "/pkg.Service/Method" -> ("pkg.Service", "Method").
-std::pair<absl::string_view, absl::string_view> SplitMethod(absl::string_view full) {
-  if (!full.empty() && full.front() == '/') full.remove_prefix(1);
-  const size_t slash = full.rfind('/');
-  if (slash == absl::string_view::npos) return {absl::string_view(), full};
-  return {full.substr(0, slash), full.substr(slash + 1)};
-}
-
-void SetRpcAttributes(Span& span, absl::string_view method) {
-  if (!span.IsRecording()) return;
-  const auto [service, name] = SplitMethod(method);
-  span.SetAttribute("rpc.system", "grpc");
-  span.SetAttribute("rpc.service", service);
-  span.SetAttribute("rpc.method", name);
-}
 
 // OpenTelemetry's rpc conventions: a server span is an error only for codes that mean the
 // server failed; a client span for every non-OK code.
@@ -142,42 +181,54 @@ bool IsTraceHeader(absl::string_view name) {
          name == kB3SampledHeader || name == kB3FlagsHeader;
 }
 
+// True when a metadata entry named `name` may carry a caller's trace context; most calls have
+// none, and then extracting is skipped.
+bool HasTraceHeader(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) {
+  for (const auto& entry : metadata) {
+    if (IsTraceHeader(absl::string_view(entry.first.data(), entry.first.size()))) return true;
+  }
+  return false;
+}
+
 // ----------------------------------------------------------------------------------------------
-// Span contexts of server calls in progress, keyed by their ServerContext. Entries carry their
-// interceptor as owner: a context's memory may be reused by a new call before the old
-// interceptor is destroyed, and the old one must not erase the new entry.
+// Span contexts of server calls in progress, keyed by their ServerContext. An entry points at
+// the span context inside its interceptor, which erases the entry (under the shard lock) before
+// that span goes away, so readers copy it under the same lock. The pointer also identifies the
+// owner: a context's memory may be reused by a new call before the old interceptor is
+// destroyed, and the old one must not erase the new entry.
+//
+// gRPC 1.51 offers no public way from a ServerContext to its interceptors, hence the table.
+// The shard locks are std::mutex because every call takes one twice: absl::Mutex as Debian
+// builds it (without NDEBUG) does deadlock detection bookkeeping on every acquisition.
 
 class ServerSpanTable {
  public:
-  void Put(const grpc::ServerContextBase* context, const void* owner, const SpanContext& span) {
+  void Put(const grpc::ServerContextBase* context, const SpanContext* span) {
     Shard& shard = ShardFor(context);
-    absl::MutexLock lock(&shard.mu);
-    shard.entries.insert_or_assign(context, Entry{owner, span});
+    std::lock_guard<std::mutex> lock(shard.mu);
+    shard.entries.insert_or_assign(context, span);
   }
 
-  void Erase(const grpc::ServerContextBase* context, const void* owner) {
+  void Erase(const grpc::ServerContextBase* context, const SpanContext* span) {
     Shard& shard = ShardFor(context);
-    absl::MutexLock lock(&shard.mu);
+    std::lock_guard<std::mutex> lock(shard.mu);
     auto it = shard.entries.find(context);
-    if (it != shard.entries.end() && it->second.owner == owner) shard.entries.erase(it);
+    if (it != shard.entries.end() && it->second == span) shard.entries.erase(it);
   }
 
   std::optional<SpanContext> Get(const grpc::ServerContextBase* context) {
     Shard& shard = ShardFor(context);
-    absl::MutexLock lock(&shard.mu);
+    std::lock_guard<std::mutex> lock(shard.mu);
     auto it = shard.entries.find(context);
     if (it == shard.entries.end()) return std::nullopt;
-    return it->second.span;
+    return *it->second;
   }
 
  private:
-  struct Entry {
-    const void* owner;
-    SpanContext span;
-  };
   struct Shard {
-    absl::Mutex mu;
-    absl::flat_hash_map<const grpc::ServerContextBase*, Entry> entries ABSL_GUARDED_BY(mu);
+    std::mutex mu;
+    absl::flat_hash_map<const grpc::ServerContextBase*, const SpanContext*> entries
+        ABSL_GUARDED_BY(mu);
   };
   static constexpr size_t kShards = 16;
 
@@ -214,16 +265,16 @@ class ServerTelemetryInterceptor final : public grpc::experimental::Interceptor 
                              grpc::experimental::ServerRpcInfo* info)
       : state_(std::move(state)),
         context_(info->server_context()),
-        method_(info->method() != nullptr ? info->method() : "unknown"),
-        metrics_(state_->metrics.ForMethod(method_)),
+        method_(state_->metrics.ForMethod(info->method())),
         start_(std::chrono::steady_clock::now()) {
-    metrics_.in_flight->Increment();
+    method_.in_flight->Increment();
   }
 
   ~ServerTelemetryInterceptor() override {
     // No status was ever sent (the call was torn down): count it as cancelled.
-    Finish(grpc::Status(grpc::StatusCode::CANCELLED, "call ended without a status"));
-    ServerSpans().Erase(context_, this);
+    if (!finished_)
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "call ended without a status"));
+    if (registered_) ServerSpans().Erase(context_, &span_.context());
   }
 
   void Intercept(InterceptorBatchMethods* methods) override {
@@ -242,27 +293,29 @@ class ServerTelemetryInterceptor final : public grpc::experimental::Interceptor 
     if (started_) return;
     started_ = true;
     std::optional<SpanContext> parent;
-    if (metadata != nullptr) {
+    if (metadata != nullptr && HasTraceHeader(*metadata)) {
       parent = Extract([metadata](absl::string_view name) -> std::optional<absl::string_view> {
         auto it = metadata->find(grpc::string_ref(name.data(), name.size()));
         if (it == metadata->end()) return std::nullopt;
         return absl::string_view(it->second.data(), it->second.size());
       });
     }
-    span_ = state_->tracer_for_call().StartSpan(method_, SpanKind::kServer, parent);
-    SetRpcAttributes(span_, method_);
-    if (context_ != nullptr) ServerSpans().Put(context_, this, span_.context());
+    span_ = state_->tracer_for_call().StartSpan(method_.span_template, SpanKind::kServer, parent);
+    if (context_ != nullptr) {
+      ServerSpans().Put(context_, &span_.context());
+      registered_ = true;
+    }
   }
 
   void Finish(const grpc::Status& status) {
     if (finished_) return;
     finished_ = true;
     const grpc::StatusCode code = status.error_code();
-    metrics_.in_flight->Decrement();
-    metrics_.duration->Observe(SecondsSince(start_));
-    state_->metrics.Requests(metrics_, method_, code).Increment();
+    method_.in_flight->Decrement();
+    method_.duration->Observe(SecondsSince(start_));
+    state_->metrics.Requests(method_, code).Increment();
     if (span_.IsRecording()) {
-      span_.SetAttribute("rpc.grpc.status_code", static_cast<int64_t>(code));
+      span_.SetAttribute(kStatusCodeAttribute, static_cast<int64_t>(code));
       if (IsServerError(code)) span_.SetStatus(SpanStatusCode::kError, status.error_message());
       span_.End();
     }
@@ -270,11 +323,11 @@ class ServerTelemetryInterceptor final : public grpc::experimental::Interceptor 
 
   const std::shared_ptr<SideState> state_;
   const grpc::ServerContextBase* const context_;
-  const std::string method_;
-  MethodMetrics& metrics_;
+  MethodState& method_;
   const std::chrono::steady_clock::time_point start_;
   bool started_ = false;
   bool finished_ = false;
+  bool registered_ = false;  // in ServerSpans()
   Span span_;
 };
 
@@ -300,10 +353,12 @@ class ClientTelemetryInterceptor final : public grpc::experimental::Interceptor 
  public:
   ClientTelemetryInterceptor(std::shared_ptr<SideState> state,
                              grpc::experimental::ClientRpcInfo* info)
-      : state_(std::move(state)), method_(info->method() != nullptr ? info->method() : "unknown") {}
+      : state_(std::move(state)), method_(info->method()) {}
 
   ~ClientTelemetryInterceptor() override {
-    if (started_) Finish(grpc::Status(grpc::StatusCode::CANCELLED, "call ended without a status"));
+    if (started_ && !finished_) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "call ended without a status"));
+    }
   }
 
   void Intercept(InterceptorBatchMethods* methods) override {
@@ -333,8 +388,7 @@ class ClientTelemetryInterceptor final : public grpc::experimental::Interceptor 
         return absl::string_view(it->second);
       });
     }
-    span_ = state_->tracer_for_call().StartSpan(method_, SpanKind::kClient, parent);
-    SetRpcAttributes(span_, method_);
+    span_ = state_->tracer_for_call().StartSpan(metrics_->span_template, SpanKind::kClient, parent);
     if (metadata != nullptr) {
       for (auto it = metadata->begin(); it != metadata->end();) {
         it = IsTraceHeader(it->first) ? metadata->erase(it) : std::next(it);
@@ -350,9 +404,9 @@ class ClientTelemetryInterceptor final : public grpc::experimental::Interceptor 
     finished_ = true;
     const grpc::StatusCode code = status.error_code();
     metrics_->duration->Observe(SecondsSince(start_));
-    state_->metrics.Requests(*metrics_, method_, code).Increment();
+    state_->metrics.Requests(*metrics_, code).Increment();
     if (span_.IsRecording()) {
-      span_.SetAttribute("rpc.grpc.status_code", static_cast<int64_t>(code));
+      span_.SetAttribute(kStatusCodeAttribute, static_cast<int64_t>(code));
       if (code != grpc::StatusCode::OK) {
         span_.SetStatus(SpanStatusCode::kError, status.error_message());
       }
@@ -361,8 +415,8 @@ class ClientTelemetryInterceptor final : public grpc::experimental::Interceptor 
   }
 
   const std::shared_ptr<SideState> state_;
-  const std::string method_;
-  MethodMetrics* metrics_ = nullptr;
+  const char* const method_;  // gRPC's; lives as long as the call
+  MethodState* metrics_ = nullptr;
   std::chrono::steady_clock::time_point start_;
   bool started_ = false;
   bool finished_ = false;

@@ -1,6 +1,8 @@
 #include "common/telemetry/tracer.h"
 
 #include <algorithm>
+#include <array>
+#include <cstring>
 #include <utility>
 
 #include "absl/random/distributions.h"
@@ -14,23 +16,61 @@
 namespace montage::telemetry {
 namespace {
 
-absl::BitGen& ThreadBitGen() {
-  thread_local absl::BitGen gen;
-  return gen;
+// Trace and span ids come from a per-thread xoshiro256++ generator seeded from absl::BitGen
+// (OS entropy) on the thread's first use: a few instructions per id, no lock, no system call.
+// Ids must be unique and unpredictable enough to not collide, not secret.
+class FastRandom {
+ public:
+  uint64_t Next() {
+    if (!seeded_) Seed();
+    const uint64_t result = Rotl(s_[0] + s_[3], 23) + s_[0];
+    const uint64_t t = s_[1] << 17;
+    s_[2] ^= s_[0];
+    s_[3] ^= s_[1];
+    s_[1] ^= s_[2];
+    s_[0] ^= s_[3];
+    s_[2] ^= t;
+    s_[3] = Rotl(s_[3], 45);
+    return result;
+  }
+
+  // True with probability `p` (0 < p < 1).
+  bool Bernoulli(double p) { return static_cast<double>(Next() >> 11) * 0x1.0p-53 < p; }
+
+ private:
+  static uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+  void Seed() {
+    absl::BitGen gen;
+    do {
+      for (uint64_t& word : s_) word = absl::Uniform<uint64_t>(gen);
+    } while ((s_[0] | s_[1] | s_[2] | s_[3]) == 0);  // the one state xoshiro cannot leave
+    seeded_ = true;
+  }
+
+  // Trivially constructible, so the thread_local below needs no initialisation guard.
+  uint64_t s_[4];
+  bool seeded_;
+};
+
+FastRandom& ThreadRandom() {
+  thread_local FastRandom random;
+  return random;
 }
 
 template <size_t N>
 std::array<uint8_t, N> RandomNonZeroId() {
+  static_assert(N % 8 == 0);
+  FastRandom& random = ThreadRandom();
   std::array<uint8_t, N> id{};
+  uint64_t any = 0;
   do {
     for (size_t i = 0; i < N; i += 8) {
-      uint64_t bits = absl::Uniform<uint64_t>(ThreadBitGen());
-      for (size_t j = 0; j < 8 && i + j < N; ++j) {
-        id[i + j] = static_cast<uint8_t>(bits);
-        bits >>= 8;
-      }
+      const uint64_t bits = random.Next();
+      any |= bits;
+      std::memcpy(id.data() + i, &bits, sizeof(bits));
     }
-  } while (std::all_of(id.begin(), id.end(), [](uint8_t b) { return b == 0; }));
+  } while (any == 0);
   return id;
 }
 
@@ -109,59 +149,81 @@ absl::Status ValidateTracerOptions(const TracerOptions& options) {
 // ----------------------------------------------------------------------------------------------
 // Span
 
+int SpanTemplate::Find(absl::string_view key) const {
+  for (size_t i = 0; i < attributes_.size(); ++i) {
+    if (attributes_[i].first == key) return static_cast<int>(i);
+  }
+  return -1;
+}
+
 Span::Span(Span&& other) noexcept
     : tracer_(std::exchange(other.tracer_, nullptr)),
       context_(std::move(other.context_)),
-      data_(std::move(other.data_)) {}
+      recording_(std::exchange(other.recording_, false)),
+      record_(std::move(other.record_)) {}
 
 Span& Span::operator=(Span&& other) noexcept {
   if (this != &other) {
     End();
     tracer_ = std::exchange(other.tracer_, nullptr);
     context_ = std::move(other.context_);
-    data_ = std::move(other.data_);
+    recording_ = std::exchange(other.recording_, false);
+    record_ = std::move(other.record_);
   }
   return *this;
 }
 
 void Span::Set(absl::string_view key, AttributeValue value) {
-  for (auto& [k, v] : data_->attributes) {
+  if (record_.span_template != nullptr) {
+    if (const int index = record_.span_template->Find(key); index >= 0) {
+      for (auto& [i, v] : record_.template_overrides) {
+        if (i == index) {
+          v = std::move(value);
+          return;
+        }
+      }
+      record_.template_overrides.emplace_back(index, std::move(value));
+      return;
+    }
+  }
+  for (auto& [k, v] : record_.attributes) {
     if (k == key) {
       v = std::move(value);
       return;
     }
   }
-  data_->attributes.emplace_back(std::string(key), std::move(value));
+  record_.attributes.emplace_back(std::string(key), std::move(value));
 }
 
 void Span::SetAttribute(absl::string_view key, absl::string_view value) {
-  if (data_ != nullptr) Set(key, std::string(value));
+  if (recording_) Set(key, std::string(value));
 }
 void Span::SetAttribute(absl::string_view key, double value) {
-  if (data_ != nullptr) Set(key, value);
+  if (recording_) Set(key, value);
 }
 void Span::SetAttribute(absl::string_view key, bool value) {
-  if (data_ != nullptr) Set(key, value);
+  if (recording_) Set(key, value);
 }
 void Span::SetIntAttribute(absl::string_view key, int64_t value) {
-  if (data_ != nullptr) Set(key, value);
+  if (recording_) Set(key, value);
 }
 
 void Span::SetStatus(SpanStatusCode code, absl::string_view message) {
-  if (data_ == nullptr) return;
-  data_->status_code = code;
-  data_->status_message = std::string(message);
+  if (!recording_) return;
+  record_.status_code = code;
+  record_.status_message.assign(message.data(), message.size());
 }
 
 void Span::AddEvent(absl::string_view name) {
-  if (data_ == nullptr) return;
-  data_->events.push_back({std::string(name), tracer_->clock().Now()});
+  if (!recording_) return;
+  record_.events.push_back({std::string(name), tracer_->clock().Now()});
 }
 
 void Span::End() {
-  if (data_ == nullptr) return;
-  data_->end = tracer_->clock().Now();
-  tracer_->Record(std::move(data_));
+  if (!recording_) return;
+  recording_ = false;
+  record_.end = tracer_->clock().Now();
+  tracer_->Record(record_);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -182,21 +244,20 @@ Tracer::Tracer(TracerOptions options, TracerDeps deps)
                                              "montage_trace_export_failures_total",
                                              "Span export requests that failed.")
                                    .Add({})),
-      ring_(options_.ring_buffer_spans) {
+      ring_() {
+  ring_.reserve(options_.ring_buffer_spans);
   if (exporter_ != nullptr) export_thread_ = std::thread([this] { ExportLoop(); });
 }
 
 Tracer::~Tracer() { Shutdown(); }
 
-Span Tracer::StartSpan(absl::string_view name, SpanKind kind,
-                       const std::optional<SpanContext>& parent) {
-  SpanContext ctx;
-  SpanId parent_span_id{};
+bool Tracer::Begin(Span& span, SpanKind kind, const std::optional<SpanContext>& parent) {
+  span.tracer_ = this;
+  SpanContext& ctx = span.context_;
   const bool has_parent = parent.has_value() && parent->IsValid();
   if (has_parent) {
     ctx.trace_id = parent->trace_id;
     ctx.tracestate = parent->tracestate;
-    parent_span_id = parent->span_id;
   } else {
     ctx.trace_id = RandomNonZeroId<16>();
   }
@@ -208,32 +269,77 @@ Span Tracer::StartSpan(absl::string_view name, SpanKind kind,
   } else if (options_.sample_ratio == 0.0) {
     ctx.sampled = false;
   } else {
-    ctx.sampled = absl::Bernoulli(ThreadBitGen(), options_.sample_ratio);
+    ctx.sampled = ThreadRandom().Bernoulli(options_.sample_ratio);
   }
-  if (!ctx.sampled) return Span(this, std::move(ctx), nullptr);
+  if (!ctx.sampled) return false;
 
-  auto data = std::make_unique<SpanData>();
-  data->name = std::string(name);
-  data->service_name = options_.service_name;
-  data->trace_id = ctx.trace_id;
-  data->span_id = ctx.span_id;
-  data->parent_span_id = parent_span_id;
-  data->kind = kind;
-  data->start = clock_.Now();
-  return Span(this, std::move(ctx), std::move(data));
+  span.recording_ = true;
+  tracer_internal::SpanRecord& record = span.record_;
+  record.trace_id = ctx.trace_id;
+  record.span_id = ctx.span_id;
+  if (has_parent) record.parent_span_id = parent->span_id;
+  record.kind = kind;
+  record.start = clock_.Now();
+  return true;
 }
 
-void Tracer::Record(std::unique_ptr<SpanData> span) {
+Span Tracer::StartSpan(absl::string_view name, SpanKind kind,
+                       const std::optional<SpanContext>& parent) {
+  Span span;
+  if (Begin(span, kind, parent)) span.record_.name.assign(name.data(), name.size());
+  return span;
+}
+
+Span Tracer::StartSpan(const std::shared_ptr<const SpanTemplate>& span_template, SpanKind kind,
+                       const std::optional<SpanContext>& parent) {
+  Span span;
+  if (Begin(span, kind, parent)) span.record_.span_template = span_template;
+  return span;
+}
+
+SpanData Tracer::ToSpanData(const tracer_internal::SpanRecord& record) const {
+  SpanData data;
+  const SpanTemplate* const span_template = record.span_template.get();
+  data.name = span_template != nullptr ? span_template->name() : record.name;
+  data.service_name = options_.service_name;
+  data.trace_id = record.trace_id;
+  data.span_id = record.span_id;
+  data.parent_span_id = record.parent_span_id;
+  data.kind = record.kind;
+  data.start = record.start;
+  data.end = record.end;
+  if (span_template != nullptr) {
+    data.attributes.reserve(span_template->attributes().size() + record.attributes.size());
+    data.attributes = span_template->attributes();
+    for (const auto& [index, value] : record.template_overrides) {
+      data.attributes[static_cast<size_t>(index)].second = value;
+    }
+  }
+  data.attributes.insert(data.attributes.end(), record.attributes.begin(), record.attributes.end());
+  data.status_code = record.status_code;
+  data.status_message = record.status_message;
+  data.events = record.events;
+  return data;
+}
+
+void Tracer::Record(tracer_internal::SpanRecord& record) {
   spans_recorded_.fetch_add(1, std::memory_order_relaxed);
-  std::shared_ptr<const SpanData> shared(std::move(span));
-  std::shared_ptr<const SpanData> evicted = shared;
+  // The exporter gets its own copy, made only when there is an exporter.
+  std::shared_ptr<const SpanData> exported;
+  if (exporter_ != nullptr) exported = std::make_shared<const SpanData>(ToSpanData(record));
   {
-    absl::MutexLock lock(&ring_mu_);
-    ring_[ring_next_ % ring_.size()].swap(evicted);
+    std::lock_guard<std::mutex> lock(ring_mu_);
+    if (ring_.size() < options_.ring_buffer_spans) {
+      ring_.push_back(std::move(record));
+    } else {
+      using std::swap;
+      swap(ring_[ring_next_ % ring_.size()], record);
+    }
     ++ring_next_;
   }
-  // `evicted` (the oldest span) is freed here, outside the lock.
-  if (exporter_ != nullptr) Enqueue(std::move(shared));
+  // `record` holds the evicted (oldest) span, or a moved-from one: free it outside the lock.
+  record = tracer_internal::SpanRecord();
+  if (exported != nullptr) Enqueue(std::move(exported));
 }
 
 void Tracer::Enqueue(std::shared_ptr<const SpanData> span) {
@@ -311,18 +417,27 @@ void Tracer::ExportLoop() {
 }
 
 std::vector<SpanData> Tracer::RecentSpans(size_t max) const {
-  std::vector<std::shared_ptr<const SpanData>> spans;
+  // Copied in small chunks so that a large ring never holds up the requests ending spans. Spans
+  // overwritten between chunks (the oldest ones) are skipped; spans finished meanwhile are not
+  // included.
+  constexpr uint64_t kChunk = 64;
+  uint64_t next;
+  uint64_t end;
   {
-    absl::MutexLock lock(&ring_mu_);
-    const uint64_t count = std::min<uint64_t>({max, ring_next_, ring_.size()});
-    spans.reserve(count);
-    for (uint64_t i = ring_next_ - count; i < ring_next_; ++i) {
-      spans.push_back(ring_[i % ring_.size()]);
-    }
+    std::lock_guard<std::mutex> lock(ring_mu_);
+    end = ring_next_;
+    next = end - std::min<uint64_t>({max, ring_next_, ring_.size()});
   }
   std::vector<SpanData> out;
-  out.reserve(spans.size());
-  for (const auto& span : spans) out.push_back(*span);
+  out.reserve(end - next);
+  while (next < end) {
+    std::lock_guard<std::mutex> lock(ring_mu_);
+    const uint64_t size = ring_.size();
+    next = std::max(next, ring_next_ - std::min<uint64_t>(ring_next_, size));
+    for (const uint64_t stop = std::min(end, next + kChunk); next < stop; ++next) {
+      out.push_back(ToSpanData(ring_[next % size]));
+    }
+  }
   return out;
 }
 

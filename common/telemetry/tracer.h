@@ -21,9 +21,11 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/inlined_vector.h"
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
@@ -74,11 +76,59 @@ struct TracerDeps {
 
 class Tracer;
 
+// The fixed part of spans that are started many times alike, such as the server spans of one
+// gRPC method: the name and a list of attributes, built once and shared by every span started
+// from it, so that starting such a span copies no strings. Every span started from a template
+// carries all of the template's attributes, in the template's order and before its own;
+// SetAttribute with one of the template's keys replaces the value for that span only.
+// Immutable, hence thread-safe.
+class SpanTemplate {
+ public:
+  using Attributes = std::vector<std::pair<std::string, AttributeValue>>;
+  SpanTemplate(std::string name, Attributes attributes)
+      : name_(std::move(name)), attributes_(std::move(attributes)) {}
+
+  const std::string& name() const { return name_; }
+  const Attributes& attributes() const { return attributes_; }
+  // Index of `key` in attributes(), or -1.
+  int Find(absl::string_view key) const;
+
+ private:
+  const std::string name_;
+  const Attributes attributes_;
+};
+
+namespace tracer_internal {
+
+// A span while it is recorded, and in the tracer's ring once it ended: SpanData without the
+// parts every span of a tracer or of a template shares (the service name; a template's name and
+// attributes), so that recording a span from a template allocates nothing. Plain value.
+struct SpanRecord {
+  std::shared_ptr<const SpanTemplate> span_template;  // null for spans started by name
+  std::string name;                                   // when span_template is null
+  TraceId trace_id{};
+  SpanId span_id{};
+  SpanId parent_span_id{};
+  SpanKind kind = SpanKind::kInternal;
+  absl::Time start;
+  absl::Time end;
+  // Values replacing those of span_template's attributes, by index; inline so that the usual
+  // one or two replacements allocate nothing.
+  absl::InlinedVector<std::pair<int, AttributeValue>, 2> template_overrides;
+  std::vector<std::pair<std::string, AttributeValue>> attributes;
+  SpanStatusCode status_code = SpanStatusCode::kUnset;
+  std::string status_message;
+  std::vector<SpanEvent> events;
+};
+
+}  // namespace tracer_internal
+
 // One operation in a trace. Created by Tracer::StartSpan; recorded when End() is called or the
 // span is destroyed, whichever comes first. Movable, not copyable; a moved-from or
 // default-constructed span is inert. A span is used by one thread at a time; its tracer must
 // outlive it. Unsampled spans still carry a context (for propagation) but record nothing, so
-// setting attributes on them costs next to nothing.
+// setting attributes on them costs next to nothing. The span's data lives inside the Span (no
+// allocation per span); End() moves it into the tracer's ring buffer.
 class Span {
  public:
   Span() = default;
@@ -91,7 +141,7 @@ class Span {
   // The context to propagate to children and to other processes.
   const SpanContext& context() const { return context_; }
   // True until End() for sampled spans.
-  bool IsRecording() const { return data_ != nullptr; }
+  bool IsRecording() const { return recording_; }
 
   void SetAttribute(absl::string_view key, absl::string_view value);
   void SetAttribute(absl::string_view key, const char* value) {
@@ -112,14 +162,13 @@ class Span {
 
  private:
   friend class Tracer;
-  Span(Tracer* tracer, SpanContext context, std::unique_ptr<SpanData> data)
-      : tracer_(tracer), context_(std::move(context)), data_(std::move(data)) {}
   void SetIntAttribute(absl::string_view key, int64_t value);
   void Set(absl::string_view key, AttributeValue value);
 
   Tracer* tracer_ = nullptr;
   SpanContext context_;
-  std::unique_ptr<SpanData> data_;  // null when not recording
+  bool recording_ = false;
+  tracer_internal::SpanRecord record_;  // meaningful while recording_
 };
 
 // Starts spans and keeps/exports the finished ones. Thread-safe. Destruction calls Shutdown().
@@ -134,6 +183,10 @@ class Tracer {
   // A child of `parent` when it is given (same trace, parent's sampling decision unless it was
   // deferred), else the root of a new trace, sampled with probability sample_ratio.
   Span StartSpan(absl::string_view name, SpanKind kind = SpanKind::kInternal,
+                 const std::optional<SpanContext>& parent = std::nullopt);
+  // Same, named and attributed by `span_template` (see SpanTemplate), which must not be null.
+  // Cheaper: nothing of the template is copied.
+  Span StartSpan(const std::shared_ptr<const SpanTemplate>& span_template, SpanKind kind,
                  const std::optional<SpanContext>& parent = std::nullopt);
 
   // Up to `max` of the most recently finished sampled spans, oldest first.
@@ -162,7 +215,12 @@ class Tracer {
 
  private:
   friend class Span;
-  void Record(std::unique_ptr<SpanData> span);
+  // Starts `span` (inert) as a child of `parent` or a new root; true when it is sampled, and
+  // then its record has ids, kind and start filled in.
+  bool Begin(Span& span, SpanKind kind, const std::optional<SpanContext>& parent);
+  // Moves `record` into the ring (and a copy into the export queue); `record` is left empty.
+  void Record(tracer_internal::SpanRecord& record);
+  SpanData ToSpanData(const tracer_internal::SpanRecord& record) const;
   void Enqueue(std::shared_ptr<const SpanData> span);
   bool ExportReady() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(queue_mu_);
   void ExportLoop();
@@ -182,9 +240,12 @@ class Tracer {
   std::atomic<uint64_t> spans_dropped_{0};
   std::atomic<uint64_t> export_failures_{0};
 
-  // The ring: slot (next_ % size) is overwritten next.
-  mutable absl::Mutex ring_mu_;
-  std::vector<std::shared_ptr<const SpanData>> ring_ ABSL_GUARDED_BY(ring_mu_);
+  // The ring: slot (next_ % size) is overwritten next. It grows up to ring_buffer_spans (its
+  // capacity, reserved up front) and then recycles its slots. Every finished span takes this
+  // lock, so it is a std::mutex: absl::Mutex as Debian builds it (without NDEBUG) does deadlock
+  // detection bookkeeping on every acquisition, which costs more than the critical section.
+  mutable std::mutex ring_mu_;
+  std::vector<tracer_internal::SpanRecord> ring_ ABSL_GUARDED_BY(ring_mu_);
   uint64_t ring_next_ ABSL_GUARDED_BY(ring_mu_) = 0;
 
   absl::Mutex queue_mu_;

@@ -7,7 +7,12 @@
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "common/telemetry/metrics.h"
 #include "google/protobuf/util/time_util.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/registry.h"
 
 namespace montage::cache {
 namespace {
@@ -311,6 +316,67 @@ CacheOptions CacheOptionsFromConfig(const config::v1::CacheConfig& c) {
 
 namespace {
 
+// The engine's stats as Prometheus series (montage_cache_*{namespace}), read at scrape time.
+// Counters advance by the difference since the last scrape, so they stay monotonic.
+class CacheMetrics {
+ public:
+  explicit CacheMetrics(prometheus::Registry& registry)
+      : entries_(prometheus::BuildGauge()
+                     .Name("montage_cache_entries")
+                     .Help("Live entries in the cache.")
+                     .Register(registry)),
+        bytes_(prometheus::BuildGauge()
+                   .Name("montage_cache_bytes")
+                   .Help("Bytes charged to the cache (keys, values and bookkeeping).")
+                   .Register(registry)),
+        max_bytes_(prometheus::BuildGauge()
+                       .Name("montage_cache_max_bytes")
+                       .Help("Byte budget of the namespace.")
+                       .Register(registry)),
+        events_(prometheus::BuildCounter()
+                    .Name("montage_cache_events_total")
+                    .Help("Cache events by kind: hit, miss, eviction, expiration, set, delete, "
+                          "lease_granted, coalesced_wait.")
+                    .Register(registry)) {}
+
+  void Update(const CacheStats& stats) {
+    absl::MutexLock lock(&mu_);
+    for (const NamespaceStats& ns : stats.namespaces) {
+      const prometheus::Labels labels{{"namespace", ns.ns}};
+      entries_.Add(labels).Set(static_cast<double>(ns.entries));
+      bytes_.Add(labels).Set(static_cast<double>(ns.bytes));
+      max_bytes_.Add(labels).Set(static_cast<double>(ns.max_bytes));
+      const std::pair<const char*, uint64_t> events[] = {
+          {"hit", ns.hits},          {"miss", ns.misses},
+          {"eviction", ns.evictions}, {"expiration", ns.expirations},
+          {"set", ns.sets},          {"delete", ns.deletes},
+          {"lease_granted", ns.leases_granted}, {"coalesced_wait", ns.coalesced_waits}};
+      for (const auto& [kind, value] : events) {
+        uint64_t& last = last_[std::make_pair(ns.ns, std::string(kind))];
+        if (value > last) {
+          events_.Add({{"namespace", ns.ns}, {"event", kind}})
+              .Increment(static_cast<double>(value - last));
+          last = value;
+        }
+      }
+    }
+  }
+
+ private:
+  prometheus::Family<prometheus::Gauge>& entries_;
+  prometheus::Family<prometheus::Gauge>& bytes_;
+  prometheus::Family<prometheus::Gauge>& max_bytes_;
+  prometheus::Family<prometheus::Counter>& events_;
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::pair<std::string, std::string>, uint64_t> last_ ABSL_GUARDED_BY(mu_);
+};
+
+// Process-wide, like the registry the families live in.
+CacheMetrics& ProcessCacheMetrics() {
+  static CacheMetrics* const metrics = new CacheMetrics(telemetry::MetricsRegistry());
+  return *metrics;
+}
+
 class CacheModule final : public ServiceModule {
  public:
   CacheModule(std::unique_ptr<CacheEngine> engine, ServiceContext& context)
@@ -330,6 +396,10 @@ class CacheModule final : public ServiceModule {
   }
 
   std::vector<grpc::Service*> GrpcServices() override { return {&service_}; }
+  void RefreshMetrics() override {
+    absl::StatusOr<CacheStats> stats = engine_->Stats();
+    if (stats.ok()) ProcessCacheMetrics().Update(*stats);
+  }
   std::vector<std::string> HealthNames() const override {
     return {std::string(v1::CacheService::service_full_name())};
   }

@@ -278,6 +278,9 @@ TEST(MontagedAdminTest, ReadyHealthzAndMetrics) {
   EXPECT_THAT(metrics, HasSubstr("/montage.cache.v1.CacheService/Get"));
   EXPECT_THAT(metrics, HasSubstr("INVALID_ARGUMENT"));
   EXPECT_THAT(metrics, HasSubstr("montage_grpc_server_request_duration_seconds"));
+  // The engine's own figures, exact at scrape time.
+  EXPECT_EQ(MetricValue(metrics, "montage_cache_events_total", "event=\"miss\""), 3);
+  EXPECT_EQ(MetricValue(metrics, "montage_cache_entries", "namespace=\"default\""), 0);
 
   auto [traces_status, traces] = HttpGet((*process)->admin_address(), "/debug/traces");
   EXPECT_EQ(traces_status, 200);
