@@ -74,6 +74,32 @@ std::array<uint8_t, N> RandomNonZeroId() {
   return id;
 }
 
+// Span records are recycled per thread: a span takes one when it starts and the ring gives back
+// the one it evicts when the span ends, so once the ring is full a span allocates nothing. A
+// few records per thread are kept; they hold no references (Clear drops the template).
+class RecordPool {
+ public:
+  std::unique_ptr<tracer_internal::SpanRecord> Take() {
+    if (size_ == 0) return std::make_unique<tracer_internal::SpanRecord>();
+    return std::move(free_[--size_]);
+  }
+
+  void Give(std::unique_ptr<tracer_internal::SpanRecord> record) {
+    if (size_ == free_.size()) return;  // freed here
+    record->Clear();
+    free_[size_++] = std::move(record);
+  }
+
+ private:
+  std::array<std::unique_ptr<tracer_internal::SpanRecord>, 4> free_;
+  size_t size_ = 0;
+};
+
+RecordPool& ThreadRecordPool() {
+  thread_local RecordPool pool;
+  return pool;
+}
+
 prometheus::Family<prometheus::Counter>& CounterFamily(prometheus::Registry& registry,
                                                        const std::string& name,
                                                        const std::string& help) {
@@ -156,10 +182,25 @@ int SpanTemplate::Find(absl::string_view key) const {
   return -1;
 }
 
+namespace tracer_internal {
+
+void SpanRecord::Clear() {
+  span_template.reset();
+  name.clear();
+  parent_span_id = {};
+  kind = SpanKind::kInternal;
+  template_overrides.clear();
+  attributes.clear();
+  status_code = SpanStatusCode::kUnset;
+  status_message.clear();
+  events.clear();
+}
+
+}  // namespace tracer_internal
+
 Span::Span(Span&& other) noexcept
     : tracer_(std::exchange(other.tracer_, nullptr)),
       context_(std::move(other.context_)),
-      recording_(std::exchange(other.recording_, false)),
       record_(std::move(other.record_)) {}
 
 Span& Span::operator=(Span&& other) noexcept {
@@ -167,63 +208,62 @@ Span& Span::operator=(Span&& other) noexcept {
     End();
     tracer_ = std::exchange(other.tracer_, nullptr);
     context_ = std::move(other.context_);
-    recording_ = std::exchange(other.recording_, false);
     record_ = std::move(other.record_);
   }
   return *this;
 }
 
 void Span::Set(absl::string_view key, AttributeValue value) {
-  if (record_.span_template != nullptr) {
-    if (const int index = record_.span_template->Find(key); index >= 0) {
-      for (auto& [i, v] : record_.template_overrides) {
+  tracer_internal::SpanRecord& record = *record_;
+  if (record.span_template != nullptr) {
+    if (const int index = record.span_template->Find(key); index >= 0) {
+      for (auto& [i, v] : record.template_overrides) {
         if (i == index) {
           v = std::move(value);
           return;
         }
       }
-      record_.template_overrides.emplace_back(index, std::move(value));
+      record.template_overrides.emplace_back(index, std::move(value));
       return;
     }
   }
-  for (auto& [k, v] : record_.attributes) {
+  for (auto& [k, v] : record.attributes) {
     if (k == key) {
       v = std::move(value);
       return;
     }
   }
-  record_.attributes.emplace_back(std::string(key), std::move(value));
+  record.attributes.emplace_back(std::string(key), std::move(value));
 }
 
 void Span::SetAttribute(absl::string_view key, absl::string_view value) {
-  if (recording_) Set(key, std::string(value));
+  if (record_ != nullptr) Set(key, std::string(value));
 }
 void Span::SetAttribute(absl::string_view key, double value) {
-  if (recording_) Set(key, value);
+  if (record_ != nullptr) Set(key, value);
 }
 void Span::SetAttribute(absl::string_view key, bool value) {
-  if (recording_) Set(key, value);
+  if (record_ != nullptr) Set(key, value);
 }
 void Span::SetIntAttribute(absl::string_view key, int64_t value) {
-  if (recording_) Set(key, value);
+  if (record_ != nullptr) Set(key, value);
 }
 
 void Span::SetStatus(SpanStatusCode code, absl::string_view message) {
-  if (!recording_) return;
-  record_.status_code = code;
-  record_.status_message.assign(message.data(), message.size());
+  if (record_ == nullptr) return;
+  record_->status_code = code;
+  record_->status_message.assign(message.data(), message.size());
 }
 
 void Span::AddEvent(absl::string_view name) {
-  if (!recording_) return;
-  record_.events.push_back({std::string(name), tracer_->clock().Now()});
+  if (record_ == nullptr) return;
+  record_->events.push_back({std::string(name), tracer_->clock().Now()});
 }
 
 void Span::End() {
-  if (!recording_) return;
-  recording_ = false;
-  record_.end = tracer_->clock().Now();
-  tracer_->Record(record_);
+  if (record_ == nullptr) return;
+  record_->end = tracer_->clock().Now();
+  tracer_->Record(std::move(record_));
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -245,7 +285,6 @@ Tracer::Tracer(TracerOptions options, TracerDeps deps)
                                              "Span export requests that failed.")
                                    .Add({})),
       ring_() {
-  ring_.reserve(options_.ring_buffer_spans);
   if (exporter_ != nullptr) export_thread_ = std::thread([this] { ExportLoop(); });
 }
 
@@ -273,8 +312,8 @@ bool Tracer::Begin(Span& span, SpanKind kind, const std::optional<SpanContext>& 
   }
   if (!ctx.sampled) return false;
 
-  span.recording_ = true;
-  tracer_internal::SpanRecord& record = span.record_;
+  span.record_ = ThreadRecordPool().Take();
+  tracer_internal::SpanRecord& record = *span.record_;
   record.trace_id = ctx.trace_id;
   record.span_id = ctx.span_id;
   if (has_parent) record.parent_span_id = parent->span_id;
@@ -286,14 +325,14 @@ bool Tracer::Begin(Span& span, SpanKind kind, const std::optional<SpanContext>& 
 Span Tracer::StartSpan(absl::string_view name, SpanKind kind,
                        const std::optional<SpanContext>& parent) {
   Span span;
-  if (Begin(span, kind, parent)) span.record_.name.assign(name.data(), name.size());
+  if (Begin(span, kind, parent)) span.record_->name.assign(name.data(), name.size());
   return span;
 }
 
 Span Tracer::StartSpan(const std::shared_ptr<const SpanTemplate>& span_template, SpanKind kind,
                        const std::optional<SpanContext>& parent) {
   Span span;
-  if (Begin(span, kind, parent)) span.record_.span_template = span_template;
+  if (Begin(span, kind, parent)) span.record_->span_template = span_template;
   return span;
 }
 
@@ -322,23 +361,22 @@ SpanData Tracer::ToSpanData(const tracer_internal::SpanRecord& record) const {
   return data;
 }
 
-void Tracer::Record(tracer_internal::SpanRecord& record) {
+void Tracer::Record(std::unique_ptr<tracer_internal::SpanRecord> record) {
   spans_recorded_.fetch_add(1, std::memory_order_relaxed);
   // The exporter gets its own copy, made only when there is an exporter.
   std::shared_ptr<const SpanData> exported;
-  if (exporter_ != nullptr) exported = std::make_shared<const SpanData>(ToSpanData(record));
+  if (exporter_ != nullptr) exported = std::make_shared<const SpanData>(ToSpanData(*record));
   {
     std::lock_guard<std::mutex> lock(ring_mu_);
     if (ring_.size() < options_.ring_buffer_spans) {
       ring_.push_back(std::move(record));
     } else {
-      using std::swap;
-      swap(ring_[ring_next_ % ring_.size()], record);
+      ring_[ring_next_ % ring_.size()].swap(record);
     }
     ++ring_next_;
   }
-  // `record` holds the evicted (oldest) span, or a moved-from one: free it outside the lock.
-  record = tracer_internal::SpanRecord();
+  // `record` is now the evicted (oldest) span, if any: recycled outside the lock.
+  if (record != nullptr) ThreadRecordPool().Give(std::move(record));
   if (exported != nullptr) Enqueue(std::move(exported));
 }
 
@@ -435,7 +473,7 @@ std::vector<SpanData> Tracer::RecentSpans(size_t max) const {
     const uint64_t size = ring_.size();
     next = std::max(next, ring_next_ - std::min<uint64_t>(ring_next_, size));
     for (const uint64_t stop = std::min(end, next + kChunk); next < stop; ++next) {
-      out.push_back(ToSpanData(ring_[next % size]));
+      out.push_back(ToSpanData(*ring_[next % size]));
     }
   }
   return out;

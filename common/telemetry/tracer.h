@@ -102,7 +102,8 @@ namespace tracer_internal {
 
 // A span while it is recorded, and in the tracer's ring once it ended: SpanData without the
 // parts every span of a tracer or of a template shares (the service name; a template's name and
-// attributes), so that recording a span from a template allocates nothing. Plain value.
+// attributes), so that recording a span from a template copies no strings. Records are
+// recycled (see tracer.cc), so in the steady state starting a span allocates nothing either.
 struct SpanRecord {
   std::shared_ptr<const SpanTemplate> span_template;  // null for spans started by name
   std::string name;                                   // when span_template is null
@@ -119,6 +120,9 @@ struct SpanRecord {
   SpanStatusCode status_code = SpanStatusCode::kUnset;
   std::string status_message;
   std::vector<SpanEvent> events;
+
+  // Back to a default record, keeping the capacity of its strings and vectors.
+  void Clear();
 };
 
 }  // namespace tracer_internal
@@ -127,8 +131,7 @@ struct SpanRecord {
 // span is destroyed, whichever comes first. Movable, not copyable; a moved-from or
 // default-constructed span is inert. A span is used by one thread at a time; its tracer must
 // outlive it. Unsampled spans still carry a context (for propagation) but record nothing, so
-// setting attributes on them costs next to nothing. The span's data lives inside the Span (no
-// allocation per span); End() moves it into the tracer's ring buffer.
+// setting attributes on them costs next to nothing.
 class Span {
  public:
   Span() = default;
@@ -141,7 +144,7 @@ class Span {
   // The context to propagate to children and to other processes.
   const SpanContext& context() const { return context_; }
   // True until End() for sampled spans.
-  bool IsRecording() const { return recording_; }
+  bool IsRecording() const { return record_ != nullptr; }
 
   void SetAttribute(absl::string_view key, absl::string_view value);
   void SetAttribute(absl::string_view key, const char* value) {
@@ -167,8 +170,7 @@ class Span {
 
   Tracer* tracer_ = nullptr;
   SpanContext context_;
-  bool recording_ = false;
-  tracer_internal::SpanRecord record_;  // meaningful while recording_
+  std::unique_ptr<tracer_internal::SpanRecord> record_;  // null when not recording
 };
 
 // Starts spans and keeps/exports the finished ones. Thread-safe. Destruction calls Shutdown().
@@ -218,8 +220,8 @@ class Tracer {
   // Starts `span` (inert) as a child of `parent` or a new root; true when it is sampled, and
   // then its record has ids, kind and start filled in.
   bool Begin(Span& span, SpanKind kind, const std::optional<SpanContext>& parent);
-  // Moves `record` into the ring (and a copy into the export queue); `record` is left empty.
-  void Record(tracer_internal::SpanRecord& record);
+  // Puts `record` into the ring (and a copy into the export queue).
+  void Record(std::unique_ptr<tracer_internal::SpanRecord> record);
   SpanData ToSpanData(const tracer_internal::SpanRecord& record) const;
   void Enqueue(std::shared_ptr<const SpanData> span);
   bool ExportReady() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(queue_mu_);
@@ -240,12 +242,13 @@ class Tracer {
   std::atomic<uint64_t> spans_dropped_{0};
   std::atomic<uint64_t> export_failures_{0};
 
-  // The ring: slot (next_ % size) is overwritten next. It grows up to ring_buffer_spans (its
-  // capacity, reserved up front) and then recycles its slots. Every finished span takes this
-  // lock, so it is a std::mutex: absl::Mutex as Debian builds it (without NDEBUG) does deadlock
-  // detection bookkeeping on every acquisition, which costs more than the critical section.
+  // The ring: slot (next_ % size) is overwritten next. It grows up to ring_buffer_spans and
+  // then replaces the oldest record, which goes back to the recording thread's pool. Every finished
+  // span takes this lock, so it is a std::mutex: absl::Mutex as Debian builds it (without NDEBUG)
+  // does deadlock detection bookkeeping on every acquisition, which costs more than the critical
+  // section.
   mutable std::mutex ring_mu_;
-  std::vector<tracer_internal::SpanRecord> ring_ ABSL_GUARDED_BY(ring_mu_);
+  std::vector<std::unique_ptr<tracer_internal::SpanRecord>> ring_ ABSL_GUARDED_BY(ring_mu_);
   uint64_t ring_next_ ABSL_GUARDED_BY(ring_mu_) = 0;
 
   absl::Mutex queue_mu_;
