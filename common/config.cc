@@ -145,7 +145,8 @@ absl::Status SetScalar(Message& msg, const FieldDescriptor& f, absl::string_view
       }
       auto d = ParseDurationText(text);
       if (!d.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("field '", field, "': ", d.status().message()));
+        return absl::InvalidArgumentError(
+            absl::StrCat("field '", field, "': ", d.status().message()));
       }
       Message* target = rep ? r.AddMessage(&msg, &f) : r.MutableMessage(&msg, &f);
       target->CopyFrom(*d);
@@ -215,8 +216,8 @@ absl::Status MergeNode(const YAML::Node& node, absl::string_view source, Message
     const FieldDescriptor* f = d.FindFieldByName(key);
     if (f == nullptr) {
       return absl::InvalidArgumentError(absl::StrCat(Where(source, kv.first.Mark()),
-                                                     ": unknown key '", key, "' (known here: ",
-                                                     KnownFields(d), ")"));
+                                                     ": unknown key '", key,
+                                                     "' (known here: ", KnownFields(d), ")"));
     }
     const YAML::Node& value = kv.second;
     if (value.IsNull()) continue;
@@ -236,8 +237,8 @@ absl::Status MergeNode(const YAML::Node& node, absl::string_view source, Message
           RETURN_IF_ERROR(MergeNode(item, source, *r.AddMessage(&msg, f)));
         } else {
           if (!item.IsScalar()) {
-            return absl::InvalidArgumentError(absl::StrCat(Where(source, item.Mark()),
-                                                           ": items of '", key, "' must be values"));
+            return absl::InvalidArgumentError(
+                absl::StrCat(Where(source, item.Mark()), ": items of '", key, "' must be values"));
           }
           absl::Status s = SetScalar(msg, *f, item.Scalar());
           if (!s.ok()) {
@@ -258,7 +259,8 @@ absl::Status MergeNode(const YAML::Node& node, absl::string_view source, Message
     }
     absl::Status s = SetScalar(msg, *f, value.Scalar());
     if (!s.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat(Where(source, value.Mark()), ": ", s.message()));
+      return absl::InvalidArgumentError(
+          absl::StrCat(Where(source, value.Mark()), ": ", s.message()));
     }
   }
   return absl::OkStatus();
@@ -368,7 +370,8 @@ absl::Status SetFieldFromText(Message& message, absl::string_view path, absl::st
       std::vector<std::string> keys(parts.begin() + static_cast<long>(i), parts.end());
       YAML::Node top = Nest(keys, 0, std::string(value));
       absl::Status s = MergeNode(top, source, *msg);
-      if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat(s.message(), " (in '", path, "')"));
+      if (!s.ok())
+        return absl::InvalidArgumentError(absl::StrCat(s.message(), " (in '", path, "')"));
       return absl::OkStatus();
     }
     if (last) {
@@ -461,12 +464,13 @@ absl::Status Validate(const Config& c) {
   if (cache.shards() == 0 || cache.shards() > 1024) {
     return absl::InvalidArgumentError("cache.shards: must be 1..1024");
   }
-  if (cache.max_bytes() == 0) return absl::InvalidArgumentError("cache.max_bytes: must be positive");
+  if (cache.max_bytes() == 0)
+    return absl::InvalidArgumentError("cache.max_bytes: must be positive");
   if (cache.max_key_bytes() == 0 || cache.max_key_bytes() > (64u << 10)) {
     return absl::InvalidArgumentError("cache.max_key_bytes: must be 1..64KiB");
   }
-  if (cache.max_value_bytes() == 0 ||
-      cache.max_value_bytes() + cache.max_key_bytes() + 1024 > c.server().max_receive_message_bytes()) {
+  if (cache.max_value_bytes() == 0 || cache.max_value_bytes() + cache.max_key_bytes() + 1024 >
+                                          c.server().max_receive_message_bytes()) {
     return absl::InvalidArgumentError(
         "cache.max_value_bytes: must be positive and fit in server.max_receive_message_bytes");
   }

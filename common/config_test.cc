@@ -89,9 +89,8 @@ TEST(ConfigTest, EnvironmentAndOverridesApplyInOrder) {
   }
   LoadOptions options;
   options.path = path;
-  options.environment = {{"MONTAGE__CACHE__SHARDS", "8"},
-                         {"MONTAGE__CACHE__MAX_BYTES", "2MiB"},
-                         {"HOME", "/root"}};
+  options.environment = {
+      {"MONTAGE__CACHE__SHARDS", "8"}, {"MONTAGE__CACHE__MAX_BYTES", "2MiB"}, {"HOME", "/root"}};
   options.overrides = {"cache.max_bytes=3MiB", "cache.namespaces.audio.max_bytes=5MiB"};
   absl::StatusOr<Config> c = LoadConfig(options);
   ASSERT_TRUE(c.ok()) << c.status();

@@ -62,9 +62,8 @@ void ThreadPool::Work() {
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
-          +[](ThreadPool* self) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return self->stopping_ || !self->queue_.empty();
-          },
+          +[](ThreadPool* self)
+               ABSL_NO_THREAD_SAFETY_ANALYSIS { return self->stopping_ || !self->queue_.empty(); },
           this));
       if (queue_.empty()) return;  // stopping and drained
       task = std::move(queue_.front());
@@ -74,8 +73,7 @@ void ThreadPool::Work() {
   }
 }
 
-PeriodicTask::PeriodicTask(absl::Duration interval, absl::AnyInvocable<void()> fn,
-                           std::string name)
+PeriodicTask::PeriodicTask(absl::Duration interval, absl::AnyInvocable<void()> fn, std::string name)
     : interval_(interval), fn_(std::move(fn)) {
   thread_ = std::thread([this, name] {
     NameThread(name);

@@ -30,7 +30,8 @@ namespace {
 namespace cachepb = ::montage::cache::v1;
 using google::protobuf::util::TimeUtil;
 
-constexpr char kUsage[] = R"(usage: montage [--addr=HOST:PORT] [--json] [--timeout=DURATION] <command>
+constexpr char kUsage[] =
+    R"(usage: montage [--addr=HOST:PORT] [--json] [--timeout=DURATION] <command>
 
 commands:
   cache get KEY [--namespace=NS]          print the value (raw bytes; exit 1 on a miss)
@@ -293,12 +294,11 @@ int CacheStats(const Options& o, Client& client, std::ostream& out, std::ostream
     return 0;
   }
   out << absl::StrFormat("%-16s %9s %12s %12s %9s %9s %8s %10s %11s\n", "NAMESPACE", "ENTRIES",
-                         "BYTES", "BUDGET", "HITS", "MISSES", "HIT%", "EVICTIONS",
-                         "EXPIRATIONS");
+                         "BYTES", "BUDGET", "HITS", "MISSES", "HIT%", "EVICTIONS", "EXPIRATIONS");
   auto row = [&out](const cachepb::NamespaceStats& n, const std::string& name) {
     out << absl::StrFormat("%-16s %9d %12s %12s %9d %9d %7.1f%% %10d %11d\n", name, n.entries(),
-                           HumanBytes(n.bytes()), HumanBytes(n.max_bytes()), n.hits(),
-                           n.misses(), 100.0 * n.hit_rate(), n.evictions(), n.expirations());
+                           HumanBytes(n.bytes()), HumanBytes(n.max_bytes()), n.hits(), n.misses(),
+                           100.0 * n.hit_rate(), n.evictions(), n.expirations());
   };
   for (const auto& n : resp.namespaces()) row(n, n.namespace_());
   if (resp.namespaces_size() != 1) row(resp.total(), "(total)");
@@ -323,14 +323,13 @@ int CacheSnapshot(const Options& o, Client& client, std::ostream& out, std::ostr
 
 int Health(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
   auto stub = grpc::health::v1::Health::NewStub(client.channel());
-  const std::vector<std::string> services = {
-      "",
-      "montage.cache.v1.CacheService",
-      "montage.generation.v1.GenerationService",
-      "montage.speech.v1.SpeechService",
-      "montage.analytics.v1.AnalyticsService",
-      "montage.render.v1.RenderService",
-      "montage.gateway.v1.BatchService"};
+  const std::vector<std::string> services = {"",
+                                             "montage.cache.v1.CacheService",
+                                             "montage.generation.v1.GenerationService",
+                                             "montage.speech.v1.SpeechService",
+                                             "montage.analytics.v1.AnalyticsService",
+                                             "montage.render.v1.RenderService",
+                                             "montage.gateway.v1.BatchService"};
   int serving = 0;
   for (const std::string& name : services) {
     grpc::health::v1::HealthCheckRequest req;

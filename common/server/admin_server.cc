@@ -26,12 +26,18 @@ void EnableLibeventThreads() {
 
 absl::string_view MethodName(evhttp_cmd_type cmd) {
   switch (cmd) {
-    case EVHTTP_REQ_GET: return "GET";
-    case EVHTTP_REQ_POST: return "POST";
-    case EVHTTP_REQ_HEAD: return "HEAD";
-    case EVHTTP_REQ_PUT: return "PUT";
-    case EVHTTP_REQ_DELETE: return "DELETE";
-    default: return "OTHER";
+    case EVHTTP_REQ_GET:
+      return "GET";
+    case EVHTTP_REQ_POST:
+      return "POST";
+    case EVHTTP_REQ_HEAD:
+      return "HEAD";
+    case EVHTTP_REQ_PUT:
+      return "PUT";
+    case EVHTTP_REQ_DELETE:
+      return "DELETE";
+    default:
+      return "OTHER";
   }
 }
 
@@ -98,7 +104,9 @@ absl::StatusOr<std::unique_ptr<AdminServer>> AdminServer::Start(const std::strin
   // loop starts is not lost.
   server->stop_event_ = event_new(
       server->base_, -1, 0,
-      [](evutil_socket_t, short, void* base) { event_base_loopbreak(static_cast<event_base*>(base)); },
+      [](evutil_socket_t, short, void* base) {
+        event_base_loopbreak(static_cast<event_base*>(base));
+      },
       server->base_);
   if (server->stop_event_ == nullptr) return absl::InternalError("event_new failed");
   AdminServer* raw = server.get();
@@ -167,8 +175,8 @@ void AdminServer::Dispatch(evhttp_request* request) {
   } else {
     std::sort(known.begin(), known.end());
     response.status = 404;
-    response.body = absl::StrCat("no admin page at ", req.path, "; pages: ",
-                                 absl::StrJoin(known, " "), "\n");
+    response.body =
+        absl::StrCat("no admin page at ", req.path, "; pages: ", absl::StrJoin(known, " "), "\n");
   }
   evkeyvalq* headers = evhttp_request_get_output_headers(request);
   evhttp_add_header(headers, "Content-Type", response.content_type.c_str());

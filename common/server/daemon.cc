@@ -9,8 +9,8 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/logging.h"
@@ -38,10 +38,14 @@ absl::Duration ToAbsl(const google::protobuf::Duration& d) {
 
 LogLevel ToLogLevel(config::v1::LoggingConfig::Level level) {
   switch (level) {
-    case config::v1::LoggingConfig::DEBUG: return LogLevel::kDebug;
-    case config::v1::LoggingConfig::WARNING: return LogLevel::kWarning;
-    case config::v1::LoggingConfig::ERROR: return LogLevel::kError;
-    default: return LogLevel::kInfo;
+    case config::v1::LoggingConfig::DEBUG:
+      return LogLevel::kDebug;
+    case config::v1::LoggingConfig::WARNING:
+      return LogLevel::kWarning;
+    case config::v1::LoggingConfig::ERROR:
+      return LogLevel::kError;
+    default:
+      return LogLevel::kInfo;
   }
 }
 
@@ -92,13 +96,15 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
   }
   config::Config config = *std::move(loaded);
   if (!options.listen.empty()) config.mutable_server()->set_listen(options.listen);
-  if (!options.admin_listen.empty()) config.mutable_server()->set_admin_listen(options.admin_listen);
+  if (!options.admin_listen.empty())
+    config.mutable_server()->set_admin_listen(options.admin_listen);
   if (absl::Status valid = config::Validate(config); !valid.ok()) {
     LogError("invalid configuration", {{"error", std::string(valid.message())}});
     return 2;
   }
 
-  const std::string process_name = absl::StrCat("montaged[", absl::StrJoin(options.services, ","), "]");
+  const std::string process_name =
+      absl::StrCat("montaged[", absl::StrJoin(options.services, ","), "]");
   ConfigureLogging(ToLogLevel(config.logging().level()),
                    config.logging().format() == config::v1::LoggingConfig::JSON, process_name);
   absl::StatusOr<telemetry::TracerOptions> tracer_options = telemetry::TracerOptionsFromConfig(
@@ -119,12 +125,17 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
   }
 
   std::atomic<int> state{0};  // 0 starting, 1 live, 2 draining
-  (*admin)->Handle("/healthz", [](const AdminRequest&) { return AdminResponse{200, "text/plain", "OK\n"}; });
+  (*admin)->Handle("/healthz", [](const AdminRequest&) {
+    return AdminResponse{200, "text/plain", "OK\n"};
+  });
   (*admin)->Handle("/ready", [&state](const AdminRequest&) {
     switch (state.load()) {
-      case 1: return AdminResponse{200, "text/plain", "LIVE\n"};
-      case 2: return AdminResponse{503, "text/plain", "DRAINING\n"};
-      default: return AdminResponse{503, "text/plain", "PRE_INITIALIZING\n"};
+      case 1:
+        return AdminResponse{200, "text/plain", "LIVE\n"};
+      case 2:
+        return AdminResponse{503, "text/plain", "DRAINING\n"};
+      default:
+        return AdminResponse{503, "text/plain", "PRE_INITIALIZING\n"};
     }
   });
   (*admin)->Handle("/debug/traces", [](const AdminRequest& req) {
@@ -132,7 +143,8 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
     if (auto it = req.query.find("limit"); it != req.query.end()) {
       limit = std::min<size_t>(std::max(1, std::atoi(it->second.c_str())), 10000);
     }
-    return AdminResponse{200, "application/json", telemetry::GlobalTracer().RecentTracesJson(limit)};
+    return AdminResponse{200, "application/json",
+                         telemetry::GlobalTracer().RecentTracesJson(limit)};
   });
   (*admin)->Handle("/config_dump", [&config](const AdminRequest&) {
     return AdminResponse{200, "application/json", config::ConfigToJson(config)};

@@ -6,8 +6,8 @@
 namespace montage {
 
 grpc::Status NotBuiltStatus(absl::string_view method, absl::string_view arrives_with) {
-  absl::Status status = absl::UnimplementedError(
-      absl::StrCat(method, " is not built yet: ", arrives_with));
+  absl::Status status =
+      absl::UnimplementedError(absl::StrCat(method, " is not built yet: ", arrives_with));
   AttachErrorInfo(status, "NOT_BUILT_YET", "montage.dev", {{"method", method}});
   return ToGrpcStatus(status);
 }

@@ -104,7 +104,8 @@ struct NamespaceStats {
   uint64_t coalesced_waits = 0;
   absl::Duration default_ttl;
   double hit_rate() const {
-    return hits + misses == 0 ? 0.0 : static_cast<double>(hits) / static_cast<double>(hits + misses);
+    return hits + misses == 0 ? 0.0
+                              : static_cast<double>(hits) / static_cast<double>(hits + misses);
   }
 };
 
@@ -148,7 +149,8 @@ class CacheEngine {
   // Single-flight read. On a hit: kHit. On a miss with no lease outstanding: kLeaseGranted. On a
   // miss while another caller holds the lease: waits for Set (kHit, coalesced), or inherits the
   // lease when it expires or is released (kLeaseGranted, coalesced), or gives up at
-  // min(now + max_wait, deadline) (kMiss). Returns an id for CancelLookup (0 if `done` already ran).
+  // min(now + max_wait, deadline) (kMiss). Returns an id for CancelLookup (0 if `done` already
+  // ran).
   uint64_t Lookup(absl::string_view ns, absl::string_view key, const LookupOptions& options,
                   LookupCallback done);
   // Ends a waiting Lookup early (its caller went away); `done` gets CANCELLED. No-op if finished.

@@ -346,11 +346,14 @@ class CacheMetrics {
       entries_.Add(labels).Set(static_cast<double>(ns.entries));
       bytes_.Add(labels).Set(static_cast<double>(ns.bytes));
       max_bytes_.Add(labels).Set(static_cast<double>(ns.max_bytes));
-      const std::pair<const char*, uint64_t> events[] = {
-          {"hit", ns.hits},          {"miss", ns.misses},
-          {"eviction", ns.evictions}, {"expiration", ns.expirations},
-          {"set", ns.sets},          {"delete", ns.deletes},
-          {"lease_granted", ns.leases_granted}, {"coalesced_wait", ns.coalesced_waits}};
+      const std::pair<const char*, uint64_t> events[] = {{"hit", ns.hits},
+                                                         {"miss", ns.misses},
+                                                         {"eviction", ns.evictions},
+                                                         {"expiration", ns.expirations},
+                                                         {"set", ns.sets},
+                                                         {"delete", ns.deletes},
+                                                         {"lease_granted", ns.leases_granted},
+                                                         {"coalesced_wait", ns.coalesced_waits}};
       for (const auto& [kind, value] : events) {
         uint64_t& last = last_[std::make_pair(ns.ns, std::string(kind))];
         if (value > last) {

@@ -85,8 +85,7 @@ absl::StatusOr<std::unique_ptr<MontagedProcess>> MontagedProcess::Start(
       if (!j.is_discarded()) {
         p->grpc_address_ = j.value("grpc", "");
         p->admin_address_ = j.value("admin", "");
-        p->channel_ =
-            grpc::CreateChannel(p->grpc_address_, grpc::InsecureChannelCredentials());
+        p->channel_ = grpc::CreateChannel(p->grpc_address_, grpc::InsecureChannelCredentials());
         return p;
       }
     }
@@ -97,8 +96,8 @@ absl::StatusOr<std::unique_ptr<MontagedProcess>> MontagedProcess::Start(
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  return absl::DeadlineExceededError(absl::StrCat("montaged never wrote ", port_file, "; log:\n",
-                                                  p->log()));
+  return absl::DeadlineExceededError(
+      absl::StrCat("montaged never wrote ", port_file, "; log:\n", p->log()));
 }
 
 MontagedProcess::~MontagedProcess() {

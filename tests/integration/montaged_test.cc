@@ -28,9 +28,9 @@ namespace cachepb = ::montage::cache::v1;
 using ::testing::HasSubstr;
 
 constexpr const char* kAllServices[] = {
-    "montage.cache.v1.CacheService",         "montage.generation.v1.GenerationService",
-    "montage.speech.v1.SpeechService",       "montage.analytics.v1.AnalyticsService",
-    "montage.render.v1.RenderService",       "montage.gateway.v1.BatchService",
+    "montage.cache.v1.CacheService",   "montage.generation.v1.GenerationService",
+    "montage.speech.v1.SpeechService", "montage.analytics.v1.AnalyticsService",
+    "montage.render.v1.RenderService", "montage.gateway.v1.BatchService",
 };
 
 void WithDeadline(grpc::ClientContext& ctx, absl::Duration d = absl::Seconds(20)) {
@@ -64,7 +64,8 @@ std::string FieldViolation(const grpc::Status& s) {
 }
 
 // The value of the first sample of `name` whose labels contain `label_part` (-1 if none).
-double MetricValue(const std::string& text, const std::string& name, const std::string& label_part) {
+double MetricValue(const std::string& text, const std::string& name,
+                   const std::string& label_part) {
   std::istringstream in(text);
   std::string line;
   while (std::getline(in, line)) {
@@ -463,7 +464,8 @@ TEST(MontageCliTest, CacheCommandsAgainstARunningServer) {
   const std::string addr = "--addr=" + (*process)->grpc_address();
   const std::string cli = MontageCliPath();
 
-  CommandResult set = RunCommand({cli, addr, "cache", "set", "greeting", "hello world", "--ttl=1h"});
+  CommandResult set =
+      RunCommand({cli, addr, "cache", "set", "greeting", "hello world", "--ttl=1h"});
   EXPECT_EQ(set.exit_code, 0) << set.err;
   EXPECT_THAT(set.out, HasSubstr("stored greeting"));
 
@@ -503,8 +505,8 @@ TEST(MontageCliTest, CacheCommandsAgainstARunningServer) {
 
 TEST(MontageCliTest, UnreachableServerIsAClearError) {
   // Port 1 on loopback is not listening.
-  CommandResult r = RunCommand(
-      {MontageCliPath(), "--addr=127.0.0.1:1", "--timeout=2s", "cache", "get", "k"});
+  CommandResult r =
+      RunCommand({MontageCliPath(), "--addr=127.0.0.1:1", "--timeout=2s", "cache", "get", "k"});
   EXPECT_EQ(r.exit_code, 3);
   EXPECT_THAT(r.err, HasSubstr("UNAVAILABLE"));
   EXPECT_THAT(r.err, HasSubstr("montaged all"));
