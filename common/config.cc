@@ -331,6 +331,32 @@ Config DefaultConfig() {
   cache->mutable_lease_sweep_interval()->set_nanos(50'000'000);
   cache->mutable_cleanup_interval()->set_seconds(10);
   cache->set_max_namespaces(256);
+
+  // Generation runs anywhere by default: the offline provider (templates, no network, not an
+  // LLM) behind the alias "default". Providers, deployments and models in the file add to these.
+  auto* gen = c.mutable_generation();
+  (*gen->mutable_providers())["offline"].set_kind(v1::ProviderConfig::OFFLINE);
+  auto& offline = (*gen->mutable_deployments())["offline"];
+  offline.set_provider("offline");
+  offline.set_model("montage-offline-templates");
+  auto& model = (*gen->mutable_models())["default"];
+  model.add_deployments("offline");
+  model.set_description("montage's offline template provider (deterministic, not an LLM)");
+  gen->set_default_model("default");
+  gen->mutable_default_timeout()->set_seconds(300);
+  gen->mutable_max_timeout()->set_seconds(3600);
+  gen->set_max_prompt_bytes(256u << 10);
+  gen->set_max_campaign_posts(50);
+  gen->set_max_messages(256);
+  auto* gen_cache = gen->mutable_cache();
+  gen_cache->set_namespace_("generation");
+  gen_cache->mutable_default_ttl()->set_seconds(24 * 3600);
+  gen_cache->set_max_bytes(64ull << 20);
+  gen_cache->mutable_timeout()->set_nanos(250'000'000);
+  auto* gen_http = gen->mutable_http();
+  gen_http->set_max_connections_per_host(256);
+  gen_http->mutable_idle_connection_timeout()->set_seconds(60);
+  gen_http->set_max_concurrent_streams(100);
   return c;
 }
 
@@ -492,6 +518,17 @@ absl::Status Validate(const Config& c) {
   if (!cache.persist_path().empty() &&
       google::protobuf::util::TimeUtil::DurationToNanoseconds(cache.persist_interval()) <= 0) {
     return absl::InvalidArgumentError("cache.persist_interval: must be positive");
+  }
+  const auto& gen = c.generation();
+  if (gen.max_prompt_bytes() == 0 || gen.max_campaign_posts() == 0 || gen.max_messages() == 0) {
+    return absl::InvalidArgumentError(
+        "generation: max_prompt_bytes, max_campaign_posts and max_messages must be positive");
+  }
+  for (const auto& [name, p] : gen.providers()) {
+    if (p.kind() == v1::ProviderConfig::KIND_UNSPECIFIED) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "generation.providers.", name, ".kind: must be OFFLINE, OPENAI, GEMINI or ANTHROPIC"));
+    }
   }
   return absl::OkStatus();
 }

@@ -18,9 +18,11 @@ BUILD_PACKAGES=(
   libcurl4-openssl-dev libsqlite3-dev libyaml-cpp-dev nlohmann-json3-dev prometheus-cpp-dev
   libhiredis-dev libespeak-ng-dev espeak-ng-data libevent-dev zlib1g-dev
   libavformat-dev libavcodec-dev libavfilter-dev libavutil-dev libswscale-dev libswresample-dev
+  # header-only: JSON Schema validation, Mustache templates (generation's prompt catalogue)
+  rapidjson-dev libkainjow-mustache-dev
   # tests and benchmarks
   googletest libgtest-dev libgmock-dev libbenchmark-dev
-  nghttp2-client redis-server redis-tools util-linux procps curl python3
+  nghttp2-client nghttp2-server redis-server redis-tools util-linux procps curl python3
   # deployment checks
   docker-compose
 )

@@ -13,6 +13,10 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/strings/ascii.h"
 #include "absl/time/time.h"
 #include "common/status.h"
 #include "google/protobuf/util/json_util.h"
@@ -23,11 +27,13 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "montage/cache/v1/cache.grpc.pb.h"
+#include "montage/generation/v1/generation.grpc.pb.h"
 
 namespace montage::cli {
 namespace {
 
 namespace cachepb = ::montage::cache::v1;
+namespace genpb = ::montage::generation::v1;
 using google::protobuf::util::TimeUtil;
 
 constexpr char kUsage[] =
@@ -42,6 +48,13 @@ commands:
   cache stats [--namespace=NS]            entries, bytes, hit rate per namespace
   cache snapshot                          write the persistence file now
   health                                  grpc.health.v1 status of every service
+  generate [PROMPT...] [--template=T] [--var NAME=VALUE]... [--model=M]
+           [--temperature=X] [--seed=N] [--no-stream]
+                                          write with a model (streams the text as it comes)
+  campaign --brief=TEXT --platform=P... [--posts=N] [--var NAME=VALUE]... [--model=M]
+                                          a brief, then posts for each platform at once
+  models                                  model aliases and their deployments
+  templates [NAME]                        the prompt catalogue (or one template's variables)
 
 --addr defaults to $MONTAGE_ADDR or 127.0.0.1:50051; --timeout to 30s.
 )";
@@ -55,6 +68,16 @@ struct Options {
   std::string prefix;
   bool all = false;
   std::vector<std::string> positional;
+  // generation
+  std::string model;
+  std::string template_name;
+  std::vector<std::pair<std::string, std::string>> vars;
+  std::optional<double> temperature;
+  std::optional<int64_t> seed;
+  bool no_stream = false;
+  std::string brief;
+  std::vector<std::string> platforms;
+  uint32_t posts = 1;
 };
 
 // Parses --flag=value / --flag value anywhere on the line. Returns an error message or "".
@@ -99,6 +122,31 @@ std::string Parse(const std::vector<std::string>& args, Options& o) {
         if (name == "ttl") o.ttl = d;
         if (name == "timeout") o.timeout = d;
       }
+    } else if (name == "no-stream") {
+      o.no_stream = true;
+    } else if (name == "model" || name == "template" || name == "var" || name == "temperature" ||
+               name == "seed" || name == "brief" || name == "platform" || name == "posts") {
+      if (!take()) return absl::StrCat("--", name, " needs a value");
+      if (name == "model") o.model = value;
+      if (name == "template") o.template_name = value;
+      if (name == "brief") o.brief = value;
+      if (name == "platform") o.platforms.push_back(value);
+      if (name == "var") {
+        const size_t eq = value.find('=');
+        if (eq == std::string::npos || eq == 0) return "--var needs NAME=VALUE";
+        o.vars.emplace_back(value.substr(0, eq), value.substr(eq + 1));
+      }
+      if (name == "temperature") {
+        double t = 0;
+        if (!absl::SimpleAtod(value, &t)) return "--temperature needs a number";
+        o.temperature = t;
+      }
+      if (name == "seed") {
+        int64_t seed = 0;
+        if (!absl::SimpleAtoi(value, &seed)) return "--seed needs an integer";
+        o.seed = seed;
+      }
+      if (name == "posts" && !absl::SimpleAtoi(value, &o.posts)) return "--posts needs a number";
     } else if (name == "help") {
       o.positional = {"help"};
       return "";
@@ -352,6 +400,182 @@ int Health(const Options& o, Client& client, std::ostream& out, std::ostream& er
   return serving > 0 ? 0 : 3;
 }
 
+// --var values become typed JSON values by the template's declared variable types, so
+// `--var count=5` is a number for an integer variable and a string for a string one.
+grpc::Status FillVariables(const Options& o, Client& client, const std::string& template_name,
+                           google::protobuf::Struct& vars) {
+  std::map<std::string, std::string> types;
+  if (!template_name.empty()) {
+    auto stub = genpb::GenerationService::NewStub(client.channel());
+    genpb::GetTemplateRequest req;
+    req.set_name(template_name);
+    genpb::Template t;
+    grpc::ClientContext ctx;
+    client.Prepare(ctx);
+    grpc::Status s = stub->GetTemplate(&ctx, req, &t);
+    if (!s.ok()) return s;
+    for (const auto& v : t.variables()) types[v.name()] = v.type();
+  }
+  for (const auto& [name, text] : o.vars) {
+    google::protobuf::Value& v = (*vars.mutable_fields())[name];
+    const std::string type = types.count(name) ? types[name] : "string";
+    double number = 0;
+    if ((type == "integer" || type == "number") && absl::SimpleAtod(text, &number)) {
+      v.set_number_value(number);
+    } else if (type == "boolean" && (text == "true" || text == "false")) {
+      v.set_bool_value(text == "true");
+    } else if (type == "array") {
+      auto* list = v.mutable_list_value();
+      for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+        list->add_values()->set_string_value(std::string(absl::StripAsciiWhitespace(item)));
+      }
+    } else {
+      v.set_string_value(text);  // the service reports a type mismatch by field name
+    }
+  }
+  return grpc::Status::OK;
+}
+
+void PrintFooter(const genpb::GenerateResponse& r, std::ostream& out) {
+  out << absl::StrFormat("\n-- %s via %s/%s: %u+%u tokens%s\n", r.model(), r.provider(),
+                         r.deployment(), r.usage().prompt_tokens(), r.usage().completion_tokens(),
+                         r.cached() ? ", from the cache" : "");
+}
+
+int Generate(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  genpb::GenerateRequest req;
+  req.set_model(o.model);
+  req.set_template_(o.template_name);
+  if (grpc::Status s = FillVariables(o, client, o.template_name, *req.mutable_variables());
+      !s.ok()) {
+    return Fail(err, s, o.json);
+  }
+  std::vector<std::string> words(o.positional.begin() + 1, o.positional.end());
+  if (!words.empty()) {
+    auto* m = req.add_messages();
+    m->set_role(genpb::Message::USER);
+    m->set_content(absl::StrJoin(words, " "));
+  }
+  if (o.temperature) req.mutable_sampling()->set_temperature(*o.temperature);
+  if (o.seed) req.mutable_sampling()->set_seed(*o.seed);
+  auto stub = genpb::GenerationService::NewStub(client.channel());
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  if (o.json || o.no_stream) {
+    genpb::GenerateResponse resp;
+    grpc::Status s = stub->Generate(&ctx, req, &resp);
+    if (!s.ok()) return Fail(err, s, o.json);
+    if (o.json) {
+      out << ToJson(resp);
+    } else {
+      out << resp.text();
+      PrintFooter(resp, out);
+    }
+    return 0;
+  }
+  auto reader = stub->StreamGenerate(&ctx, req);
+  genpb::GenerateEvent event;
+  while (reader->Read(&event)) {
+    if (event.has_delta()) {
+      out << event.delta().text() << std::flush;
+    } else if (event.has_done()) {
+      PrintFooter(event.done(), out);
+    }
+  }
+  grpc::Status s = reader->Finish();
+  return s.ok() ? 0 : Fail(err, s, o.json);
+}
+
+int Campaign(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  genpb::GenerateCampaignRequest req;
+  req.set_model(o.model);
+  req.set_brief(o.brief);
+  for (const auto& p : o.platforms) req.add_platforms(p);
+  req.set_posts_per_platform(o.posts);
+  if (grpc::Status s = FillVariables(o, client, "", *req.mutable_variables()); !s.ok()) {
+    return Fail(err, s, o.json);
+  }
+  if (o.temperature) req.mutable_sampling()->set_temperature(*o.temperature);
+  if (o.seed) req.mutable_sampling()->set_seed(*o.seed);
+  auto stub = genpb::GenerationService::NewStub(client.channel());
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  auto reader = stub->GenerateCampaign(&ctx, req);
+  genpb::CampaignEvent event;
+  while (reader->Read(&event)) {
+    if (o.json) {
+      out << ToJson(event) << "\n";
+    } else if (event.has_brief()) {
+      out << "== campaign plan\n" << event.brief().text() << "\n";
+    } else if (event.has_post()) {
+      out << "\n== " << event.post().platform() << " post " << event.post().index() + 1 << "\n"
+          << event.post().result().text() << "\n";
+    } else if (event.has_post_failed()) {
+      out << "\n== " << event.post_failed().platform() << " post "
+          << event.post_failed().index() + 1 << " failed: " << event.post_failed().error()
+          << "\n";
+    } else if (event.has_total_usage()) {
+      out << absl::StrFormat("\n-- %u tokens in all\n", event.total_usage().total_tokens());
+    }
+  }
+  grpc::Status s = reader->Finish();
+  return s.ok() ? 0 : Fail(err, s, o.json);
+}
+
+int Models(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  auto stub = genpb::GenerationService::NewStub(client.channel());
+  genpb::ListModelsResponse resp;
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  grpc::Status s = stub->ListModels(&ctx, genpb::ListModelsRequest(), &resp);
+  if (!s.ok()) return Fail(err, s, o.json);
+  if (o.json) {
+    out << ToJson(resp);
+    return 0;
+  }
+  for (const auto& m : resp.models()) {
+    out << m.alias() << (m.alias() == resp.default_model() ? " (default)" : "") << "\n";
+    for (const auto& d : m.deployments()) {
+      out << absl::StrFormat("  %-20s %-10s %s\n", d.name(), d.provider(), d.model());
+    }
+  }
+  return 0;
+}
+
+int Templates(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  auto stub = genpb::GenerationService::NewStub(client.channel());
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  if (o.positional.size() >= 2) {
+    genpb::GetTemplateRequest req;
+    req.set_name(o.positional[1]);
+    genpb::Template t;
+    grpc::Status s = stub->GetTemplate(&ctx, req, &t);
+    if (!s.ok()) return Fail(err, s, o.json);
+    if (o.json) {
+      out << ToJson(t);
+      return 0;
+    }
+    out << t.name() << ": " << t.description() << "\n";
+    for (const auto& v : t.variables()) {
+      out << absl::StrFormat("  --var %s=<%s>%s  %s\n", v.name(), v.type(),
+                             v.required() ? " (required)" : "", v.description());
+    }
+    return 0;
+  }
+  genpb::ListTemplatesResponse resp;
+  grpc::Status s = stub->ListTemplates(&ctx, genpb::ListTemplatesRequest(), &resp);
+  if (!s.ok()) return Fail(err, s, o.json);
+  if (o.json) {
+    out << ToJson(resp);
+    return 0;
+  }
+  for (const auto& t : resp.templates()) {
+    out << absl::StrFormat("%-22s %s\n", t.name(), t.description());
+  }
+  return 0;
+}
+
 }  // namespace
 
 int Run(const std::vector<std::string>& args, std::istream& in, std::ostream& out,
@@ -368,6 +592,10 @@ int Run(const std::vector<std::string>& args, std::istream& in, std::ostream& ou
   }
   Client client(o);
   if (p[0] == "health") return Health(o, client, out, err);
+  if (p[0] == "generate") return Generate(o, client, out, err);
+  if (p[0] == "campaign") return Campaign(o, client, out, err);
+  if (p[0] == "models") return Models(o, client, out, err);
+  if (p[0] == "templates") return Templates(o, client, out, err);
   if (p[0] == "cache" && p.size() >= 2) {
     if (p[1] == "get") return CacheGet(o, client, out, err);
     if (p[1] == "set") return CacheSet(o, client, in, out, err);

@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -88,6 +89,13 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
   // deadlock-detection bookkeeping (~14k instructions per cache Get, measured with callgrind).
   // Unit tests keep the checks; the server does not pay for them.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  // Each waiting upstream call may hold a socket (an LLM call lasts minutes): use the hard limit
+  // on open files rather than the often small soft one.
+  rlimit files{};
+  if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    (void)setrlimit(RLIMIT_NOFILE, &files);
+  }
 
   absl::StatusOr<config::Config> loaded = config::LoadConfig(options.config);
   if (!loaded.ok()) {

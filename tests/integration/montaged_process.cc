@@ -13,6 +13,9 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "gtest/gtest.h"
@@ -187,6 +190,33 @@ std::pair<long, std::string> HttpGet(const std::string& address, const std::stri
   if (curl_easy_perform(curl) == CURLE_OK) curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
   curl_easy_cleanup(curl);
   return {status, body};
+}
+
+void WithDeadline(grpc::ClientContext& ctx, absl::Duration d) {
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + d));
+}
+
+std::string FieldViolation(const grpc::Status& s) {
+  google::rpc::Status rpc;
+  if (!rpc.ParseFromString(s.error_details())) return "";
+  for (const auto& any : rpc.details()) {
+    google::rpc::BadRequest bad;
+    if (any.UnpackTo(&bad) && bad.field_violations_size() > 0) {
+      return bad.field_violations(0).field();
+    }
+  }
+  return "";
+}
+
+double MetricValue(const std::string& text, const std::string& name,
+                   const std::string& label_part) {
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(name + "{", 0) != 0 || line.find(label_part) == std::string::npos) continue;
+    return std::stod(line.substr(line.rfind(' ') + 1));
+  }
+  return -1;
 }
 
 }  // namespace montage::testing

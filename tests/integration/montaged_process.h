@@ -11,7 +11,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "grpcpp/channel.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/support/status.h"
 
 namespace montage::testing {
 
@@ -70,6 +73,17 @@ CommandResult RunCommand(const std::vector<std::string>& argv, const std::string
 
 // A plain HTTP GET to host:port/path (status, body); status 0 on connection failure.
 std::pair<long, std::string> HttpGet(const std::string& address, const std::string& path);
+
+// Gives `ctx` a deadline `d` from now (every test call has one, so nothing hangs forever).
+void WithDeadline(grpc::ClientContext& ctx, absl::Duration d = absl::Seconds(20));
+
+// The field of the first google.rpc.BadRequest violation in `s`'s details ("" if none).
+std::string FieldViolation(const grpc::Status& s);
+
+// The value of the first sample of `name` whose labels contain `label_part` (-1 if none) in a
+// Prometheus text page.
+double MetricValue(const std::string& text, const std::string& name,
+                   const std::string& label_part);
 
 }  // namespace montage::testing
 

@@ -16,6 +16,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "montage/analytics/v1/analytics.grpc.pb.h"
 #include "montage/cache/v1/cache.grpc.pb.h"
 #include "montage/generation/v1/generation.grpc.pb.h"
 #include "montage/render/v1/render.grpc.pb.h"
@@ -33,10 +34,6 @@ constexpr const char* kAllServices[] = {
     "montage.render.v1.RenderService", "montage.gateway.v1.BatchService",
 };
 
-void WithDeadline(grpc::ClientContext& ctx, absl::Duration d = absl::Seconds(20)) {
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + d));
-}
-
 grpc::health::v1::HealthCheckResponse::ServingStatus Health(const MontagedProcess& p,
                                                             const std::string& service,
                                                             grpc::StatusCode* code) {
@@ -49,30 +46,6 @@ grpc::health::v1::HealthCheckResponse::ServingStatus Health(const MontagedProces
   grpc::Status s = stub->Check(&ctx, req, &resp);
   *code = s.error_code();
   return resp.status();
-}
-
-std::string FieldViolation(const grpc::Status& s) {
-  google::rpc::Status rpc;
-  if (!rpc.ParseFromString(s.error_details())) return "";
-  for (const auto& any : rpc.details()) {
-    google::rpc::BadRequest bad;
-    if (any.UnpackTo(&bad) && bad.field_violations_size() > 0) {
-      return bad.field_violations(0).field();
-    }
-  }
-  return "";
-}
-
-// The value of the first sample of `name` whose labels contain `label_part` (-1 if none).
-double MetricValue(const std::string& text, const std::string& name,
-                   const std::string& label_part) {
-  std::istringstream in(text);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(name + "{", 0) != 0 || line.find(label_part) == std::string::npos) continue;
-    return std::stod(line.substr(line.rfind(' ') + 1));
-  }
-  return -1;
 }
 
 grpc::Status Set(cachepb::CacheService::Stub& stub, const std::string& ns, const std::string& key,
@@ -197,14 +170,28 @@ TEST(MontagedAllTest, EveryServiceServesHealthAndStubsSayWhatIsMissing) {
   EXPECT_EQ(Health(**process, "", &code), grpc::health::v1::HealthCheckResponse::SERVING);
 
   // A method whose service is not built yet says so.
-  auto gen = montage::generation::v1::GenerationService::NewStub((*process)->channel());
-  montage::generation::v1::GenerateResponse resp;
+  auto analytics = montage::analytics::v1::AnalyticsService::NewStub((*process)->channel());
+  montage::analytics::v1::Channel channel;
   grpc::ClientContext ctx;
   WithDeadline(ctx);
-  grpc::Status s = gen->Generate(&ctx, montage::generation::v1::GenerateRequest(), &resp);
+  grpc::Status s =
+      analytics->GetChannel(&ctx, montage::analytics::v1::GetChannelRequest(), &channel);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_THAT(s.error_message(), HasSubstr("GenerationService/Generate is not built yet"));
-  EXPECT_THAT(s.error_message(), HasSubstr("issue #4"));
+  EXPECT_THAT(s.error_message(), HasSubstr("AnalyticsService/GetChannel is not built yet"));
+  EXPECT_THAT(s.error_message(), HasSubstr("roadmap"));
+
+  // The generation service answers inside `all` on its offline default.
+  auto gen = montage::generation::v1::GenerationService::NewStub((*process)->channel());
+  montage::generation::v1::GenerateRequest greq;
+  greq.set_template_("hooks");
+  (*greq.mutable_variables()->mutable_fields())["topic"].set_string_value("houseplants");
+  montage::generation::v1::GenerateResponse gresp;
+  grpc::ClientContext gctx;
+  WithDeadline(gctx);
+  s = gen->Generate(&gctx, greq, &gresp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(gresp.provider(), "offline");
+  EXPECT_THAT(gresp.text(), HasSubstr("houseplants"));
 
   // Streaming stubs too.
   auto render = montage::render::v1::RenderService::NewStub((*process)->channel());

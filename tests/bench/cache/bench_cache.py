@@ -21,39 +21,16 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchlib import cpu_seconds, free_port, metric, percentile, wait_for  # noqa: E402
 
 VALUE = b"v" * 1024
 KEY = b"bench:key"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # utime and stime are fields 14 and 15 of the full line (11 and 12 after the command).
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def wait_for(predicate, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def varint(n):
@@ -78,22 +55,6 @@ def get_request():
 def set_request():
     # montage.cache.v1.SetRequest{key = 2, value = 3}, ttl unset (namespace default)
     return b"\x12" + varint(len(KEY)) + KEY + b"\x1a" + varint(len(VALUE)) + VALUE
-
-
-def metric(admin, name, *label_parts):
-    text = urllib.request.urlopen(f"http://{admin}/metrics", timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(p in line for p in label_parts):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def percentile(sorted_values, p):
-    if not sorted_values:
-        return float("nan")
-    k = min(len(sorted_values) - 1, max(0, int(round(p / 100.0 * (len(sorted_values) - 1)))))
-    return sorted_values[k]
 
 
 def run_h2load(port, body_path, requests, conns, streams, log_path):

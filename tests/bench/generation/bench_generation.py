@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Generation benchmark: many slow LLM calls at once through `montaged generation`.
+
+A fake provider (tests/fake_llm, HTTP/1.1 on loopback) answers every request after a fixed
+delay and records how many requests it held at once. montaged's generation service points at
+it through a config file. gen_load (C++, async gRPC) then:
+  1. burst:     N distinct Generate calls at once (none cached or coalesced). Reported: time for
+                all to finish against the provider's delay, montaged's CPU-seconds, its peak
+                thread count and peak RSS, the provider's peak in-flight, and what a blocking
+                8-thread server would need for the same load (N / 8 x delay).
+  2. identical: M identical deterministic calls at once; the provider's request count says how
+                many upstream calls they cost (target 1).
+  3. closed:    a cached answer with 50 outstanding; p50/p99 through gRPC.
+
+Usage: bench_generation.py --montaged PATH --fake PATH --load PATH [--smoke]
+--smoke runs in seconds (CI) with a smaller burst and a short delay. Prints the figures; never
+asserts on speed. Exits non-zero only when something did not work (a process failed to start,
+calls failed, or the identical burst was not coalesced to one upstream call).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchlib import cpu_seconds, free_port, proc_status, wait_for  # noqa: E402
+
+
+def read_json_file(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def fake_stats(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_fake/stats", timeout=10) as r:
+        return json.load(r)
+
+
+def fake_post(port, path, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).read()
+
+
+class Sampler(threading.Thread):
+    """Samples a process's thread count every 10 ms; keeps the peak."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak_threads = 0
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            n = proc_status(self.pid, "Threads")
+            if n is not None:
+                self.peak_threads = max(self.peak_threads, n)
+            time.sleep(0.01)
+
+
+def run_load(load, addr, mode, requests, **extra):
+    cmd = [load, f"--addr={addr}", f"--mode={mode}", f"--requests={requests}", "--model=fake"]
+    cmd += [f"--{k}={v}" for k, v in extra.items()]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--montaged", required=True)
+    ap.add_argument("--fake", required=True)
+    ap.add_argument("--load", required=True)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--delay", type=float, default=None, help="provider delay in seconds")
+    args = ap.parse_args()
+    burst = args.requests or (300 if args.smoke else 10000)
+    delay = args.delay if args.delay is not None else (0.2 if args.smoke else 2.0)
+    identical = 100 if args.smoke else 1000
+    closed = 2000 if args.smoke else 50000
+
+    tmp = tempfile.mkdtemp(prefix="bench-generation-")
+    procs = []
+    try:
+        fake_port_file = os.path.join(tmp, "fake.json")
+        fake = subprocess.Popen([args.fake, "--port=0", f"--port_file={fake_port_file}",
+                                 f"--delay={int(delay * 1000)}ms"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(fake)
+        wait_for(lambda: read_json_file(fake_port_file), "the fake provider")
+        fport = read_json_file(fake_port_file)["port"]
+
+        config = os.path.join(tmp, "montage.yaml")
+        with open(config, "w") as f:
+            f.write(f"""generation:
+  providers:
+    fake:
+      kind: OPENAI
+      base_url: http://127.0.0.1:{fport}/v1
+      retry: {{max_attempts: 1}}
+  deployments:
+    fake-gpt: {{provider: fake, model: gpt-fake}}
+  models:
+    fake: {{deployments: [fake-gpt]}}
+  http:
+    max_connections_per_host: 0
+logging: {{level: warning}}
+tracing: {{sample_ratio: 0.0}}
+""")
+        port_file = os.path.join(tmp, "montaged.json")
+        log = open(os.path.join(tmp, "montaged.log"), "w")
+        montaged = subprocess.Popen([args.montaged, "generation", f"--config={config}",
+                                     f"--listen=127.0.0.1:{free_port()}",
+                                     f"--admin_listen=127.0.0.1:{free_port()}",
+                                     f"--port_file={port_file}"], stdout=log, stderr=log)
+        procs.append(montaged)
+        wait_for(lambda: read_json_file(port_file), "montaged")
+        addr = read_json_file(port_file)["grpc"]
+        # Warm up channels and the provider connection path.
+        run_load(args.load, addr, "burst", 20, channels=2)
+        fake_post(fport, "/_fake/reset", {})
+
+        sampler = Sampler(montaged.pid)
+        sampler.start()
+        cpu0 = cpu_seconds(montaged.pid)
+        res = run_load(args.load, addr, "burst", burst, channels=16)
+        cpu = cpu_seconds(montaged.pid) - cpu0
+        sampler.stop.set()
+        sampler.join()
+        stats = fake_stats(fport)
+        rss_mib = (proc_status(montaged.pid, "VmHWM") or 0) / 1024.0
+        if res["errors"]:
+            raise RuntimeError(f"burst: {res['errors']} calls failed: {res['first_error']}")
+
+        fake_post(fport, "/_fake/reset", {})
+        ident = run_load(args.load, addr, "identical", identical, channels=4)
+        upstream_identical = fake_stats(fport)["total_requests"]
+        if ident["errors"]:
+            raise RuntimeError(f"identical: {ident['errors']} failed: {ident['first_error']}")
+
+        lat = run_load(args.load, addr, "closed", closed, concurrency=50, channels=1)
+        if lat["errors"]:
+            raise RuntimeError(f"closed: {lat['errors']} failed: {lat['first_error']}")
+
+        blocking = burst / 8 * delay
+        overhead = res["wall_s"] - delay
+        print(f"generation benchmark ({'smoke' if args.smoke else 'full'}): provider delay "
+              f"{delay:.2f} s, {burst} concurrent distinct Generate calls")
+        print(f"  all finished in            {res['wall_s']:.3f} s  (overhead {overhead:.3f} s "
+              f"over the provider's delay; p99 per call {res['p99_ms']:.0f} ms)")
+        print(f"  provider peak in flight    {stats['peak_in_flight']} of {burst}")
+        print(f"  montaged CPU               {cpu:.2f} s  ({cpu / burst * 1e6:.0f} us per call)")
+        print(f"  montaged peak threads      {sampler.peak_threads}")
+        print(f"  montaged peak RSS          {rss_mib:.1f} MiB")
+        print(f"  blocking 8-thread server   {blocking:.1f} s for the same load "
+              f"({blocking / res['wall_s']:.0f}x longer)")
+        print(f"  {identical} identical calls  -> {upstream_identical} upstream call(s); "
+              f"{ident['cached']} answered from the cache")
+        print(f"  cached answer, 50 outstanding: p50 {lat['p50_ms']:.3f} ms, "
+              f"p99 {lat['p99_ms']:.3f} ms ({lat['requests'] / lat['wall_s']:.0f} req/s)")
+        if upstream_identical != 1:
+            raise RuntimeError(f"{identical} identical calls made {upstream_identical} upstream "
+                               "calls; single-flight should make 1")
+        return 0
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
