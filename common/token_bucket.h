@@ -18,7 +18,10 @@ class TokenBucket {
  public:
   // capacity 0 means unlimited.
   TokenBucket(double capacity, absl::Duration period, Clock& clock)
-      : capacity_(capacity), period_(period), clock_(clock), tokens_(capacity),
+      : capacity_(capacity),
+        period_(period),
+        clock_(clock),
+        tokens_(capacity),
         last_(clock.Now()) {}
 
   bool unlimited() const { return capacity_ <= 0; }

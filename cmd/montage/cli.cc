@@ -9,6 +9,7 @@
 #include <optional>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -16,7 +17,6 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "absl/strings/ascii.h"
 #include "absl/time/time.h"
 #include "common/status.h"
 #include "google/protobuf/util/json_util.h"
@@ -512,8 +512,7 @@ int Campaign(const Options& o, Client& client, std::ostream& out, std::ostream& 
           << event.post().result().text() << "\n";
     } else if (event.has_post_failed()) {
       out << "\n== " << event.post_failed().platform() << " post "
-          << event.post_failed().index() + 1 << " failed: " << event.post_failed().error()
-          << "\n";
+          << event.post_failed().index() + 1 << " failed: " << event.post_failed().error() << "\n";
     } else if (event.has_total_usage()) {
       out << absl::StrFormat("\n-- %u tokens in all\n", event.total_usage().total_tokens());
     }

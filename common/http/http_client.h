@@ -72,6 +72,9 @@ struct RetryPolicy {
   bool retry_transport_errors = true;
   // Empty means IsRetriableByDefault.
   RetryClassifier retriable;
+  // A delay the server gave somewhere other than the standard headers (Gemini writes it only
+  // into the error body). Consulted before the headers; nullopt means none given.
+  std::function<std::optional<absl::Duration>(const HttpResponse&)> server_delay;
 };
 
 struct HttpRequest {

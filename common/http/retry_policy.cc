@@ -127,7 +127,10 @@ std::optional<absl::Duration> RetryDelay(const RetryPolicy& policy, uint32_t ret
                                          const HttpResponse* response, absl::Time now,
                                          double uniform01) {
   if (response != nullptr) {
-    if (std::optional<absl::Duration> delay = ServerDelay(*response, now)) {
+    std::optional<absl::Duration> delay;
+    if (policy.server_delay) delay = policy.server_delay(*response);
+    if (!delay) delay = ServerDelay(*response, now);
+    if (delay) {
       if (*delay > policy.max_server_delay) return std::nullopt;
       return delay;
     }

@@ -100,6 +100,18 @@ TEST(RetryDelayTest, RetryAfterSeconds) {
   EXPECT_EQ(Delay(Answer(503, {{"Retry-After", "1.5"}})), absl::Milliseconds(1500));
 }
 
+TEST(RetryDelayTest, ServerDelayHookReadsTheBodyFirst) {
+  RetryPolicy policy = Policy();
+  policy.server_delay = [](const HttpResponse& r) -> std::optional<absl::Duration> {
+    if (r.body == "wait 3") return absl::Seconds(3);
+    return std::nullopt;
+  };
+  EXPECT_EQ(Delay(Answer(429, {{"Retry-After", "9"}}, "wait 3"), policy), absl::Seconds(3));
+  EXPECT_EQ(Delay(Answer(429, {{"Retry-After", "9"}}, "other"), policy), absl::Seconds(9));
+  policy.max_server_delay = absl::Seconds(2);
+  EXPECT_EQ(Delay(Answer(429, {}, "wait 3"), policy), std::nullopt);
+}
+
 TEST(RetryDelayTest, RetryAfterHttpDate) {
   // Now() is 2024-01-01T00:00:00Z, a Monday.
   EXPECT_EQ(Delay(Answer(503, {{"Retry-After", "Mon, 01 Jan 2024 00:00:10 GMT"}})),

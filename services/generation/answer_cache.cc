@@ -5,7 +5,9 @@
 #include <string>
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/status.h"
 #include "common/telemetry/grpc_interceptors.h"
 #include "google/protobuf/util/time_util.h"
@@ -60,6 +62,15 @@ class RemoteAnswerCache final : public AnswerCache {
         ns_(std::move(ns)),
         timeout_(timeout) {}
 
+  // Outstanding calls are cancelled and waited for (bounded), so no callback outlives the cache
+  // or the gRPC library.
+  ~RemoteAnswerCache() override {
+    absl::MutexLock lock(&mu_);
+    for (grpc::ClientContext* c : calls_) c->TryCancel();
+    auto drained = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return calls_.empty(); };
+    mu_.AwaitWithTimeout(absl::Condition(&drained), absl::Seconds(5));
+  }
+
   void Get(const std::string& key, GetCallback done) override {
     struct Call {
       grpc::ClientContext context;
@@ -68,12 +79,12 @@ class RemoteAnswerCache final : public AnswerCache {
       GetCallback done;
     };
     auto* call = new Call;
-    call->context.set_deadline(absl::ToChronoTime(absl::Now() + timeout_));
+    Prepare(call->context);
     call->request.set_namespace_(ns_);
     call->request.set_key(key);
     call->done = std::move(done);
     stub_->async()->Get(&call->context, &call->request, &call->response,
-                        [call](grpc::Status status) {
+                        [this, call](grpc::Status status) {
                           std::unique_ptr<Call> owned(call);
                           if (!status.ok()) {
                             std::move(owned->done)(FromGrpcStatus(status));
@@ -83,6 +94,7 @@ class RemoteAnswerCache final : public AnswerCache {
                             std::move(owned->done)(std::optional<std::string>(
                                 std::move(*owned->response.mutable_entry()->mutable_value())));
                           }
+                          Finished(&owned->context);
                         });
   }
 
@@ -93,7 +105,7 @@ class RemoteAnswerCache final : public AnswerCache {
       cache::v1::Entry response;
     };
     auto* call = new Call;
-    call->context.set_deadline(absl::ToChronoTime(absl::Now() + timeout_));
+    Prepare(call->context);
     call->request.set_namespace_(ns_);
     call->request.set_key(key);
     call->request.set_value(std::move(value));
@@ -102,12 +114,27 @@ class RemoteAnswerCache final : public AnswerCache {
           google::protobuf::util::TimeUtil::NanosecondsToDuration(absl::ToInt64Nanoseconds(ttl));
     }
     stub_->async()->Set(&call->context, &call->request, &call->response,
-                        [call](grpc::Status) { delete call; });
+                        [this, call](grpc::Status) {
+                          std::unique_ptr<Call> owned(call);
+                          Finished(&owned->context);
+                        });
   }
 
   absl::string_view kind() const override { return "remote"; }
 
  private:
+  void Prepare(grpc::ClientContext& context) {
+    context.set_deadline(absl::ToChronoTime(absl::Now() + timeout_));
+    absl::MutexLock lock(&mu_);
+    calls_.insert(&context);
+  }
+  void Finished(grpc::ClientContext* context) {
+    absl::MutexLock lock(&mu_);
+    calls_.erase(context);
+  }
+
+  absl::Mutex mu_;
+  absl::flat_hash_set<grpc::ClientContext*> calls_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<cache::v1::CacheService::Stub> stub_;
   const std::string ns_;
   const absl::Duration timeout_;
@@ -118,7 +145,8 @@ class RemoteAnswerCache final : public AnswerCache {
 absl::StatusOr<std::unique_ptr<AnswerCache>> MakeAnswerCache(
     const config::v1::GenerationCacheConfig& config, Clock& clock) {
   const std::string ns = config.namespace_().empty() ? "generation" : config.namespace_();
-  const absl::Duration ttl = config.has_default_ttl() ? ToAbsl(config.default_ttl()) : absl::Hours(24);
+  const absl::Duration ttl =
+      config.has_default_ttl() ? ToAbsl(config.default_ttl()) : absl::Hours(24);
   if (!config.address().empty()) {
     const absl::Duration timeout =
         config.has_timeout() ? ToAbsl(config.timeout()) : absl::Milliseconds(250);

@@ -77,12 +77,11 @@ class GenerateReactor final : public grpc::ServerUnaryReactor {
                   const v1::GenerateRequest& request, v1::GenerateResponse* response)
       : cancels_(std::make_shared<CancelSet>()) {
     auto cancels = cancels_;  // `this` may be gone once the callback finished the call
-    cancels->Add(generator.Generate(
-        request, OptionsFor(context), nullptr,
-        [this, response](absl::StatusOr<v1::GenerateResponse> result) {
-          if (result.ok()) *response = *std::move(result);
-          Finish(ToGrpcStatus(result.status()));
-        }));
+    cancels->Add(generator.Generate(request, OptionsFor(context), nullptr,
+                                    [this, response](absl::StatusOr<v1::GenerateResponse> result) {
+                                      if (result.ok()) *response = *std::move(result);
+                                      Finish(ToGrpcStatus(result.status()));
+                                    }));
   }
   void OnCancel() override { cancels_->CancelAll(); }
   void OnDone() override { delete this; }
@@ -203,7 +202,8 @@ class CampaignReactor final : public QueuedWriter<v1::CampaignEvent> {
     }
     v1::GenerateRequest brief = Base("campaign_brief");
     Put(brief, "brief", request_.brief());
-    auto* platforms = (*brief.mutable_variables()->mutable_fields())["platforms"].mutable_list_value();
+    auto* platforms =
+        (*brief.mutable_variables()->mutable_fields())["platforms"].mutable_list_value();
     for (const auto& p : request_.platforms()) platforms->add_values()->set_string_value(p);
     auto cancels = cancels_;
     cancels->Add(generator_.Generate(
@@ -215,8 +215,9 @@ class CampaignReactor final : public QueuedWriter<v1::CampaignEvent> {
   absl::Status Validate() const {
     if (request_.brief().empty()) return InvalidFieldError("brief", "must describe the campaign");
     if (request_.platforms().empty()) {
-      return InvalidFieldError("platforms", "name at least one platform (x, linkedin, instagram, "
-                                            "tiktok)");
+      return InvalidFieldError("platforms",
+                               "name at least one platform (x, linkedin, instagram, "
+                               "tiktok)");
     }
     for (int i = 0; i < request_.platforms_size(); ++i) {
       const std::string& p = request_.platforms(i);
@@ -231,8 +232,9 @@ class CampaignReactor final : public QueuedWriter<v1::CampaignEvent> {
                              : 50;
     if (per > 20) return InvalidFieldError("posts_per_platform", "at most 20 per platform");
     if (static_cast<uint64_t>(per) * request_.platforms_size() > max) {
-      return InvalidFieldError("posts_per_platform",
-                               absl::StrCat("platforms x posts_per_platform must be at most ", max));
+      return InvalidFieldError(
+          "posts_per_platform",
+          absl::StrCat("platforms x posts_per_platform must be at most ", max));
     }
     return absl::OkStatus();
   }
@@ -285,11 +287,11 @@ class CampaignReactor final : public QueuedWriter<v1::CampaignEvent> {
         Put(post, "brief", request_.brief());
         Put(post, "plan", plan);
         (*post.mutable_variables()->mutable_fields())["index"].set_number_value(i + 1);
-        cancels->Add(generator_.Generate(
-            std::move(post), options_, nullptr,
-            [this, platform, i](absl::StatusOr<v1::GenerateResponse> r) {
-              OnPost(platform, i, std::move(r));
-            }));
+        cancels->Add(
+            generator_.Generate(std::move(post), options_, nullptr,
+                                [this, platform, i](absl::StatusOr<v1::GenerateResponse> r) {
+                                  OnPost(platform, i, std::move(r));
+                                }));
       }
     }
   }
@@ -431,9 +433,9 @@ absl::StatusOr<std::unique_ptr<ServiceModule>> NewGenerationModule(ServiceContex
   std::vector<std::string> dirs(c.template_dirs().begin(), c.template_dirs().end());
   ASSIGN_OR_RETURN(std::unique_ptr<Catalogue> catalogue, Catalogue::Load(dirs));
   ASSIGN_OR_RETURN(std::unique_ptr<AnswerCache> cache, MakeAnswerCache(c.cache(), context.clock));
-  ASSIGN_OR_RETURN(std::unique_ptr<Generator> generator,
-                   Generator::Create(c, context.clock, http.get(), std::move(catalogue),
-                                     std::move(cache)));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<Generator> generator,
+      Generator::Create(c, context.clock, http.get(), std::move(catalogue), std::move(cache)));
   LogInfo("generation service ready",
           {{"models", static_cast<int64_t>(c.models_size())},
            {"default_model", c.default_model()},

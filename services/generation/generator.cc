@@ -9,9 +9,9 @@
 #include <vector>
 
 #include "absl/strings/escaping.h"
-#include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "common/status.h"
 #include "common/telemetry/metrics.h"
 #include "common/telemetry/tracer.h"
@@ -227,9 +227,10 @@ Generator::Generator(const GenerationConfig& config, Clock& clock,
 
 Generator::~Generator() = default;
 
-absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(
-    const GenerationConfig& config, Clock& clock, http::HttpClient* http,
-    std::unique_ptr<Catalogue> catalogue, std::unique_ptr<AnswerCache> cache) {
+absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const GenerationConfig& config,
+                                                             Clock& clock, http::HttpClient* http,
+                                                             std::unique_ptr<Catalogue> catalogue,
+                                                             std::unique_ptr<AnswerCache> cache) {
   std::unique_ptr<Generator> g(
       new Generator(config, clock, std::move(catalogue), std::move(cache)));
   absl::flat_hash_map<std::string, Provider*> providers;
@@ -242,9 +243,9 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(
   for (const auto& [name, dc] : config.deployments()) {
     auto it = providers.find(dc.provider());
     if (it == providers.end()) {
-      return InvalidFieldError(absl::StrCat("generation.deployments.", name, ".provider"),
-                               absl::StrCat("no provider named '", dc.provider(),
-                                            "' in generation.providers"));
+      return InvalidFieldError(
+          absl::StrCat("generation.deployments.", name, ".provider"),
+          absl::StrCat("no provider named '", dc.provider(), "' in generation.providers"));
     }
     if (dc.model().empty()) {
       return InvalidFieldError(absl::StrCat("generation.deployments.", name, ".model"),
@@ -265,9 +266,9 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(
     for (const std::string& dname : mc.deployments()) {
       auto it = g->deployments_.find(dname);
       if (it == g->deployments_.end()) {
-        return InvalidFieldError(absl::StrCat("generation.models.", alias, ".deployments"),
-                                 absl::StrCat("no deployment named '", dname,
-                                              "' in generation.deployments"));
+        return InvalidFieldError(
+            absl::StrCat("generation.models.", alias, ".deployments"),
+            absl::StrCat("no deployment named '", dname, "' in generation.deployments"));
       }
       m.deployments.push_back(it->second.get());
     }
@@ -278,9 +279,9 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(
     g->models_[alias] = std::move(m);
   }
   if (!g->models_.contains(config.default_model())) {
-    return InvalidFieldError("generation.default_model",
-                             absl::StrCat("no model named '", config.default_model(),
-                                          "' in generation.models"));
+    return InvalidFieldError(
+        "generation.default_model",
+        absl::StrCat("no model named '", config.default_model(), "' in generation.models"));
   }
   return g;
 }
@@ -290,8 +291,8 @@ absl::Status Generator::Validate(const v1::GenerateRequest& req) const {
     std::vector<std::string> known;
     for (const auto& [alias, m] : models_) known.push_back(alias);
     std::sort(known.begin(), known.end());
-    return InvalidFieldError("model", absl::StrCat("unknown model '", req.model(), "' (known: ",
-                                                   absl::StrJoin(known, ", "), ")"));
+    return InvalidFieldError("model", absl::StrCat("unknown model '", req.model(),
+                                                   "' (known: ", absl::StrJoin(known, ", "), ")"));
   }
   if (req.template_().empty()) {
     if (req.messages().empty()) {
@@ -327,8 +328,8 @@ absl::Status Generator::Validate(const v1::GenerateRequest& req) const {
                              absl::StrCat("must be between 1 and ", kMaxTokensLimit));
   }
   if (static_cast<uint32_t>(s.stop_size()) > kMaxStopSequences) {
-    return InvalidFieldError("sampling.stop", absl::StrCat("at most ", kMaxStopSequences,
-                                                           " stop sequences"));
+    return InvalidFieldError("sampling.stop",
+                             absl::StrCat("at most ", kMaxStopSequences, " stop sequences"));
   }
   for (int i = 0; i < s.stop_size(); ++i) {
     if (s.stop(i).empty() || s.stop(i).size() > kMaxStopBytes) {
@@ -341,8 +342,8 @@ absl::Status Generator::Validate(const v1::GenerateRequest& req) const {
     const absl::Duration max =
         config_.has_max_timeout() ? ToAbsl(config_.max_timeout()) : absl::Hours(1);
     if (t <= absl::ZeroDuration() || t > max) {
-      return InvalidFieldError("timeout", absl::StrCat("must be positive and at most ",
-                                                       absl::FormatDuration(max)));
+      return InvalidFieldError(
+          "timeout", absl::StrCat("must be positive and at most ", absl::FormatDuration(max)));
     }
   }
   if (!v1::CachePolicy::Mode_IsValid(req.cache().mode())) {
@@ -388,7 +389,8 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
     flight->messages.push_back({ToRole(m.role()), m.content()});
   }
   for (const auto& m : flight->messages) prompt_bytes += m.content.size();
-  const uint64_t max_prompt = config_.max_prompt_bytes() > 0 ? config_.max_prompt_bytes() : 256 << 10;
+  const uint64_t max_prompt =
+      config_.max_prompt_bytes() > 0 ? config_.max_prompt_bytes() : 256 << 10;
   if (prompt_bytes > max_prompt) {
     return fail(InvalidFieldError(
         request.template_().empty() ? "messages" : "variables",
@@ -396,21 +398,20 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
   }
 
   const absl::Time now = absl::Now();
-  const absl::Duration timeout =
-      request.has_timeout() ? ToAbsl(request.timeout())
-      : config_.has_default_timeout() ? ToAbsl(config_.default_timeout())
-                                      : absl::Minutes(5);
+  const absl::Duration timeout = request.has_timeout()           ? ToAbsl(request.timeout())
+                                 : config_.has_default_timeout() ? ToAbsl(config_.default_timeout())
+                                                                 : absl::Minutes(5);
   flight->deadline = std::min(options.deadline, now + timeout);
 
   // Cacheable: deterministic requests (temperature 0 or a seed), unless configured otherwise.
   const auto mode = request.cache().mode() == v1::CachePolicy::MODE_UNSPECIFIED
                         ? v1::CachePolicy::USE
                         : request.cache().mode();
-  const bool deterministic = (request.sampling().has_temperature() &&
-                              request.sampling().temperature() == 0) ||
-                             request.sampling().has_seed();
-  const bool cacheable =
-      mode != v1::CachePolicy::BYPASS && (deterministic || config_.cache().cache_nondeterministic());
+  const bool deterministic =
+      (request.sampling().has_temperature() && request.sampling().temperature() == 0) ||
+      request.sampling().has_seed();
+  const bool cacheable = mode != v1::CachePolicy::BYPASS &&
+                         (deterministic || config_.cache().cache_nondeterministic());
   flight->write_cache = cacheable && cache_ != nullptr;
   flight->ttl = request.cache().has_ttl() ? ToAbsl(request.cache().ttl()) : absl::ZeroDuration();
   if (cacheable) {
@@ -459,8 +460,7 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
     target = flight;
     StartFlight(flight, read_cache);
   }
-  return std::make_shared<CallHandle>(
-      [this, target, waiter_id] { Leave(target, waiter_id); });
+  return std::make_shared<CallHandle>([this, target, waiter_id] { Leave(target, waiter_id); });
 }
 
 void Generator::StartFlight(std::shared_ptr<Flight> flight, bool read_cache) {
@@ -533,7 +533,7 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
   // Rate limits: one request and the estimated tokens (prompt + answer budget).
   uint32_t estimate = 0;
   for (const auto& m : flight->messages) estimate += EstimateTokens(m.content);
-  const uint32_t out_budget = flight->sampling.has_max_tokens() ? flight->sampling.max_tokens()
+  const uint32_t out_budget = flight->sampling.has_max_tokens()   ? flight->sampling.max_tokens()
                               : d.config.default_max_tokens() > 0 ? d.config.default_max_tokens()
                                                                   : kAssumedOutputTokens;
   estimate += out_budget;
@@ -641,11 +641,11 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
       return;
     }
     if (result->attempts > 1) metrics_->retries.Add(labels).Increment(result->attempts - 1);
-    metrics_->tokens.Add({{"provider", d.provider->name()}, {"deployment", d.name},
-                          {"direction", "in"}})
+    metrics_->tokens
+        .Add({{"provider", d.provider->name()}, {"deployment", d.name}, {"direction", "in"}})
         .Increment(result->usage.prompt_tokens());
-    metrics_->tokens.Add({{"provider", d.provider->name()}, {"deployment", d.name},
-                          {"direction", "out"}})
+    metrics_->tokens
+        .Add({{"provider", d.provider->name()}, {"deployment", d.name}, {"direction", "out"}})
         .Increment(result->usage.completion_tokens());
     if (result->usage.total_tokens() > 0) {
       d.tokens->Adjust(static_cast<double>(result->usage.total_tokens()) - estimate);

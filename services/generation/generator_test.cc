@@ -89,8 +89,8 @@ class GeneratorTest : public ::testing::Test {
     ASSERT_TRUE(catalogue.ok()) << catalogue.status();
     auto cache = MakeAnswerCache(config_.cache(), clock_);
     ASSERT_TRUE(cache.ok()) << cache.status();
-    auto g = Generator::Create(config_, clock_, http_.get(), *std::move(catalogue),
-                               *std::move(cache));
+    auto g =
+        Generator::Create(config_, clock_, http_.get(), *std::move(catalogue), *std::move(cache));
     ASSERT_TRUE(g.ok()) << g.status();
     generator_ = *std::move(g);
   }
@@ -437,24 +437,23 @@ TEST_F(GeneratorTest, BadInputNamesTheField) {
   std::vector<Case> cases = {
       {"model", [](auto& r) { r.set_model("gpt-nonexistent"); }},
       {"template", [](auto& r) { r.clear_messages(); }},
-      {"template",
-       [](auto& r) {
-         r.set_template_("no_such_template");
-       }},
-      {"messages[0].role", [](auto& r) { r.mutable_messages(0)->set_role(v1::Message::ROLE_UNSPECIFIED); }},
+      {"template", [](auto& r) { r.set_template_("no_such_template"); }},
+      {"messages[0].role",
+       [](auto& r) { r.mutable_messages(0)->set_role(v1::Message::ROLE_UNSPECIFIED); }},
       {"messages[0].content", [](auto& r) { r.mutable_messages(0)->clear_content(); }},
       {"sampling.temperature", [](auto& r) { r.mutable_sampling()->set_temperature(2.5); }},
       {"sampling.top_p", [](auto& r) { r.mutable_sampling()->set_top_p(0); }},
       {"sampling.max_tokens", [](auto& r) { r.mutable_sampling()->set_max_tokens(0); }},
-      {"sampling.stop", [](auto& r) {
+      {"sampling.stop",
+       [](auto& r) {
          for (int i = 0; i < 5; ++i) r.mutable_sampling()->add_stop("END");
        }},
       {"timeout", [](auto& r) { r.mutable_timeout()->set_seconds(-1); }},
       {"timeout", [](auto& r) { r.mutable_timeout()->set_seconds(100000); }},
-      {"variables", [](auto& r) {
-         (*r.mutable_variables()->mutable_fields())["x"].set_string_value("y");
-       }},
-      {"messages", [](auto& r) { r.mutable_messages(0)->set_content(std::string(300 << 10, 'a')); }},
+      {"variables",
+       [](auto& r) { (*r.mutable_variables()->mutable_fields())["x"].set_string_value("y"); }},
+      {"messages",
+       [](auto& r) { r.mutable_messages(0)->set_content(std::string(300 << 10, 'a')); }},
   };
   for (const auto& c : cases) {
     v1::GenerateRequest r = Ask("solo", "fine", 0);
@@ -518,8 +517,7 @@ TEST_F(GeneratorTest, AStreamThatFailsAfterItsFirstTokenIsAnError) {
   Result out;
   Start(Ask("chain", "stream that breaks in the middle of its answer", 0.7), out, true);
   ASSERT_TRUE(out.done.WaitForNotificationWithTimeout(kWait));
-  EXPECT_EQ(out.response.status().code(), absl::StatusCode::kUnavailable)
-      << out.response.status();
+  EXPECT_EQ(out.response.status().code(), absl::StatusCode::kUnavailable) << out.response.status();
   EXPECT_EQ(fake_->stats().total_requests, 1u);
 }
 

@@ -11,6 +11,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
@@ -90,26 +91,26 @@ absl::Status ClassifyHttpError(const std::string& provider, const http::HttpResp
                          absl::StrCat(who, " rejected the configured API key (HTTP ", r.status,
                                       "); the operator must fix the key"));
   }
-  if (r.status == 429 && (absl::StrContains(r.body, "insufficient_quota") ||
-                          absl::StrContains(r.body, "billing"))) {
+  if (r.status == 429 &&
+      (absl::StrContains(r.body, "insufficient_quota") || absl::StrContains(r.body, "billing"))) {
     return ProviderError(absl::StatusCode::kFailedPrecondition, "PROVIDER_QUOTA_EXHAUSTED",
                          provider, absl::StrCat(who, " says the account's quota is used up"));
   }
   if (r.status == 429) {
-    return ProviderError(absl::StatusCode::kResourceExhausted, "PROVIDER_RATE_LIMITED", provider,
-                         absl::StrCat(who, " is rate limiting (HTTP 429) after ", r.attempts,
-                                      " attempt(s)"));
+    return ProviderError(
+        absl::StatusCode::kResourceExhausted, "PROVIDER_RATE_LIMITED", provider,
+        absl::StrCat(who, " is rate limiting (HTTP 429) after ", r.attempts, " attempt(s)"));
   }
   if (r.status == 404) {
-    return ProviderError(absl::StatusCode::kFailedPrecondition, "PROVIDER_MODEL_NOT_FOUND",
-                         provider,
-                         absl::StrCat(who, " does not know the configured model (HTTP 404): ",
-                                      Excerpt(err.message)));
+    return ProviderError(
+        absl::StatusCode::kFailedPrecondition, "PROVIDER_MODEL_NOT_FOUND", provider,
+        absl::StrCat(who,
+                     " does not know the configured model (HTTP 404): ", Excerpt(err.message)));
   }
   if (r.status >= 400 && r.status < 500) {
-    return ProviderError(absl::StatusCode::kInvalidArgument, "PROVIDER_REJECTED_REQUEST", provider,
-                         absl::StrCat(who, " rejected the request (HTTP ", r.status, "): ",
-                                      Excerpt(err.message)));
+    return ProviderError(
+        absl::StatusCode::kInvalidArgument, "PROVIDER_REJECTED_REQUEST", provider,
+        absl::StrCat(who, " rejected the request (HTTP ", r.status, "): ", Excerpt(err.message)));
   }
   return ProviderError(absl::StatusCode::kUnavailable, "PROVIDER_UNAVAILABLE", provider,
                        absl::StrCat(who, " failed (HTTP ", r.status, ") after ", r.attempts,
@@ -117,9 +118,9 @@ absl::Status ClassifyHttpError(const std::string& provider, const http::HttpResp
 }
 
 absl::Status BadAnswer(const std::string& provider, absl::string_view what) {
-  return ProviderError(absl::StatusCode::kUnavailable, "PROVIDER_BAD_ANSWER", provider,
-                       absl::StrCat("provider '", provider, "' sent an answer montage cannot read: ",
-                                    what));
+  return ProviderError(
+      absl::StatusCode::kUnavailable, "PROVIDER_BAD_ANSWER", provider,
+      absl::StrCat("provider '", provider, "' sent an answer montage cannot read: ", what));
 }
 
 uint32_t U32(const json& j, const char* key) {
@@ -154,7 +155,22 @@ class WireFormat {
   };
   virtual absl::StatusOr<std::string> OnEvent(const http::SseEvent& event,
                                               StreamState& state) const = 0;
+  // Where this family puts a retry delay outside the standard headers; none by default.
+  virtual std::optional<absl::Duration> BodyRetryDelay(const http::HttpResponse&) const {
+    return std::nullopt;
+  }
+  virtual bool HasBodyRetryDelay() const { return false; }
 };
+
+// "13s", "13.5s", "1.5" (seconds) → a duration.
+std::optional<absl::Duration> ParseSeconds(absl::string_view text) {
+  text = absl::StripSuffix(absl::StripAsciiWhitespace(text), "s");
+  double seconds = 0;
+  if (!absl::SimpleAtod(text, &seconds) || !(seconds >= 0) || seconds > 86400) {
+    return std::nullopt;
+  }
+  return absl::Milliseconds(std::llround(seconds * 1000));
+}
 
 void ApplyCommonSampling(const ProviderRequest& req, json& body, const char* max_tokens_key) {
   const auto& s = req.sampling;
@@ -186,15 +202,14 @@ class OpenAiFormat final : public WireFormat {
     ApplyCommonSampling(req, body, "max_tokens");
     if (req.sampling.has_seed()) body["seed"] = req.sampling.seed();
     if (req.sampling.stop_size() > 0) {
-      body["stop"] = json(std::vector<std::string>(req.sampling.stop().begin(),
-                                                   req.sampling.stop().end()));
+      body["stop"] =
+          json(std::vector<std::string>(req.sampling.stop().begin(), req.sampling.stop().end()));
     }
     if (!req.output_schema_json.empty()) {
       if (req.use_json_schema) {
         body["response_format"] = {
             {"type", "json_schema"},
-            {"json_schema",
-             {{"name", "answer"}, {"schema", json::parse(req.output_schema_json)}}}};
+            {"json_schema", {{"name", "answer"}, {"schema", json::parse(req.output_schema_json)}}}};
       } else {
         body["response_format"] = {{"type", "json_object"}};
       }
@@ -222,7 +237,8 @@ class OpenAiFormat final : public WireFormat {
     auto content = msg->find("content");
     if (content != msg->end() && content->is_string()) r.text = content->get<std::string>();
     auto fr = choice.find("finish_reason");
-    if (fr != choice.end() && fr->is_string()) r.finish_reason = OpenAiFinish(fr->get<std::string>());
+    if (fr != choice.end() && fr->is_string())
+      r.finish_reason = OpenAiFinish(fr->get<std::string>());
     ReadUsage(doc, r.usage);
     return r;
   }
@@ -292,9 +308,8 @@ class GeminiFormat final : public WireFormat {
         absl::StrAppend(&system, system.empty() ? "" : "\n\n", m.content);
         continue;
       }
-      contents.push_back(
-          {{"role", m.role == PromptMessage::Role::kAssistant ? "model" : "user"},
-           {"parts", json::array({{{"text", m.content}}})}});
+      contents.push_back({{"role", m.role == PromptMessage::Role::kAssistant ? "model" : "user"},
+                          {"parts", json::array({{{"text", m.content}}})}});
     }
     body["contents"] = std::move(contents);
     if (!system.empty()) body["systemInstruction"] = {{"parts", json::array({{{"text", system}}})}};
@@ -306,8 +321,8 @@ class GeminiFormat final : public WireFormat {
     }
     if (req.sampling.has_seed()) config["seed"] = req.sampling.seed();
     if (req.sampling.stop_size() > 0) {
-      config["stopSequences"] = json(std::vector<std::string>(req.sampling.stop().begin(),
-                                                              req.sampling.stop().end()));
+      config["stopSequences"] =
+          json(std::vector<std::string>(req.sampling.stop().begin(), req.sampling.stop().end()));
     }
     if (!req.output_schema_json.empty()) config["responseMimeType"] = "application/json";
     if (!config.empty()) body["generationConfig"] = std::move(config);
@@ -332,6 +347,33 @@ class GeminiFormat final : public WireFormat {
     if (!doc.is_object()) return absl::InvalidArgumentError("a chunk is not JSON");
     if (doc.contains("error")) return absl::UnavailableError("the stream reported an error");
     return ReadChunk(doc, state);
+  }
+
+  // Gemini's 429 RESOURCE_EXHAUSTED carries its delay only in the body: a google.rpc.RetryInfo
+  // detail ("retryDelay": "13s") and the message ("Please retry in 13.5s.").
+  bool HasBodyRetryDelay() const override { return true; }
+  std::optional<absl::Duration> BodyRetryDelay(const http::HttpResponse& r) const override {
+    if (r.status != 429) return std::nullopt;
+    json doc = json::parse(r.body, nullptr, false);
+    if (!doc.is_object() || !doc.contains("error") || !doc["error"].is_object()) {
+      return std::nullopt;
+    }
+    const json& err = doc["error"];
+    auto details = err.find("details");
+    if (details != err.end() && details->is_array()) {
+      for (const json& d : *details) {
+        auto delay = d.find("retryDelay");
+        if (delay != d.end() && delay->is_string()) {
+          if (auto parsed = ParseSeconds(delay->get<std::string>())) return parsed;
+        }
+      }
+    }
+    const std::string message = err.value("message", "");
+    const size_t at = message.find("retry in ");
+    if (at == std::string::npos) return std::nullopt;
+    absl::string_view rest = absl::string_view(message).substr(at + 9);
+    const size_t end = rest.find_first_not_of("0123456789.");
+    return ParseSeconds(rest.substr(0, end));
   }
 
  private:
@@ -396,8 +438,8 @@ class AnthropicFormat final : public WireFormat {
     ApplyCommonSampling(req, body, "max_tokens");
     if (!body.contains("max_tokens")) body["max_tokens"] = 1024;  // required by the API
     if (req.sampling.stop_size() > 0) {
-      body["stop_sequences"] = json(std::vector<std::string>(req.sampling.stop().begin(),
-                                                             req.sampling.stop().end()));
+      body["stop_sequences"] =
+          json(std::vector<std::string>(req.sampling.stop().begin(), req.sampling.stop().end()));
     }
     if (stream) body["stream"] = true;
     return body;
@@ -411,7 +453,8 @@ class AnthropicFormat final : public WireFormat {
   absl::StatusOr<ProviderResult> ParseAnswer(const json& doc) const override {
     ProviderResult r;
     auto content = doc.find("content");
-    if (content == doc.end() || !content->is_array()) return absl::InvalidArgumentError("no content");
+    if (content == doc.end() || !content->is_array())
+      return absl::InvalidArgumentError("no content");
     for (const json& block : *content) {
       auto t = block.find("text");
       if (block.value("type", "") == "text" && t != block.end() && t->is_string()) {
@@ -419,7 +462,8 @@ class AnthropicFormat final : public WireFormat {
       }
     }
     auto sr = doc.find("stop_reason");
-    if (sr != doc.end() && sr->is_string()) r.finish_reason = AnthropicFinish(sr->get<std::string>());
+    if (sr != doc.end() && sr->is_string())
+      r.finish_reason = AnthropicFinish(sr->get<std::string>());
     ReadUsage(doc, r.usage);
     return r;
   }
@@ -519,8 +563,8 @@ class HttpProvider final : public Provider {
     auto call = std::make_shared<HttpCall>();
     http::HttpRequest hr;
     hr.method = "POST";
-    hr.url = absl::StrCat(absl::StripSuffix(config_.base_url(), "/"),
-                          format_->Path(request, stream));
+    hr.url =
+        absl::StrCat(absl::StripSuffix(config_.base_url(), "/"), format_->Path(request, stream));
     hr.headers.emplace_back("Content-Type", "application/json");
     if (stream) hr.headers.emplace_back("Accept", "text/event-stream");
     for (const auto& [k, v] : config_.headers()) hr.headers.emplace_back(k, v);
@@ -539,13 +583,19 @@ class HttpProvider final : public Provider {
     if (retry.has_initial_backoff()) hr.retry.initial_backoff = ToAbsl(retry.initial_backoff());
     if (retry.has_max_backoff()) hr.retry.max_backoff = ToAbsl(retry.max_backoff());
     if (retry.has_max_server_delay()) hr.retry.max_server_delay = ToAbsl(retry.max_server_delay());
+    if (format_->HasBodyRetryDelay()) {
+      const WireFormat* format = format_.get();
+      hr.retry.server_delay = [format](const http::HttpResponse& r) {
+        return format->BodyRetryDelay(r);
+      };
+    }
     hr.parent_span = request.parent_span;
     hr.peer_label = name_;
 
     if (!stream) {
       call->Attach(http_->Send(
-          std::move(hr), [this, done = std::move(done)](
-                             absl::StatusOr<http::HttpResponse> response) mutable {
+          std::move(hr),
+          [this, done = std::move(done)](absl::StatusOr<http::HttpResponse> response) mutable {
             std::move(done)(OnAnswer(std::move(response)));
           }));
       return call;
@@ -575,8 +625,8 @@ class HttpProvider final : public Provider {
       if (ctx->error.ok()) ctx->error = ctx->parser->Feed(chunk);
       return http::DataAction::kContinue;
     };
-    cb.on_done = [this, ctx, done = std::move(done)](
-                     absl::StatusOr<http::HttpResponse> response) mutable {
+    cb.on_done = [this, ctx,
+                  done = std::move(done)](absl::StatusOr<http::HttpResponse> response) mutable {
       if (!response.ok()) {
         std::move(done)(Transport(response.status(), !ctx->state.result.text.empty()));
         return;
@@ -591,10 +641,9 @@ class HttpProvider final : public Provider {
         return;
       }
       if (!ctx->state.done) {
-        std::move(done)(ProviderError(absl::StatusCode::kUnavailable, "PROVIDER_STREAM_CUT",
-                                      name_,
-                                      absl::StrCat("provider '", name_,
-                                                   "' ended the stream before it was complete")));
+        std::move(done)(ProviderError(
+            absl::StatusCode::kUnavailable, "PROVIDER_STREAM_CUT", name_,
+            absl::StrCat("provider '", name_, "' ended the stream before it was complete")));
         return;
       }
       ctx->state.result.attempts = response->attempts;
@@ -606,7 +655,8 @@ class HttpProvider final : public Provider {
 
  private:
   absl::Status Transport(const absl::Status& s, bool mid_stream) const {
-    if (s.code() == absl::StatusCode::kCancelled || s.code() == absl::StatusCode::kDeadlineExceeded) {
+    if (s.code() == absl::StatusCode::kCancelled ||
+        s.code() == absl::StatusCode::kDeadlineExceeded) {
       return absl::Status(s.code(), absl::StrCat("provider '", name_, "': ", s.message()));
     }
     return ProviderError(absl::StatusCode::kUnavailable,
@@ -682,8 +732,8 @@ class OfflineProvider final : public Provider {
 
  private:
   absl::StatusOr<std::string> Answer(const ProviderRequest& request) const {
-    const uint64_t seed = request.sampling.has_seed() ? static_cast<uint64_t>(request.sampling.seed())
-                                                      : 0;
+    const uint64_t seed =
+        request.sampling.has_seed() ? static_cast<uint64_t>(request.sampling.seed()) : 0;
     if (request.prompt != nullptr && catalogue_ != nullptr) {
       return catalogue_->OfflineAnswer(*request.prompt, seed);
     }

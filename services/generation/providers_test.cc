@@ -51,8 +51,7 @@ class ProvidersTest : public ::testing::TestWithParam<ProviderConfig::Kind> {
   ProviderConfig Config(uint32_t attempts = 1) const {
     ProviderConfig c;
     c.set_kind(GetParam());
-    c.set_base_url(fake_->base_url() +
-                   (GetParam() == ProviderConfig::GEMINI ? "/v1beta" : "/v1"));
+    c.set_base_url(fake_->base_url() + (GetParam() == ProviderConfig::GEMINI ? "/v1beta" : "/v1"));
     c.mutable_retry()->set_max_attempts(attempts);
     // Anthropic's API (and the fake) require a key header.
     setenv("MONTAGE_TEST_PROVIDER_KEY", "sk-test", 1);
@@ -155,6 +154,25 @@ TEST_P(ProvidersTest, RetriesRateLimitsAndServerErrors) {
   EXPECT_EQ(fake_->stats().total_requests, 3u);
 }
 
+TEST_P(ProvidersTest, AServerDelayLongerThanAllowedIsNotWaitedFor) {
+  // Gemini gives the delay only in the error body ("Please retry in 5s."); the others send a
+  // Retry-After header. Either way a delay above max_server_delay ends the call at once.
+  ProviderConfig c = Config(/*attempts=*/3);
+  c.mutable_retry()->mutable_max_server_delay()->set_seconds(1);
+  auto p = Make(c);
+  ASSERT_NE(p, nullptr);
+  Behaviour limited;
+  limited.status = 429;
+  limited.headers = {{"retry-after", "5"}};
+  fake_->Enqueue(limited);
+  Outcome out;
+  Run(*p, Request("hello"), out, false);
+  ASSERT_TRUE(out.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(out.result.status().code(), absl::StatusCode::kResourceExhausted)
+      << out.result.status();
+  EXPECT_EQ(fake_->stats().total_requests, 1u);
+}
+
 TEST_P(ProvidersTest, ServerErrorsAfterTheLastAttemptAreUnavailable) {
   auto p = Make(Config(/*attempts=*/2));
   ASSERT_NE(p, nullptr);
@@ -199,8 +217,7 @@ TEST_P(ProvidersTest, RejectedKeyIsFailedPreconditionAndNeverEchoed) {
   EXPECT_EQ(out.result.status().code(), absl::StatusCode::kFailedPrecondition)
       << out.result.status();
   EXPECT_EQ(ErrorReason(out.result.status()), "PROVIDER_AUTH_FAILED");
-  EXPECT_EQ(out.result.status().message().find("sk-"), std::string::npos)
-      << out.result.status();
+  EXPECT_EQ(out.result.status().message().find("sk-"), std::string::npos) << out.result.status();
   EXPECT_EQ(fake_->stats().total_requests, 1u) << "a rejected key is not retried";
 }
 
@@ -290,9 +307,7 @@ TEST_P(ProvidersTest, AsksForJsonWhenASchemaIsGiven) {
 INSTANTIATE_TEST_SUITE_P(Wire, ProvidersTest,
                          ::testing::Values(ProviderConfig::OPENAI, ProviderConfig::GEMINI,
                                            ProviderConfig::ANTHROPIC),
-                         [](const auto& info) {
-                           return ProviderConfig::Kind_Name(info.param);
-                         });
+                         [](const auto& info) { return ProviderConfig::Kind_Name(info.param); });
 
 TEST(ProviderConfigTest, BadConfigNamesTheField) {
   ProviderConfig c;

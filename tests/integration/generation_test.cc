@@ -39,9 +39,9 @@ class GenerationProcessTest : public ::testing::Test {
     auto fake = FakeLlmServer::Start();
     ASSERT_TRUE(fake.ok()) << fake.status();
     fake_ = *std::move(fake);
-    config_path_ = absl::StrCat(::testing::TempDir(), "/generation-", getpid(), "-",
-                                ::testing::UnitTest::GetInstance()->current_test_info()->name(),
-                                ".yaml");
+    config_path_ =
+        absl::StrCat(::testing::TempDir(), "/generation-", getpid(), "-",
+                     ::testing::UnitTest::GetInstance()->current_test_info()->name(), ".yaml");
     std::ofstream(config_path_) << "generation:\n"
                                    "  providers:\n"
                                    "    fake:\n"
@@ -121,11 +121,14 @@ TEST_F(GenerationProcessTest, CampaignPostsAreAllInFlightAtOnce) {
   EXPECT_THAT(indexes, ::testing::UnorderedElementsAre(0u, 1u, 2u, 3u, 4u));
   EXPECT_EQ(fake_->stats().peak_in_flight, 5u);
   // The plan from the brief reached every post's prompt.
+  int posts = 0;
   for (const auto& r : fake_->stats().recent) {
-    if (r.body.find("platform") != std::string::npos && r.body.find("post") != std::string::npos) {
+    if (r.body.find("social media writer") != std::string::npos) {  // platform_post's prompt
+      ++posts;
       EXPECT_THAT(r.body, HasSubstr("fresh grinding"));
     }
   }
+  EXPECT_EQ(posts, 5);
 }
 
 TEST_F(GenerationProcessTest, TheCallersDeadlineClosesTheProviderConnection) {
@@ -268,9 +271,9 @@ TEST_F(GenerationProcessTest, ModelsTemplatesAndMetrics) {
   WithDeadline(ctx);
   ASSERT_TRUE(stub_->Generate(&ctx, req, &resp).ok());
   const std::string metrics = HttpGet(process_->admin_address(), "/metrics").second;
-  EXPECT_EQ(MetricValue(metrics, "montage_generation_upstream_requests_total",
-                        "deployment=\"fake-gpt\""),
-            1);
+  EXPECT_EQ(
+      MetricValue(metrics, "montage_generation_upstream_requests_total", "deployment=\"fake-gpt\""),
+      1);
   EXPECT_GT(MetricValue(metrics, "montage_generation_tokens_total", "direction=\"out\""), 0);
   EXPECT_EQ(MetricValue(metrics, "montage_http_client_requests_total", "peer=\"fake\""), 1);
 }

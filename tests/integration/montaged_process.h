@@ -82,8 +82,7 @@ std::string FieldViolation(const grpc::Status& s);
 
 // The value of the first sample of `name` whose labels contain `label_part` (-1 if none) in a
 // Prometheus text page.
-double MetricValue(const std::string& text, const std::string& name,
-                   const std::string& label_part);
+double MetricValue(const std::string& text, const std::string& name, const std::string& label_part);
 
 }  // namespace montage::testing
 
