@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded defaults: set up, build, start `montaged all` (every service in one
-# process, no external servers, no keys), then show a cache round trip and the stats.
+# process, no external servers, no keys), then show a cache round trip, a podcast script and a
+# campaign from the generation service, and the stats.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +44,18 @@ $cli cache set "script:how-to-edit" "Hook: three cuts that keep viewers watching
 printf 'cache get → '; $cli cache get "script:how-to-edit"; echo
 $cli cache set "audio:intro" - --namespace=audio < LICENSE
 printf 'a miss exits 1: '; $cli cache get "nothing-here" || true
+
+step "the prompt catalogue (generation service, offline provider: no network, no keys)"
+$cli templates
+
+step "a podcast script from the podcast_script template, streamed as it is written"
+tg=$(date +%s%N)
+$cli generate --template=podcast_script --var topic="editing videos faster" --var turns=6
+echo "generated in $(elapsed "$tg")"
+
+step "a campaign: the plan first, then one post per platform, written at the same time"
+$cli campaign --brief="A free checklist that helps creators edit videos faster" \
+  --platform=x --platform=linkedin
 
 step "cache stats"
 $cli cache stats
