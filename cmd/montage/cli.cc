@@ -56,13 +56,15 @@ commands:
   models                                  model aliases and their deployments
   templates [NAME]                        the prompt catalogue (or one template's variables)
 
---addr defaults to $MONTAGE_ADDR or 127.0.0.1:50051; --timeout to 30s.
+--addr defaults to $MONTAGE_ADDR or 127.0.0.1:50051; --timeout to 30s (10m for generate and
+campaign: a model may take minutes).
 )";
 
 struct Options {
   std::string addr;
   bool json = false;
   absl::Duration timeout = absl::Seconds(30);
+  bool timeout_set = false;
   std::string ns;
   std::optional<absl::Duration> ttl;
   std::string prefix;
@@ -120,7 +122,10 @@ std::string Parse(const std::vector<std::string>& args, Options& o) {
           return absl::StrCat("--", name, ": '", value, "' is not a duration (e.g. 90s, 1h)");
         }
         if (name == "ttl") o.ttl = d;
-        if (name == "timeout") o.timeout = d;
+        if (name == "timeout") {
+          o.timeout = d;
+          o.timeout_set = true;
+        }
       }
     } else if (name == "no-stream") {
       o.no_stream = true;
@@ -589,6 +594,7 @@ int Run(const std::vector<std::string>& args, std::istream& in, std::ostream& ou
     (p.empty() ? err : out) << kUsage;
     return p.empty() ? 2 : 0;
   }
+  if ((p[0] == "generate" || p[0] == "campaign") && !o.timeout_set) o.timeout = absl::Minutes(10);
   Client client(o);
   if (p[0] == "health") return Health(o, client, out, err);
   if (p[0] == "generate") return Generate(o, client, out, err);

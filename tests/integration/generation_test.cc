@@ -278,5 +278,29 @@ TEST_F(GenerationProcessTest, ModelsTemplatesAndMetrics) {
   EXPECT_EQ(MetricValue(metrics, "montage_http_client_requests_total", "peer=\"fake\""), 1);
 }
 
+TEST_F(GenerationProcessTest, TheCliGeneratesTypedVariablesAndReportsBadOnes) {
+  const std::string cli = MontageCliPath();
+  const std::string addr = "--addr=" + process_->grpc_address();
+  // count is an integer variable: the CLI sends it as a number because the template says so.
+  CommandResult ok = RunCommand({cli, addr, "generate", "--template=hooks",
+                                 "--var=topic=night photography", "--var=count=2", "--json"});
+  ASSERT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_THAT(ok.out, HasSubstr("night photography"));
+  EXPECT_THAT(ok.out, HasSubstr("\"provider\": \"offline\""));
+
+  CommandResult streamed = RunCommand({cli, addr, "generate", "--model=fake", "hello", "there"});
+  ASSERT_EQ(streamed.exit_code, 0) << streamed.err;
+  EXPECT_THAT(streamed.out, HasSubstr("fake answer to: hello there"));
+  EXPECT_THAT(streamed.out, HasSubstr("via openai/fake-gpt"));
+
+  CommandResult bad = RunCommand({cli, addr, "generate", "--template=hooks", "--var=count=2"});
+  EXPECT_EQ(bad.exit_code, 3);
+  EXPECT_THAT(bad.err, HasSubstr("field variables.topic"));
+
+  CommandResult models = RunCommand({cli, addr, "models"});
+  ASSERT_EQ(models.exit_code, 0) << models.err;
+  EXPECT_THAT(models.out, HasSubstr("fake-gpt"));
+}
+
 }  // namespace
 }  // namespace montage::testing
