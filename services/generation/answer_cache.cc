@@ -4,8 +4,9 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
-#include "absl/container/flat_hash_set.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/status.h"
@@ -54,58 +55,65 @@ class InProcessAnswerCache final : public AnswerCache {
   const std::string ns_;
 };
 
-// The cache service over gRPC (async callback stubs; no thread waits).
+// The cache service over gRPC (async callback stubs; no thread waits). Each call object is
+// owned by its callback and by the table Close() walks, so Close can cancel calls without holding
+// the lock while gRPC runs their callbacks.
 class RemoteAnswerCache final : public AnswerCache {
  public:
   RemoteAnswerCache(std::shared_ptr<grpc::Channel> channel, std::string ns, absl::Duration timeout)
       : stub_(cache::v1::CacheService::NewStub(std::move(channel))),
         ns_(std::move(ns)),
         timeout_(timeout) {}
+  ~RemoteAnswerCache() override { Close(); }
 
-  // Outstanding calls are cancelled and waited for (bounded), so no callback outlives the cache
-  // or the gRPC library.
-  ~RemoteAnswerCache() override {
+  void Close() override {
+    std::vector<std::shared_ptr<CallBase>> calls;
+    {
+      absl::MutexLock lock(&mu_);
+      closed_ = true;
+      for (auto& [raw, call] : calls_) calls.push_back(call);
+    }
+    for (auto& call : calls) call->context.TryCancel();
+    calls.clear();
     absl::MutexLock lock(&mu_);
-    for (grpc::ClientContext* c : calls_) c->TryCancel();
     auto drained = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return calls_.empty(); };
-    mu_.AwaitWithTimeout(absl::Condition(&drained), absl::Seconds(5));
+    mu_.Await(absl::Condition(&drained));
   }
 
   void Get(const std::string& key, GetCallback done) override {
-    struct Call {
-      grpc::ClientContext context;
+    struct Call : CallBase {
       cache::v1::GetRequest request;
       cache::v1::GetResponse response;
       GetCallback done;
     };
-    auto* call = new Call;
-    Prepare(call->context);
+    auto call = std::make_shared<Call>();
     call->request.set_namespace_(ns_);
     call->request.set_key(key);
+    if (!Register(call)) {
+      std::move(done)(absl::UnavailableError("the answer cache is closed"));
+      return;
+    }
     call->done = std::move(done);
     stub_->async()->Get(&call->context, &call->request, &call->response,
                         [this, call](grpc::Status status) {
-                          std::unique_ptr<Call> owned(call);
                           if (!status.ok()) {
-                            std::move(owned->done)(FromGrpcStatus(status));
-                          } else if (!owned->response.found()) {
-                            std::move(owned->done)(std::optional<std::string>());
+                            std::move(call->done)(FromGrpcStatus(status));
+                          } else if (!call->response.found()) {
+                            std::move(call->done)(std::optional<std::string>());
                           } else {
-                            std::move(owned->done)(std::optional<std::string>(
-                                std::move(*owned->response.mutable_entry()->mutable_value())));
+                            std::move(call->done)(std::optional<std::string>(
+                                std::move(*call->response.mutable_entry()->mutable_value())));
                           }
-                          Finished(&owned->context);
+                          Unregister(call.get());
                         });
   }
 
   void Set(const std::string& key, std::string value, absl::Duration ttl) override {
-    struct Call {
-      grpc::ClientContext context;
+    struct Call : CallBase {
       cache::v1::SetRequest request;
       cache::v1::Entry response;
     };
-    auto* call = new Call;
-    Prepare(call->context);
+    auto call = std::make_shared<Call>();
     call->request.set_namespace_(ns_);
     call->request.set_key(key);
     call->request.set_value(std::move(value));
@@ -113,31 +121,37 @@ class RemoteAnswerCache final : public AnswerCache {
       *call->request.mutable_ttl() =
           google::protobuf::util::TimeUtil::NanosecondsToDuration(absl::ToInt64Nanoseconds(ttl));
     }
+    if (!Register(call)) return;
     stub_->async()->Set(&call->context, &call->request, &call->response,
-                        [this, call](grpc::Status) {
-                          std::unique_ptr<Call> owned(call);
-                          Finished(&owned->context);
-                        });
+                        [this, call](grpc::Status) { Unregister(call.get()); });
   }
 
   absl::string_view kind() const override { return "remote"; }
 
  private:
-  void Prepare(grpc::ClientContext& context) {
-    context.set_deadline(absl::ToChronoTime(absl::Now() + timeout_));
+  struct CallBase {
+    virtual ~CallBase() = default;
+    grpc::ClientContext context;
+  };
+
+  bool Register(const std::shared_ptr<CallBase>& call) {
+    call->context.set_deadline(absl::ToChronoTime(absl::Now() + timeout_));
     absl::MutexLock lock(&mu_);
-    calls_.insert(&context);
+    if (closed_) return false;
+    calls_[call.get()] = call;
+    return true;
   }
-  void Finished(grpc::ClientContext* context) {
+  void Unregister(CallBase* call) {
     absl::MutexLock lock(&mu_);
-    calls_.erase(context);
+    calls_.erase(call);
   }
 
-  absl::Mutex mu_;
-  absl::flat_hash_set<grpc::ClientContext*> calls_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<cache::v1::CacheService::Stub> stub_;
   const std::string ns_;
   const absl::Duration timeout_;
+  absl::Mutex mu_;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  absl::flat_hash_map<CallBase*, std::shared_ptr<CallBase>> calls_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace

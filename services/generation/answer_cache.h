@@ -26,6 +26,9 @@ class AnswerCache {
   // Fire and forget; failures are counted, not reported. A zero ttl means the default.
   virtual void Set(const std::string& key, std::string value, absl::Duration ttl) = 0;
   virtual absl::string_view kind() const = 0;
+  // Cancels calls in flight and waits for their callbacks; later calls fail at once (Get) or are
+  // dropped (Set). Must not be called from one of this cache's callbacks. Idempotent.
+  virtual void Close() {}
 };
 
 // From generation.cache: remote when `address` is set, else in-process.

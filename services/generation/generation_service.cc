@@ -99,13 +99,15 @@ class QueuedWriter : public grpc::ServerWriteReactor<Event> {
   QueuedWriter() : cancels_(std::make_shared<CancelSet>()) {}
 
   void OnWriteDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
-    writing_ = false;
-    if (!ok) {
-      broken_ = true;
-      queue_.clear();
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) {
+        broken_ = true;
+        queue_.clear();
+      }
     }
-    PumpLocked();
+    Pump();
   }
   void OnCancel() override { cancels_->CancelAll(); }
   void OnDone() override { delete this; }
@@ -114,38 +116,49 @@ class QueuedWriter : public grpc::ServerWriteReactor<Event> {
   // `merge` is called with the last queued event; returning true means it absorbed the new one.
   template <typename Merge>
   void Push(Event event, Merge merge) {
-    absl::MutexLock lock(&mu_);
-    if (broken_ || finishing_) return;
-    if (!queue_.empty() && merge(queue_.back())) return;
-    queue_.push_back(std::move(event));
-    PumpLocked();
+    {
+      absl::MutexLock lock(&mu_);
+      if (broken_ || finishing_) return;
+      if (!queue_.empty() && merge(queue_.back())) return;
+      queue_.push_back(std::move(event));
+    }
+    Pump();
   }
   void Push(Event event) {
     Push(std::move(event), [](Event&) { return false; });
   }
   void FinishWhenWritten(absl::Status status) {
-    absl::MutexLock lock(&mu_);
-    if (finishing_) return;
-    finishing_ = true;
-    final_ = ToGrpcStatus(status);
-    PumpLocked();
+    {
+      absl::MutexLock lock(&mu_);
+      if (finishing_) return;
+      finishing_ = true;
+      final_ = ToGrpcStatus(status);
+    }
+    Pump();
   }
   std::shared_ptr<CancelSet> cancels_;
 
  private:
-  void PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || finished_) return;
-    if (!queue_.empty()) {
-      current_ = std::move(queue_.front());
-      queue_.pop_front();
-      writing_ = true;
-      this->StartWrite(&current_);
-      return;
-    }
-    if (finishing_) {
+  // Starts the next write, or finishes once everything is written. Finish is called after the
+  // lock is released: OnDone (which deletes this reactor) may run as soon as it returns.
+  void Pump() {
+    grpc::Status final_status;
+    {
+      absl::MutexLock lock(&mu_);
+      if (writing_ || finished_) return;
+      if (!queue_.empty()) {
+        current_ = std::move(queue_.front());
+        queue_.pop_front();
+        writing_ = true;
+        // OnWriteDone cannot run before this returns: it waits for mu_.
+        this->StartWrite(&current_);
+        return;
+      }
+      if (!finishing_) return;
       finished_ = true;
-      this->Finish(final_);
+      final_status = final_;
     }
+    this->Finish(final_status);
   }
 
   absl::Mutex mu_;
@@ -191,14 +204,14 @@ class CampaignReactor final : public QueuedWriter<v1::CampaignEvent> {
   CampaignReactor(Generator& generator, grpc::CallbackServerContext* context,
                   const v1::GenerateCampaignRequest& request)
       : generator_(generator), request_(request), options_(OptionsFor(context)) {
-    if (request_.has_timeout()) {
-      options_.deadline = std::min(
-          options_.deadline,
-          absl::Now() + absl::Nanoseconds(TimeUtil::DurationToNanoseconds(request_.timeout())));
-    }
     if (absl::Status s = Validate(); !s.ok()) {
       FinishWhenWritten(s);
       return;
+    }
+    if (request_.has_timeout()) {
+      options_.deadline =
+          std::min(options_.deadline, absl::Now() + absl::Seconds(request_.timeout().seconds()) +
+                                          absl::Nanoseconds(request_.timeout().nanos()));
     }
     v1::GenerateRequest brief = Base("campaign_brief");
     Put(brief, "brief", request_.brief());
@@ -214,6 +227,19 @@ class CampaignReactor final : public QueuedWriter<v1::CampaignEvent> {
  private:
   absl::Status Validate() const {
     if (request_.brief().empty()) return InvalidFieldError("brief", "must describe the campaign");
+    if (request_.has_timeout()) {
+      const absl::Duration t = absl::Seconds(request_.timeout().seconds()) +
+                               absl::Nanoseconds(request_.timeout().nanos());
+      const auto& max = generator_.config().max_timeout();
+      const absl::Duration limit =
+          generator_.config().has_max_timeout()
+              ? absl::Seconds(max.seconds()) + absl::Nanoseconds(max.nanos())
+              : absl::Hours(1);
+      if (t <= absl::ZeroDuration() || t > limit) {
+        return InvalidFieldError(
+            "timeout", absl::StrCat("must be positive and at most ", absl::FormatDuration(limit)));
+      }
+    }
     if (request_.platforms().empty()) {
       return InvalidFieldError("platforms",
                                "name at least one platform (x, linkedin, instagram, "
@@ -416,6 +442,8 @@ class GenerationModule final : public ServiceModule {
   std::vector<std::string> HealthNames() const override {
     return {std::string(v1::GenerationService::service_full_name())};
   }
+  // The gRPC server has stopped; flights still waiting end now, before the HTTP client goes.
+  void Stop() override { generator_->Shutdown(); }
 
  private:
   // Destroyed in reverse: the HTTP client first (its last callbacks still find the generator).

@@ -29,9 +29,12 @@ using google::protobuf::util::TimeUtil;
 
 namespace {
 
+// Saturating (absl::Duration is infinite past its range), so huge client values cannot overflow.
 absl::Duration ToAbsl(const google::protobuf::Duration& d) {
-  return absl::Nanoseconds(TimeUtil::DurationToNanoseconds(d));
+  return absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos());
 }
+
+constexpr absl::Duration kMaxCacheTtl = absl::Hours(24 * 365);
 
 constexpr uint32_t kMaxStopSequences = 4;
 constexpr size_t kMaxStopBytes = 256;
@@ -44,6 +47,15 @@ std::string Sha256Hex(const std::string& bytes) {
   SHA256(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), digest);
   return absl::BytesToHexString(
       absl::string_view(reinterpret_cast<const char*>(digest), sizeof(digest)));
+}
+
+// At most `max_bytes` of `text`, never cutting a UTF-8 sequence (the text goes back to a model
+// inside a JSON body, and the JSON writer rejects broken UTF-8).
+std::string Utf8Prefix(absl::string_view text, size_t max_bytes) {
+  if (text.size() <= max_bytes) return std::string(text);
+  size_t n = max_bytes;
+  while (n > 0 && (static_cast<unsigned char>(text[n]) & 0xC0) == 0x80) --n;
+  return std::string(text.substr(0, n));
 }
 
 std::string DeterministicBytes(const google::protobuf::Message& m) {
@@ -179,6 +191,7 @@ struct Flight {
   bool cancelled ABSL_GUARDED_BY(mu) = false;
   bool finished ABSL_GUARDED_BY(mu) = false;
   std::shared_ptr<ProviderCall> upstream ABSL_GUARDED_BY(mu);
+  uint64_t attempt_seq ABSL_GUARDED_BY(mu) = 0;
 
   bool Cancelled() {
     absl::MutexLock lock(&mu);
@@ -225,7 +238,22 @@ Generator::Generator(const GenerationConfig& config, Clock& clock,
       cache_(std::move(cache)),
       metrics_(std::make_unique<GeneratorMetrics>(telemetry::MetricsRegistry())) {}
 
-Generator::~Generator() = default;
+Generator::~Generator() { Shutdown(); }
+
+void Generator::Shutdown() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  std::shared_ptr<AnswerCache> cache;
+  {
+    absl::MutexLock lock(&mu_);
+    cache = std::move(cache_);
+  }
+  // Its pending lookups complete now (cancelled), while every other member is still alive.
+  if (cache != nullptr) cache->Close();
+}
 
 absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const GenerationConfig& config,
                                                              Clock& clock, http::HttpClient* http,
@@ -316,6 +344,11 @@ absl::Status Generator::Validate(const v1::GenerateRequest& req) const {
       return InvalidFieldError(absl::StrCat("messages[", i, "].content"), "must not be empty");
     }
   }
+  if (req.template_().empty() &&
+      std::none_of(req.messages().begin(), req.messages().end(),
+                   [](const v1::Message& m) { return m.role() == v1::Message::USER; })) {
+    return InvalidFieldError("messages", "needs at least one USER message");
+  }
   const auto& s = req.sampling();
   if (s.has_temperature() && !(s.temperature() >= 0 && s.temperature() <= 2)) {
     return InvalidFieldError("sampling.temperature", "must be between 0 and 2");
@@ -349,8 +382,9 @@ absl::Status Generator::Validate(const v1::GenerateRequest& req) const {
   if (!v1::CachePolicy::Mode_IsValid(req.cache().mode())) {
     return InvalidFieldError("cache.mode", "must be USE, REFRESH or BYPASS");
   }
-  if (req.cache().has_ttl() && ToAbsl(req.cache().ttl()) < absl::ZeroDuration()) {
-    return InvalidFieldError("cache.ttl", "must not be negative");
+  if (req.cache().has_ttl() && (ToAbsl(req.cache().ttl()) < absl::ZeroDuration() ||
+                                ToAbsl(req.cache().ttl()) > kMaxCacheTtl)) {
+    return InvalidFieldError("cache.ttl", "must be between 0 and 365 days");
   }
   return absl::OkStatus();
 }
@@ -367,6 +401,7 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
     return std::make_shared<DoneHandle>();
   };
   if (absl::Status s = Validate(request); !s.ok()) return fail(std::move(s));
+  if (stopping()) return fail(absl::UnavailableError("the generation service is stopping"));
   const std::string alias = request.model().empty() ? config_.default_model() : request.model();
   request.set_model(alias);
   const Model& model = models_.at(alias);
@@ -412,51 +447,83 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
       request.sampling().has_seed();
   const bool cacheable = mode != v1::CachePolicy::BYPASS &&
                          (deterministic || config_.cache().cache_nondeterministic());
-  flight->write_cache = cacheable && cache_ != nullptr;
+  flight->write_cache = cacheable;
   flight->ttl = request.cache().has_ttl() ? ToAbsl(request.cache().ttl()) : absl::ZeroDuration();
   if (cacheable) {
-    v1::GenerateRequest keyed = request;
-    keyed.clear_cache();
-    keyed.clear_timeout();
-    flight->key = absl::StrCat("v1:", Sha256Hex(DeterministicBytes(keyed)));
+    // The rendered prompt, not the template's name: an edited template (or replicas with
+    // different catalogues sharing one cache) must not be answered from the old one's entries.
+    std::string keyed = absl::StrCat(alias, "\n", DeterministicBytes(request.sampling()), "\n");
+    if (flight->prompt != nullptr) absl::StrAppend(&keyed, flight->prompt->output_schema_json);
+    for (const auto& m : flight->messages) {
+      absl::StrAppend(&keyed, "\n", static_cast<int>(m.role), ":", m.content.size(), ":",
+                      m.content);
+    }
+    flight->key = absl::StrCat("v2:", Sha256Hex(keyed));
   }
   const bool read_cache = flight->write_cache && mode == v1::CachePolicy::USE;
   // Only USE calls share flights: REFRESH must ask the provider again.
   const bool shared = !flight->key.empty() && mode == v1::CachePolicy::USE;
 
-  std::shared_ptr<Flight> target;
+  // Join an identical flight in progress when it will run about as long as this caller may wait;
+  // otherwise start one. The map insert happens in the same critical section as the
+  // lookup, so concurrent identical callers cannot both start a flight.
   uint64_t waiter_id = 0;
+  std::shared_ptr<Flight> existing;
+  bool started = false;
   {
     absl::MutexLock lock(&mu_);
     waiter_id = next_waiter_id_++;
-    if (shared) {
-      auto it = flights_.find(flight->key);
-      if (it != flights_.end()) {
-        absl::MutexLock flock(&it->second->mu);
-        if (!it->second->cancelled && !it->second->finished) {
-          Flight::Waiter w{waiter_id, std::move(on_delta), std::move(done), 0};
-          if (w.on_delta != nullptr && !it->second->text_so_far.empty()) {
-            w.on_delta(it->second->text_so_far);
-            w.sent = it->second->text_so_far.size();
-          }
-          it->second->waiters.push_back(std::move(w));
-          target = it->second;
-          ++stats_.coalesced;
-        }
-      }
-    }
-    if (target == nullptr) {
+    auto it = shared ? flights_.find(flight->key) : flights_.end();
+    // "At least as long", give or take a tenth of this caller's time (at least a second):
+    // identical callers arriving moments apart share, a patient caller does not inherit the
+    // deadline of a hurried one.
+    const absl::Duration slack = std::max(absl::Seconds(1), (flight->deadline - now) / 10);
+    if (it != flights_.end() && it->second->deadline + slack >= flight->deadline) {
+      existing = it->second;
+    } else {
       {
         absl::MutexLock flock(&flight->mu);
         flight->waiters.push_back({waiter_id, std::move(on_delta), std::move(done), 0});
       }
-      if (shared) flights_[flight->key] = flight;
+      // A flight with a shorter deadline stays in the map; this one runs unshared.
+      if (shared && it == flights_.end()) flights_[flight->key] = flight;
       ++running_;
+      started = true;
     }
   }
-  if (target != nullptr) {
+  if (existing != nullptr) {
+    // Outside the generator's lock: the snapshot goes to the caller's callback under the
+    // flight's lock only, ordered before the deltas that follow.
+    absl::MutexLock flock(&existing->mu);
+    if (!existing->cancelled && !existing->finished) {
+      Flight::Waiter w{waiter_id, std::move(on_delta), std::move(done), 0};
+      if (w.on_delta != nullptr && !existing->text_so_far.empty()) {
+        w.on_delta(existing->text_so_far);
+        w.sent = existing->text_so_far.size();
+      }
+      existing->waiters.push_back(std::move(w));
+    } else {
+      existing = nullptr;  // it ended meanwhile: start a new one below
+    }
+  }
+  std::shared_ptr<Flight> target;
+  if (existing != nullptr) {
+    {
+      absl::MutexLock lock(&mu_);
+      ++stats_.coalesced;
+    }
     metrics_->coalesced.Add({{"model", alias}}).Increment();
+    target = existing;
   } else {
+    if (!started) {
+      absl::MutexLock lock(&mu_);
+      {
+        absl::MutexLock flock(&flight->mu);
+        flight->waiters.push_back({waiter_id, std::move(on_delta), std::move(done), 0});
+      }
+      if (shared) flights_[flight->key] = flight;  // replaces the one that ended
+      ++running_;
+    }
     target = flight;
     StartFlight(flight, read_cache);
   }
@@ -468,7 +535,20 @@ void Generator::StartFlight(std::shared_ptr<Flight> flight, bool read_cache) {
     TryDeployment(std::move(flight), 0, false);
     return;
   }
-  cache_->Get(flight->key, [this, flight](absl::StatusOr<std::optional<std::string>> got) {
+  std::shared_ptr<AnswerCache> cache;
+  {
+    absl::MutexLock lock(&mu_);
+    cache = cache_;
+  }
+  if (cache == nullptr) {
+    FinishFlight(flight, absl::CancelledError("the generation service is stopping"));
+    return;
+  }
+  cache->Get(flight->key, [this, flight](absl::StatusOr<std::optional<std::string>> got) {
+    if (stopping()) {
+      FinishFlight(flight, absl::CancelledError("the generation service is stopping"));
+      return;
+    }
     const char* result = "miss";
     if (!got.ok()) {
       result = "unavailable";
@@ -504,6 +584,10 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
   const Model& model = *flight->model;
   if (flight->Cancelled()) {
     FinishFlight(flight, absl::CancelledError("every caller went away"));
+    return;
+  }
+  if (stopping()) {
+    FinishFlight(flight, absl::CancelledError("the generation service is stopping"));
     return;
   }
   if (index >= model.deployments.size()) {
@@ -659,7 +743,7 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
         span_holder->SetStatus(telemetry::SpanStatusCode::kError, valid.message());
         span_holder->End();
         if (!json_retry && !flight->DeltasSent()) {
-          flight->json_error = std::string(valid.message()).substr(0, 300);
+          flight->json_error = Utf8Prefix(valid.message(), 300);
           TryDeployment(flight, index, true);
           return;
         }
@@ -684,22 +768,33 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
     response.set_provider(std::string(d.provider->kind()));
     response.set_finish_reason(result->finish_reason);
     response.set_attempts(flight->attempts + result->attempts - 1);
+    std::shared_ptr<AnswerCache> cache;
     if (flight->write_cache) {
+      absl::MutexLock lock(&mu_);
+      cache = cache_;
+    }
+    if (cache != nullptr) {
       const absl::Duration ttl =
           flight->ttl > absl::ZeroDuration()
               ? flight->ttl
               : (config_.cache().has_default_ttl() ? ToAbsl(config_.cache().default_ttl())
                                                    : absl::ZeroDuration());
-      cache_->Set(flight->key, response.SerializeAsString(), ttl);
+      cache->Set(flight->key, response.SerializeAsString(), ttl);
     }
     FinishFlight(flight, std::move(response));
   };
+  uint64_t attempt = 0;
+  {
+    absl::MutexLock lock(&flight->mu);
+    attempt = ++flight->attempt_seq;
+  }
   std::shared_ptr<ProviderCall> call =
       d.provider->Generate(std::move(pr), std::move(on_delta), std::move(done));
   bool cancel_now = false;
   {
     absl::MutexLock lock(&flight->mu);
-    if (!flight->finished) flight->upstream = call;
+    // A fast failure may already have started the next attempt: keep that one's handle.
+    if (!flight->finished && flight->attempt_seq == attempt) flight->upstream = call;
     cancel_now = flight->cancelled;
   }
   if (cancel_now) call->Cancel();

@@ -62,7 +62,13 @@ class Generator {
   static absl::StatusOr<std::unique_ptr<Generator>> Create(
       const config::v1::GenerationConfig& config, Clock& clock, http::HttpClient* http,
       std::unique_ptr<Catalogue> catalogue, std::unique_ptr<AnswerCache> cache);
+  // Calls Shutdown().
   ~Generator();
+
+  // Before the HTTP client goes away: flights still waiting (on the cache, or between attempts)
+  // end with CANCELLED instead of starting provider calls, and the cache's own calls are
+  // cancelled and waited for. Idempotent.
+  void Shutdown();
 
   // Streams deltas when `on_delta` is set. `done` runs exactly once. Bad input is reported
   // through `done` as INVALID_ARGUMENT naming the field (before any upstream work).
@@ -113,7 +119,7 @@ class Generator {
   const config::v1::GenerationConfig config_;
   Clock& clock_;
   std::unique_ptr<Catalogue> catalogue_;
-  std::unique_ptr<AnswerCache> cache_;
+  std::shared_ptr<AnswerCache> cache_ ABSL_GUARDED_BY(mu_);  // null after Shutdown
   std::vector<std::unique_ptr<Provider>> providers_;
   absl::flat_hash_map<std::string, std::unique_ptr<Deployment>> deployments_;
   absl::flat_hash_map<std::string, Model> models_;
@@ -124,6 +130,12 @@ class Generator {
   size_t running_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t next_waiter_id_ ABSL_GUARDED_BY(mu_) = 1;
   Stats stats_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+
+  bool stopping() const {
+    absl::MutexLock lock(&mu_);
+    return stopping_;
+  }
 };
 
 }  // namespace montage::generation

@@ -123,10 +123,17 @@ class GeneratorTest : public ::testing::Test {
   }
 
   absl::StatusOr<v1::GenerateResponse> Call(v1::GenerateRequest r) {
-    Result out;
-    Start(std::move(r), out);
-    if (!out.done.WaitForNotificationWithTimeout(kWait)) return absl::DeadlineExceededError("hung");
-    return out.response;
+    // Shared, so a callback arriving after a timed-out wait writes into live memory.
+    auto out = std::make_shared<Result>();
+    generator_->Generate(std::move(r), {}, nullptr,
+                         [out](absl::StatusOr<v1::GenerateResponse> response) {
+                           out->response = std::move(response);
+                           out->done.Notify();
+                         });
+    if (!out->done.WaitForNotificationWithTimeout(kWait)) {
+      return absl::DeadlineExceededError("hung");
+    }
+    return out->response;
   }
 
   FakeClock clock_;
@@ -266,11 +273,15 @@ TEST_F(GeneratorTest, TokensPerMinuteLimitCountsThePromptAndTheAnswerBudget) {
 TEST_F(GeneratorTest, HundredIdenticalConcurrentRequestsMakeOneUpstreamCall) {
   Build();
   Behaviour slow;
-  slow.delay = absl::Seconds(1);
+  slow.delay = absl::Seconds(3);
   fake_->Enqueue(slow);
   std::vector<std::unique_ptr<Result>> results;
   std::vector<std::shared_ptr<GenerationCall>> calls;
-  for (int i = 0; i < 100; ++i) {
+  results.push_back(std::make_unique<Result>());
+  calls.push_back(Start(Ask("solo", "the same question", 0), *results.back()));
+  // The first call's request is at the provider (held there for 3 s): the other 99 start now.
+  ASSERT_TRUE(fake_->WaitForInFlight(1, kWait));
+  for (int i = 1; i < 100; ++i) {
     results.push_back(std::make_unique<Result>());
     calls.push_back(Start(Ask("solo", "the same question", 0), *results.back()));
   }
@@ -289,7 +300,15 @@ TEST_F(GeneratorTest, StreamingFollowersGetTheTextSoFarThenTheRest) {
   fake_->set_chunk_interval(absl::Milliseconds(20));
   Result leader;
   Start(Ask("solo", "a streamed answer shared by two callers", 0), leader, /*stream=*/true);
-  ASSERT_TRUE(fake_->WaitForInFlight(1, kWait));
+  // Join once the leader has received part of the answer (the stream has many chunks, 20 ms
+  // apart), so the follower gets the text so far and then the live deltas.
+  for (int i = 0; i < 2000; ++i) {
+    {
+      absl::MutexLock lock(&leader.mu);
+      if (!leader.streamed.empty()) break;
+    }
+    absl::SleepFor(absl::Milliseconds(1));
+  }
   Result follower;
   Start(Ask("solo", "a streamed answer shared by two callers", 0), follower, /*stream=*/true);
   ASSERT_TRUE(leader.done.WaitForNotificationWithTimeout(kWait));
@@ -299,6 +318,25 @@ TEST_F(GeneratorTest, StreamingFollowersGetTheTextSoFarThenTheRest) {
   EXPECT_EQ(leader.streamed, leader.response->text());
   EXPECT_EQ(follower.streamed, leader.response->text());
   EXPECT_EQ(fake_->stats().total_requests, 1u);
+  EXPECT_EQ(generator_->stats().coalesced, 1u) << "the follower did not join the live call";
+}
+
+TEST_F(GeneratorTest, ACallerWithALongerDeadlineDoesNotJoinAShorterCall) {
+  Build();
+  Behaviour hang;
+  hang.hang = true;
+  fake_->Enqueue(hang);
+  v1::GenerateRequest hurried = Ask("solo", "same words", 0);
+  hurried.mutable_timeout()->set_nanos(300'000'000);
+  Result first;
+  Start(hurried, first);
+  ASSERT_TRUE(fake_->WaitForInFlight(1, kWait));
+  auto patient = Call(Ask("solo", "same words", 0));  // default timeout: minutes
+  ASSERT_TRUE(patient.ok()) << patient.status();
+  ASSERT_TRUE(first.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(first.response.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(generator_->stats().coalesced, 0u);
+  EXPECT_EQ(fake_->stats().total_requests, 2u);
 }
 
 TEST_F(GeneratorTest, OneCancelledWaiterDoesNotStopTheOthers) {
@@ -376,7 +414,8 @@ TEST_F(GeneratorTest, AnUnreachableCacheServiceMeansUncachedNotFailed) {
 
 TEST_F(GeneratorTest, InvalidJsonIsRetriedOnceThenReported) {
   Build();
-  // The template asks for JSON; the fake answers garbage once, then its JSON answer.
+  // The template asks for JSON: a valid answer passes first time; then an invalid one is asked
+  // again once, and reported when the second answer is invalid too.
   fake_->set_json_answer(R"({"hooks": ["Stop scrolling: this changes everything"]})");
   v1::GenerateRequest r;
   r.set_model("solo");

@@ -44,10 +44,25 @@ absl::string_view RoleName(PromptMessage::Role role) {
   return "user";
 }
 
+// The longest prefix of `text` of at most `max_bytes` that does not cut a UTF-8 sequence.
+absl::string_view Utf8Prefix(absl::string_view text, size_t max_bytes) {
+  if (text.size() <= max_bytes) return text;
+  size_t n = max_bytes;
+  while (n > 0 && (static_cast<unsigned char>(text[n]) & 0xC0) == 0x80) --n;
+  return text.substr(0, n);
+}
+
+// obj[key] when it is a string, else "" (never throws, whatever the upstream sent).
+std::string StringField(const json& obj, const char* key) {
+  if (!obj.is_object()) return "";
+  auto it = obj.find(key);
+  return it != obj.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
 // Provider messages may quote part of a key ("Incorrect API key provided: sk-ab***"); we keep a
 // short, single-line excerpt and only for errors that are not about keys.
 std::string Excerpt(absl::string_view text) {
-  std::string out(text.substr(0, 300));
+  std::string out(Utf8Prefix(text, 300));
   std::replace(out.begin(), out.end(), '\n', ' ');
   return out;
 }
@@ -67,7 +82,11 @@ ErrorBody ParseErrorBody(absl::string_view body) {
   if (!err->is_object()) return out;
   for (const char* key : {"code", "status", "type"}) {
     auto it = err->find(key);
-    if (it != err->end() && it->is_string() && out.type.empty()) out.type = it->get<std::string>();
+    if (it == err->end() || !it->is_string()) continue;
+    // OpenAI puts insufficient_quota in `code` or `type`; it decides retry vs operator error.
+    if (out.type.empty() || it->get<std::string>() == "insufficient_quota") {
+      out.type = it->get<std::string>();
+    }
   }
   auto m = err->find("message");
   if (m != err->end() && m->is_string()) out.message = m->get<std::string>();
@@ -336,7 +355,9 @@ class GeminiFormat final : public WireFormat {
   absl::StatusOr<ProviderResult> ParseAnswer(const json& doc) const override {
     StreamState state;
     ASSIGN_OR_RETURN(std::string text, ReadChunk(doc, state));
-    if (!doc.contains("candidates")) return absl::InvalidArgumentError("no candidates");
+    if (!doc.contains("candidates") && state.result.finish_reason != v1::CONTENT_FILTER) {
+      return absl::InvalidArgumentError("no candidates");
+    }
     state.result.text = std::move(text);
     return std::move(state.result);
   }
@@ -368,7 +389,7 @@ class GeminiFormat final : public WireFormat {
         }
       }
     }
-    const std::string message = err.value("message", "");
+    const std::string message = StringField(err, "message");
     const size_t at = message.find("retry in ");
     if (at == std::string::npos) return std::nullopt;
     absl::string_view rest = absl::string_view(message).substr(at + 9);
@@ -394,9 +415,18 @@ class GeminiFormat final : public WireFormat {
         }
       }
       auto fr = c.find("finishReason");
-      if (fr != c.end() && fr->is_string()) {
+      if (fr != c.end() && fr->is_string() && !fr->get<std::string>().empty()) {
         state.result.finish_reason = GeminiFinish(fr->get<std::string>());
-        if (state.result.finish_reason != v1::FINISH_REASON_UNSPECIFIED) state.done = true;
+        state.done = true;  // any reason (OTHER, SPII, …) ends the answer
+      }
+    }
+    // A blocked prompt has no candidates, only promptFeedback.blockReason.
+    auto feedback = doc.find("promptFeedback");
+    if (feedback != doc.end() && feedback->is_object()) {
+      auto block = feedback->find("blockReason");
+      if (block != feedback->end() && block->is_string()) {
+        state.result.finish_reason = v1::CONTENT_FILTER;
+        state.done = true;
       }
     }
     auto u = doc.find("usageMetadata");
@@ -456,10 +486,8 @@ class AnthropicFormat final : public WireFormat {
     if (content == doc.end() || !content->is_array())
       return absl::InvalidArgumentError("no content");
     for (const json& block : *content) {
-      auto t = block.find("text");
-      if (block.value("type", "") == "text" && t != block.end() && t->is_string()) {
-        r.text += t->get<std::string>();
-      }
+      if (!block.is_object() || StringField(block, "type") != "text") continue;
+      r.text += StringField(block, "text");
     }
     auto sr = doc.find("stop_reason");
     if (sr != doc.end() && sr->is_string())
@@ -473,15 +501,16 @@ class AnthropicFormat final : public WireFormat {
     if (event.event == "ping") return std::string();
     json doc = json::parse(event.data, nullptr, false);
     if (!doc.is_object()) return absl::InvalidArgumentError("an event is not JSON");
-    const std::string type = doc.value("type", event.event);
+    std::string type = StringField(doc, "type");
+    if (type.empty()) type = event.event;
     if (type == "error") return absl::UnavailableError("the stream reported an error");
     if (type == "message_start") {
       auto m = doc.find("message");
       if (m != doc.end() && m->is_object()) ReadUsage(*m, state.result.usage);
     } else if (type == "content_block_delta") {
       auto d = doc.find("delta");
-      if (d != doc.end() && d->is_object() && d->value("type", "") == "text_delta") {
-        return d->value("text", "");
+      if (d != doc.end() && d->is_object() && StringField(*d, "type") == "text_delta") {
+        return StringField(*d, "text");
       }
     } else if (type == "message_delta") {
       auto d = doc.find("delta");
@@ -569,7 +598,8 @@ class HttpProvider final : public Provider {
     if (stream) hr.headers.emplace_back("Accept", "text/event-stream");
     for (const auto& [k, v] : config_.headers()) hr.headers.emplace_back(k, v);
     format_->AuthHeaders(key_, hr.headers);
-    hr.body = format_->Body(request, stream).dump();
+    // Invalid UTF-8 (a caller's bytes, a model's half character) is replaced, never thrown on.
+    hr.body = format_->Body(request, stream).dump(-1, ' ', false, json::error_handler_t::replace);
     hr.version = config_.http2_prior_knowledge() ? http::HttpVersion::kHttp2PriorKnowledge
                                                  : http::HttpVersion::kDefault;
     if (config_.has_connect_timeout()) hr.connect_timeout = ToAbsl(config_.connect_timeout());
@@ -586,7 +616,11 @@ class HttpProvider final : public Provider {
     if (format_->HasBodyRetryDelay()) {
       const WireFormat* format = format_.get();
       hr.retry.server_delay = [format](const http::HttpResponse& r) {
-        return format->BodyRetryDelay(r);
+        try {
+          return format->BodyRetryDelay(r);
+        } catch (const json::exception&) {
+          return std::optional<absl::Duration>();
+        }
       };
     }
     hr.parent_span = request.parent_span;
@@ -610,44 +644,66 @@ class HttpProvider final : public Provider {
     };
     auto ctx = std::make_shared<StreamCtx>();
     ctx->on_delta = std::move(on_delta);
-    ctx->parser = std::make_unique<http::SseParser>([this, ctx](const http::SseEvent& e) {
-      auto delta = format_->OnEvent(e, ctx->state);
+    // The parser belongs to ctx, so its callback holds ctx by plain pointer (no cycle).
+    StreamCtx* raw = ctx.get();
+    ctx->parser = std::make_unique<http::SseParser>([this, raw](const http::SseEvent& e) {
+      absl::StatusOr<std::string> delta;
+      try {
+        delta = format_->OnEvent(e, raw->state);
+      } catch (const json::exception& ex) {
+        delta = absl::InvalidArgumentError(ex.what());
+      }
       if (!delta.ok()) return BadAnswer(name_, delta.status().message());
       if (!delta->empty()) {
-        ctx->state.result.text += *delta;
-        ctx->on_delta(*delta);
+        raw->state.result.text += *delta;
+        raw->on_delta(*delta);
       }
       return absl::OkStatus();
     });
     http::StreamCallbacks cb;
     cb.on_headers = [](int, const http::Headers&) {};
-    cb.on_data = [ctx](absl::string_view chunk) {
-      if (ctx->error.ok()) ctx->error = ctx->parser->Feed(chunk);
+    std::weak_ptr<HttpCall> weak_call = call;
+    cb.on_data = [ctx, weak_call](absl::string_view chunk) {
+      if (!ctx->error.ok()) return http::DataAction::kContinue;
+      ctx->error = ctx->parser->Feed(chunk);
+      // A stream montage cannot read is abandoned at once instead of downloaded to the end.
+      if (!ctx->error.ok()) {
+        if (auto c = weak_call.lock()) c->Cancel();
+      }
       return http::DataAction::kContinue;
     };
     cb.on_done = [this, ctx,
                   done = std::move(done)](absl::StatusOr<http::HttpResponse> response) mutable {
+      auto finish = [&](absl::StatusOr<ProviderResult> r) {
+        ctx->parser.reset();
+        ctx->on_delta = nullptr;  // releases the caller's state now
+        std::move(done)(std::move(r));
+      };
+      if (!ctx->error.ok()) {
+        finish(ctx->error);
+        return;
+      }
       if (!response.ok()) {
-        std::move(done)(Transport(response.status(), !ctx->state.result.text.empty()));
+        finish(Transport(response.status(), !ctx->state.result.text.empty()));
         return;
       }
       if (response->status < 200 || response->status >= 300) {
-        std::move(done)(ClassifyHttpError(name_, *response));
+        finish(ClassifyHttpError(name_, *response));
         return;
       }
-      if (ctx->error.ok()) ctx->error = ctx->parser->Finish();
+      ctx->error = ctx->parser->Finish();
       if (!ctx->error.ok()) {
-        std::move(done)(ctx->error);
+        finish(ctx->error);
         return;
       }
       if (!ctx->state.done) {
-        std::move(done)(ProviderError(
+        finish(ProviderError(
             absl::StatusCode::kUnavailable, "PROVIDER_STREAM_CUT", name_,
             absl::StrCat("provider '", name_, "' ended the stream before it was complete")));
         return;
       }
       ctx->state.result.attempts = response->attempts;
-      std::move(done)(std::move(ctx->state.result));
+      finish(std::move(ctx->state.result));
     };
     call->Attach(http_->Stream(std::move(hr), std::move(cb)));
     return call;
@@ -671,7 +727,12 @@ class HttpProvider final : public Provider {
     }
     json doc = json::parse(response->body, nullptr, false);
     if (!doc.is_object()) return BadAnswer(name_, "the body is not JSON");
-    auto result = format_->ParseAnswer(doc);
+    absl::StatusOr<ProviderResult> result;
+    try {
+      result = format_->ParseAnswer(doc);
+    } catch (const json::exception& e) {
+      result = absl::InvalidArgumentError(e.what());
+    }
     if (!result.ok()) return BadAnswer(name_, result.status().message());
     result->attempts = response->attempts;
     return result;
@@ -745,7 +806,7 @@ class OfflineProvider final : public Provider {
     return absl::StrCat(
         "Offline answer (montage's built-in template provider, not a language model). "
         "You asked: \"",
-        last.substr(0, 2000),
+        Utf8Prefix(last, 2000),
         "\". Configure an LLM provider in generation.providers for real answers.");
   }
 

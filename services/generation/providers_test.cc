@@ -211,6 +211,12 @@ TEST_P(ProvidersTest, RejectedKeyIsFailedPreconditionAndNeverEchoed) {
   setenv("MONTAGE_TEST_PROVIDER_KEY", "sk-wrong-key-5678", 1);
   auto p = Make(c);
   ASSERT_NE(p, nullptr);
+  // Real providers quote part of the key back ("Incorrect API key provided: sk-wro***5678").
+  Behaviour quoting;
+  quoting.status = 401;
+  quoting.body = R"({"error":{"message":"Incorrect API key provided: sk-wro***5678.",)"
+                 R"("type":"invalid_request_error","code":"invalid_api_key"}})";
+  fake_->Enqueue(quoting);
   Outcome out;
   Run(*p, Request("hello"), out, false);
   ASSERT_TRUE(out.done.WaitForNotificationWithTimeout(kWait));
