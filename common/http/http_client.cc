@@ -1,11 +1,17 @@
 // HttpClient on the libcurl multi "socket action" interface, driven by libevent.
 //
-// Threads: everything about transfers (the multi handle, easy handles, timers, the call table,
+// Threads: everything about transfers (the multi handles, easy handles, timers, the call table,
 // metric lookups) lives on the client's loop thread and is touched by no other. Other threads
 // reach it only through the Inbox, a mutex-protected command queue that wakes the loop with
 // event_active, so Send/Stream/Cancel/Resume never wait on the loop.
 //
-// A call goes: Submit (validate, arm the deadline) -> attempt (easy handle in the multi) ->
+// Shards: libcurl (7.88) looks for a reusable connection by walking every connection to the
+// host, so with thousands of HTTP/1.1 transfers to one host each new one costs O(connections)
+// and a burst goes quadratic. Unlimited clients therefore spread transfers over several multi
+// handles (shards, each with its own connection cache, timer and sockets) on the same loop;
+// see PickShard.
+//
+// A call goes: Submit (validate, arm the deadline) -> attempt (easy handle in a shard) ->
 // answer or transport error -> maybe a back-off timer and another attempt -> Finish, which runs
 // the completion callback exactly once. Cancel, the deadline and the destructor all end in Finish
 // too; whichever comes first wins because Finish removes the call from the table.
@@ -20,9 +26,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/random/random.h"
@@ -58,6 +67,14 @@ constexpr size_t kMaxStreamErrorBody = size_t{64} << 10;
 // Distinct peer labels per client; more (a fetcher of user URLs) share the label "other" so that
 // the metrics cannot grow without bound.
 constexpr size_t kMaxPeers = 256;
+// A client without connection limits opens another shard when every shard runs this many
+// transfers, up to kMaxShards: small clients keep one multi handle, a burst of 10,000 keeps
+// each shard's connection walk near 10,000 / kMaxShards.
+constexpr size_t kTransfersPerShard = 128;
+constexpr size_t kMaxShards = 64;
+// libcurl's default receive buffer is 16 KiB per easy handle, allocated for every transfer;
+// answers here are small JSON documents or event streams, and thousands run at once.
+constexpr long kReceiveBufferSize = 8 << 10;
 
 void GlobalInit() {
   static std::once_flag once;
@@ -173,6 +190,8 @@ struct UrlDeleter {
 
 struct ParsedUrl {
   std::string host;
+  // scheme://host:port, the key HTTP/2 connections are shared by.
+  std::string origin;
   // Without credentials, query and fragment: what logs, errors and spans may show.
   std::string safe_url;
   bool https = false;
@@ -208,6 +227,13 @@ absl::StatusOr<ParsedUrl> ParseUrl(const std::string& url) {
   }
   if (!get(CURLUPART_URL, parsed.safe_url))
     parsed.safe_url = absl::StrCat(scheme, "://", parsed.host);
+  char* port = nullptr;
+  if (curl_url_get(handle.get(), CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK) {
+    parsed.origin = absl::StrCat(scheme, "://", parsed.host, ":", port);
+    curl_free(port);
+  } else {
+    parsed.origin = absl::StrCat(scheme, "://", parsed.host);
+  }
   return parsed;
 }
 
@@ -257,6 +283,15 @@ class HttpClientImpl;
 
 struct Call;
 
+// One multi handle: its own connection cache, libcurl timer and sockets. Loop thread only.
+struct Shard {
+  HttpClientImpl* client = nullptr;
+  CURLM* multi = nullptr;
+  event* timer = nullptr;
+  absl::flat_hash_map<curl_socket_t, event*> sockets;
+  size_t transfers = 0;  // easy handles in `multi`
+};
+
 struct Command {
   enum class Kind { kSubmit, kCancel, kResume };
   Kind kind;
@@ -298,6 +333,7 @@ struct Call {
   // Fixed when submitted.
   std::string safe_url;
   bool https = false;
+  size_t origin_hash = 0;
   std::string span_name;
   bool inject_trace_context = true;
   PeerMetrics* metrics = nullptr;
@@ -311,6 +347,7 @@ struct Call {
 
   // State of the current attempt.
   CURL* easy = nullptr;
+  Shard* shard = nullptr;  // holds `easy`
   curl_slist* header_list = nullptr;
   telemetry::Span span;
   HttpResponse response;
@@ -385,8 +422,8 @@ class HttpClientImpl final : public HttpClient {
   static void OnWake(evutil_socket_t, short, void* self);
   static void OnCurlTimerEvent(evutil_socket_t, short, void* self);
   static void OnSocketEvent(evutil_socket_t fd, short events, void* self);
-  static int OnCurlSocket(CURL* easy, curl_socket_t fd, int what, void* self, void* socket_data);
-  static int OnCurlTimer(CURLM* multi, long timeout_ms, void* self);
+  static int OnCurlSocket(CURL* easy, curl_socket_t fd, int what, void* shard, void* socket_data);
+  static int OnCurlTimer(CURLM* multi, long timeout_ms, void* shard);
   static size_t OnHeader(char* data, size_t size, size_t count, void* call);
   static size_t OnWrite(char* data, size_t size, size_t count, void* call);
   static curl_socket_t OnOpenSocket(void* call, curlsocktype purpose, curl_sockaddr* address);
@@ -394,6 +431,8 @@ class HttpClientImpl final : public HttpClient {
   static void OnFirstByteTimeout(evutil_socket_t, short, void* call);
   static void OnBackoffDone(evutil_socket_t, short, void* call);
 
+  Shard* AddShard();
+  Shard& PickShard(const Call& call);
   void Drain();
   void Submit(std::unique_ptr<Call> owned);
   void CancelCall(uint64_t id);
@@ -402,7 +441,7 @@ class HttpClientImpl final : public HttpClient {
   absl::Status ConfigureEasy(Call& call);
   void ReleaseEasy(Call& call);
   void EndSpan(Call& call, int http_status, const absl::Status& error);
-  void ProcessCompletedTransfers();
+  void ProcessCompletedTransfers(Shard& shard);
   void OnAttemptDone(Call& call, CURLcode result);
   void HandleAnswer(Call& call);
   void HandleTransportError(Call& call, absl::Status error, bool transient);
@@ -418,12 +457,11 @@ class HttpClientImpl final : public HttpClient {
 
   event_base* base_ = nullptr;
   event* wake_ = nullptr;
-  event* curl_timer_ = nullptr;
-  CURLM* multi_ = nullptr;
   std::thread thread_;
 
-  // Loop thread only.
-  absl::flat_hash_map<curl_socket_t, event*> sockets_;
+  // Loop thread only (the first shard is made by Init). Never shrinks: an idle shard costs a
+  // multi handle and a timer, and keeps its warm connections.
+  std::vector<std::unique_ptr<Shard>> shards_;
   absl::flat_hash_map<uint64_t, std::unique_ptr<Call>> calls_;
   absl::flat_hash_map<std::string, std::unique_ptr<PeerMetrics>> peers_;
   absl::BitGen random_;
@@ -445,35 +483,72 @@ absl::Status HttpClientImpl::Init() {
   base_ = event_base_new();
   if (base_ == nullptr) return absl::InternalError("event_base_new failed");
   wake_ = event_new(base_, -1, 0, &HttpClientImpl::OnWake, this);
-  curl_timer_ = evtimer_new(base_, &HttpClientImpl::OnCurlTimerEvent, this);
-  multi_ = curl_multi_init();
-  if (wake_ == nullptr || curl_timer_ == nullptr || multi_ == nullptr) {
+  if (wake_ == nullptr || AddShard() == nullptr) {
     return absl::ResourceExhaustedError("cannot create the HTTP client's event loop");
   }
-  curl_multi_setopt(multi_, CURLMOPT_SOCKETFUNCTION, &HttpClientImpl::OnCurlSocket);
-  curl_multi_setopt(multi_, CURLMOPT_SOCKETDATA, this);
-  curl_multi_setopt(multi_, CURLMOPT_TIMERFUNCTION, &HttpClientImpl::OnCurlTimer);
-  curl_multi_setopt(multi_, CURLMOPT_TIMERDATA, this);
-  curl_multi_setopt(multi_, CURLMOPT_PIPELINING, long{CURLPIPE_MULTIPLEX});
-  curl_multi_setopt(multi_, CURLMOPT_MAX_HOST_CONNECTIONS,
+  inbox_->wake = wake_;
+  inbox_->client = this;
+  thread_ = std::thread([this] { Run(); });
+  return absl::OkStatus();
+}
+
+Shard* HttpClientImpl::AddShard() {
+  auto shard = std::make_unique<Shard>();
+  shard->client = this;
+  shard->timer = evtimer_new(base_, &HttpClientImpl::OnCurlTimerEvent, shard.get());
+  shard->multi = curl_multi_init();
+  if (shard->timer == nullptr || shard->multi == nullptr) {
+    if (shard->multi != nullptr) curl_multi_cleanup(shard->multi);
+    if (shard->timer != nullptr) event_free(shard->timer);
+    return nullptr;
+  }
+  CURLM* multi = shard->multi;
+  curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, &HttpClientImpl::OnCurlSocket);
+  curl_multi_setopt(multi, CURLMOPT_SOCKETDATA, shard.get());
+  curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, &HttpClientImpl::OnCurlTimer);
+  curl_multi_setopt(multi, CURLMOPT_TIMERDATA, shard.get());
+  curl_multi_setopt(multi, CURLMOPT_PIPELINING, long{CURLPIPE_MULTIPLEX});
+  // Limits are per multi handle: a limited client has only one shard (see PickShard).
+  curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS,
                     static_cast<long>(options_.max_connections_per_host));
-  curl_multi_setopt(multi_, CURLMOPT_MAX_TOTAL_CONNECTIONS,
+  curl_multi_setopt(multi, CURLMOPT_MAX_TOTAL_CONNECTIONS,
                     static_cast<long>(options_.max_total_connections));
   if (options_.max_concurrent_streams > 0) {
     curl_multi_setopt(
-        multi_, CURLMOPT_MAX_CONCURRENT_STREAMS,
+        multi, CURLMOPT_MAX_CONCURRENT_STREAMS,
         static_cast<long>(std::min<uint32_t>(options_.max_concurrent_streams, uint32_t{1} << 30)));
   }
   // The idle-connection cache otherwise shrinks to 4x the transfers running, dropping warm
   // connections after every burst.
   const uint32_t cache = options_.max_total_connections > 0 ? options_.max_total_connections
                                                             : options_.max_connections_per_host;
-  if (cache > 0) curl_multi_setopt(multi_, CURLMOPT_MAXCONNECTS, static_cast<long>(cache));
+  if (cache > 0) curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, static_cast<long>(cache));
+  shards_.push_back(std::move(shard));
+  return shards_.back().get();
+}
 
-  inbox_->wake = wake_;
-  inbox_->client = this;
-  thread_ = std::thread([this] { Run(); });
-  return absl::OkStatus();
+// Connection limits are per multi handle, so a client with a per-host or total limit keeps one
+// shard and its limits stay exact (at most that many connections are open, so its walks are
+// bounded anyway). Transfers that may speak HTTP/2 go by origin, so that the streams to one
+// host share connections; the rest (HTTP/1.1, one transfer per connection) go to the shard
+// running the fewest, where idle connections are found as well as anywhere.
+Shard& HttpClientImpl::PickShard(const Call& call) {
+  if (options_.max_connections_per_host > 0 || options_.max_total_connections > 0) {
+    return *shards_.front();
+  }
+  const HttpVersion version = call.request.version;
+  if (version == HttpVersion::kHttp2PriorKnowledge ||
+      (version == HttpVersion::kDefault && call.https)) {
+    return *shards_[call.origin_hash % shards_.size()];
+  }
+  Shard* least = shards_.front().get();
+  for (const auto& shard : shards_) {
+    if (shard->transfers < least->transfers) least = shard.get();
+  }
+  if (least->transfers >= kTransfersPerShard && shards_.size() < kMaxShards) {
+    if (Shard* added = AddShard(); added != nullptr) return *added;
+  }
+  return *least;
 }
 
 void HttpClientImpl::Run() {
@@ -499,10 +574,13 @@ HttpClientImpl::~HttpClientImpl() {
     }
     thread_.join();
   }
-  // Idle connections are closed here; libcurl may report their sockets through OnCurlSocket.
-  if (multi_ != nullptr) curl_multi_cleanup(multi_);
-  for (auto& [fd, ev] : sockets_) event_free(ev);
-  if (curl_timer_ != nullptr) event_free(curl_timer_);
+  for (auto& shard : shards_) {
+    // Idle connections are closed here; libcurl may report their sockets through OnCurlSocket.
+    curl_multi_cleanup(shard->multi);
+    for (auto& [fd, ev] : shard->sockets) event_free(ev);
+    event_free(shard->timer);
+  }
+  shards_.clear();
   if (wake_ != nullptr) event_free(wake_);
   if (base_ != nullptr) event_base_free(base_);
 }
@@ -564,65 +642,66 @@ void HttpClientImpl::Drain() {
 // ---------------------------------------------------------------------------------------------
 // libcurl <-> libevent
 
-int HttpClientImpl::OnCurlSocket(CURL*, curl_socket_t fd, int what, void* self_arg, void*) {
-  auto* self = static_cast<HttpClientImpl*>(self_arg);
+int HttpClientImpl::OnCurlSocket(CURL*, curl_socket_t fd, int what, void* shard_arg, void*) {
+  auto* shard = static_cast<Shard*>(shard_arg);
   if (what == CURL_POLL_REMOVE) {
-    auto it = self->sockets_.find(fd);
-    if (it != self->sockets_.end()) {
+    auto it = shard->sockets.find(fd);
+    if (it != shard->sockets.end()) {
       event_free(it->second);
-      self->sockets_.erase(it);
+      shard->sockets.erase(it);
     }
     return 0;
   }
   const short events = EV_PERSIST | ((what & CURL_POLL_IN) != 0 ? EV_READ : 0) |
                        ((what & CURL_POLL_OUT) != 0 ? EV_WRITE : 0);
-  event*& ev = self->sockets_[fd];
+  event_base* base = shard->client->base_;
+  event*& ev = shard->sockets[fd];
   if (ev == nullptr) {
-    ev = event_new(self->base_, fd, events, &HttpClientImpl::OnSocketEvent, self);
+    ev = event_new(base, fd, events, &HttpClientImpl::OnSocketEvent, shard);
     if (ev == nullptr) {
-      self->sockets_.erase(fd);
+      shard->sockets.erase(fd);
       return -1;  // libcurl fails the transfers on this socket
     }
   } else {
     event_del(ev);
-    event_assign(ev, self->base_, fd, events, &HttpClientImpl::OnSocketEvent, self);
+    event_assign(ev, base, fd, events, &HttpClientImpl::OnSocketEvent, shard);
   }
   event_add(ev, nullptr);
   return 0;
 }
 
-int HttpClientImpl::OnCurlTimer(CURLM*, long timeout_ms, void* self_arg) {
-  auto* self = static_cast<HttpClientImpl*>(self_arg);
+int HttpClientImpl::OnCurlTimer(CURLM*, long timeout_ms, void* shard_arg) {
+  auto* shard = static_cast<Shard*>(shard_arg);
   if (timeout_ms < 0) {
-    evtimer_del(self->curl_timer_);
+    evtimer_del(shard->timer);
     return 0;
   }
   // Even a zero timeout goes through the loop: libcurl must not be re-entered from here.
   timeval tv{static_cast<time_t>(timeout_ms / 1000),
              static_cast<suseconds_t>((timeout_ms % 1000) * 1000)};
-  evtimer_add(self->curl_timer_, &tv);
+  evtimer_add(shard->timer, &tv);
   return 0;
 }
 
-void HttpClientImpl::OnSocketEvent(evutil_socket_t fd, short events, void* self_arg) {
-  auto* self = static_cast<HttpClientImpl*>(self_arg);
+void HttpClientImpl::OnSocketEvent(evutil_socket_t fd, short events, void* shard_arg) {
+  auto* shard = static_cast<Shard*>(shard_arg);
   const int action = ((events & EV_READ) != 0 ? CURL_CSELECT_IN : 0) |
                      ((events & EV_WRITE) != 0 ? CURL_CSELECT_OUT : 0);
   int running = 0;
-  curl_multi_socket_action(self->multi_, fd, action, &running);
-  self->ProcessCompletedTransfers();
+  curl_multi_socket_action(shard->multi, fd, action, &running);
+  shard->client->ProcessCompletedTransfers(*shard);
 }
 
-void HttpClientImpl::OnCurlTimerEvent(evutil_socket_t, short, void* self_arg) {
-  auto* self = static_cast<HttpClientImpl*>(self_arg);
+void HttpClientImpl::OnCurlTimerEvent(evutil_socket_t, short, void* shard_arg) {
+  auto* shard = static_cast<Shard*>(shard_arg);
   int running = 0;
-  curl_multi_socket_action(self->multi_, CURL_SOCKET_TIMEOUT, 0, &running);
-  self->ProcessCompletedTransfers();
+  curl_multi_socket_action(shard->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+  shard->client->ProcessCompletedTransfers(*shard);
 }
 
-void HttpClientImpl::ProcessCompletedTransfers() {
+void HttpClientImpl::ProcessCompletedTransfers(Shard& shard) {
   int queued = 0;
-  while (CURLMsg* message = curl_multi_info_read(multi_, &queued)) {
+  while (CURLMsg* message = curl_multi_info_read(shard.multi, &queued)) {
     if (message->msg != CURLMSG_DONE) continue;
     // The message dies with the easy handle: copy what we need first.
     CURL* easy = message->easy_handle;
@@ -664,6 +743,7 @@ void HttpClientImpl::Submit(std::unique_ptr<Call> owned) {
   if (!url.ok()) return Finish(call, url.status());
   call.safe_url = std::move(url->safe_url);
   call.https = url->https;
+  call.origin_hash = std::hash<std::string>{}(url->origin);
   if (absl::Status valid = ValidateRequest(call.request); !valid.ok()) {
     return Finish(
         call, absl::InvalidArgumentError(absl::StrCat(valid.message(), " for ", call.safe_url)));
@@ -718,6 +798,7 @@ absl::Status HttpClientImpl::ConfigureEasy(Call& call) {
   curl_easy_setopt(easy, CURLOPT_URL, request.url.c_str());
   curl_easy_setopt(easy, CURLOPT_PRIVATE, &call);
   curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(easy, CURLOPT_BUFFERSIZE, kReceiveBufferSize);
   curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, call.error_buffer);
   curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, &HttpClientImpl::OnHeader);
   curl_easy_setopt(easy, CURLOPT_HEADERDATA, &call);
@@ -809,8 +890,14 @@ void HttpClientImpl::StartAttempt(Call& call) {
   call.easy = curl_easy_init();
   absl::Status status = call.easy == nullptr ? absl::ResourceExhaustedError("curl_easy_init failed")
                                              : ConfigureEasy(call);
-  if (status.ok() && curl_multi_add_handle(multi_, call.easy) != CURLM_OK) {
-    status = absl::InternalError("curl_multi_add_handle failed");
+  if (status.ok()) {
+    Shard& shard = PickShard(call);
+    if (curl_multi_add_handle(shard.multi, call.easy) == CURLM_OK) {
+      call.shard = &shard;
+      ++shard.transfers;
+    } else {
+      status = absl::InternalError("curl_multi_add_handle failed");
+    }
   }
   if (!status.ok()) {
     if (call.easy != nullptr) {
@@ -833,7 +920,11 @@ void HttpClientImpl::ReleaseEasy(Call& call) {
   if (call.easy != nullptr) {
     // Mid-transfer this closes the connection (HTTP/1.1) or resets the stream (HTTP/2): the
     // server sees the client go away.
-    curl_multi_remove_handle(multi_, call.easy);
+    if (call.shard != nullptr) {
+      curl_multi_remove_handle(call.shard->multi, call.easy);
+      --call.shard->transfers;
+      call.shard = nullptr;
+    }
     curl_easy_cleanup(call.easy);
     call.easy = nullptr;
   }

@@ -653,6 +653,39 @@ TEST_F(HttpClientTest, ManyConcurrentRequests) {
   EXPECT_EQ(ClientMetric("montage_http_client_in_flight", {{"peer", "127.0.0.1"}}), 0);
 }
 
+TEST_F(HttpClientTest, UnlimitedClientSpreadsOverShards) {
+  // Without connection limits, hundreds of transfers at once run on several multi handles.
+  HttpClientOptions options;
+  options.max_connections_per_host = 0;
+  client_ = MakeClient(options);
+  // Few enough that the test server stays within a 1024 descriptor limit.
+  constexpr int kCalls = 300;
+  constexpr int kCancelled = 40;
+  std::atomic<int> ok{0};
+  std::atomic<int> cancelled{0};
+  std::atomic<int> finished{0};
+  absl::Notification all_done;
+  std::vector<std::shared_ptr<CallHandle>> slow;
+  auto count = [&](absl::StatusOr<HttpResponse> response) {
+    if (response.ok() && response->status == 200 && response->body == "hello") ++ok;
+    if (response.status().code() == absl::StatusCode::kCancelled) ++cancelled;
+    if (++finished == kCalls + kCancelled) all_done.Notify();
+  };
+  for (int i = 0; i < kCancelled; ++i) slow.push_back(client_->Send(Get("/delay"), count));
+  for (int i = 0; i < kCalls; ++i) client_->Send(Get("/ok"), count);
+  ASSERT_TRUE(OrStop(server_.WaitForHits("/delay", kCancelled)));
+  for (auto& handle : slow) handle->Cancel();
+  ASSERT_TRUE(Wait(all_done, absl::Seconds(30)));
+  EXPECT_EQ(ok.load(), kCalls);
+  EXPECT_EQ(cancelled.load(), kCancelled);
+  EXPECT_EQ(client_->in_flight(), 0u);
+  EXPECT_TRUE(server_.WaitForClosedBeforeAnswer(kCancelled));
+  // Idle connections are reused afterwards.
+  absl::StatusOr<HttpResponse> response = Send(Get("/ok"));
+  ASSERT_TRUE(response.ok()) << response.status();
+  EXPECT_EQ(response->status, 200);
+}
+
 TEST_F(HttpClientTest, PeerLabelNamesMetrics) {
   HttpRequest request = Get("/ok");
   request.peer_label = "openai";
