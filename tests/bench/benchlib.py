@@ -1,7 +1,9 @@
 """Helpers shared by the benchmarks under tests/bench (ports, CPU time, polling, metrics)."""
 
 import os
+import re
 import socket
+import subprocess
 import time
 import urllib.request
 
@@ -56,3 +58,40 @@ def proc_status(pid, field):
     except OSError:
         return None
     return None
+
+
+def varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def grpc_frame(message):
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def h2load_grpc(port, method_path, body_path, requests, conns, streams, log_path):
+    """Unary gRPC calls with h2load pinned to core 1: req/s, completed, HTTP 200s, p50/p99 ms.
+
+    h2load counts any HTTP 200 as success (gRPC errors arrive in trailers), so callers check
+    the server's own counters for gRPC success.
+    """
+    cmd = ["taskset", "-c", "1", "h2load", "-n", str(requests), "-c", str(conns), "-m",
+           str(streams), "-t", "1", "-H", "content-type: application/grpc", "-H", "te: trailers",
+           "-d", body_path, "--log-file", log_path, f"http://127.0.0.1:{port}{method_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    latencies = []
+    with open(log_path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3:
+                latencies.append(int(parts[2]) / 1000.0)  # µs → ms
+    latencies.sort()
+    return {"rps": rps, "done": int(done.group(1)), "http_ok": int(done.group(2)),
+            "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}

@@ -19,7 +19,6 @@ failed to start, or requests failed).
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -27,24 +26,11 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchlib import cpu_seconds, free_port, metric, percentile, wait_for  # noqa: E402
+from benchlib import (cpu_seconds, free_port, grpc_frame, h2load_grpc, metric,  # noqa: E402
+                      percentile, varint, wait_for)
 
 VALUE = b"v" * 1024
 KEY = b"bench:key"
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def grpc_frame(message):
-    return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
 def get_request():
@@ -58,22 +44,8 @@ def set_request():
 
 
 def run_h2load(port, body_path, requests, conns, streams, log_path):
-    cmd = ["taskset", "-c", "1", "h2load", "-n", str(requests), "-c", str(conns), "-m",
-           str(streams), "-t", "1", "-H", "content-type: application/grpc", "-H", "te: trailers",
-           "-d", body_path, "--log-file", log_path,
-           f"http://127.0.0.1:{port}/montage.cache.v1.CacheService/Get"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
-    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
-    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
-    latencies = []
-    with open(log_path) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3:
-                latencies.append(int(parts[2]) / 1000.0)  # µs → ms
-    latencies.sort()
-    return {"rps": rps, "done": int(done.group(1)), "http_ok": int(done.group(2)),
-            "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
+    return h2load_grpc(port, "/montage.cache.v1.CacheService/Get", body_path, requests, conns,
+                       streams, log_path)
 
 
 def run_redis_benchmark(port, requests, conns, pipeline):
