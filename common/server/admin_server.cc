@@ -15,6 +15,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/server/evhttp_method.h"
 
 namespace montage {
 namespace {
@@ -22,23 +23,6 @@ namespace {
 void EnableLibeventThreads() {
   static const bool enabled = [] { return evthread_use_pthreads() == 0; }();
   (void)enabled;
-}
-
-absl::string_view MethodName(evhttp_cmd_type cmd) {
-  switch (cmd) {
-    case EVHTTP_REQ_GET:
-      return "GET";
-    case EVHTTP_REQ_POST:
-      return "POST";
-    case EVHTTP_REQ_HEAD:
-      return "HEAD";
-    case EVHTTP_REQ_PUT:
-      return "PUT";
-    case EVHTTP_REQ_DELETE:
-      return "DELETE";
-    default:
-      return "OTHER";
-  }
 }
 
 }  // namespace
@@ -143,7 +127,7 @@ void AdminServer::OnRequest(evhttp_request* request, void* self) {
 
 void AdminServer::Dispatch(evhttp_request* request) {
   AdminRequest req;
-  req.method = std::string(MethodName(evhttp_request_get_command(request)));
+  req.method = std::string(EvhttpMethodName(evhttp_request_get_command(request)));
   const evhttp_uri* uri = evhttp_request_get_evhttp_uri(request);
   const char* path = uri != nullptr ? evhttp_uri_get_path(uri) : nullptr;
   req.path = path != nullptr && *path != '\0' ? path : "/";

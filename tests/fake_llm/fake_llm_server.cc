@@ -20,6 +20,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/server/evhttp_method.h"
 #include "nlohmann/json.hpp"
 
 namespace montage::testing {
@@ -49,23 +50,6 @@ void IgnoreSigpipe() {
   struct sigaction current;
   if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
     signal(SIGPIPE, SIG_IGN);
-  }
-}
-
-const char* MethodName(evhttp_cmd_type cmd) {
-  switch (cmd) {
-    case EVHTTP_REQ_GET:
-      return "GET";
-    case EVHTTP_REQ_POST:
-      return "POST";
-    case EVHTTP_REQ_HEAD:
-      return "HEAD";
-    case EVHTTP_REQ_PUT:
-      return "PUT";
-    case EVHTTP_REQ_DELETE:
-      return "DELETE";
-    default:
-      return "OTHER";
   }
 }
 
@@ -421,7 +405,7 @@ void FakeLlmServer::Dispatch(evhttp_request* request) {
   }
 
   RecordedRequest record;
-  record.method = MethodName(evhttp_request_get_command(request));
+  record.method = EvhttpMethodName(evhttp_request_get_command(request));
   record.path = path;
   record.body = body;
   const evkeyvalq* headers = evhttp_request_get_input_headers(request);
