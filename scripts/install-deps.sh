@@ -20,6 +20,8 @@ BUILD_PACKAGES=(
   libavformat-dev libavcodec-dev libavfilter-dev libavutil-dev libswscale-dev libswresample-dev
   # header-only: JSON Schema validation, Mustache templates (generation's prompt catalogue)
   rapidjson-dev libkainjow-mustache-dev
+  # HTTP/2 server side (the fake LLM provider's h2c listener; the gateway next)
+  libnghttp2-dev
   # tests and benchmarks
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   nghttp2-client nghttp2-server redis-server redis-tools util-linux procps curl python3
