@@ -850,11 +850,15 @@ absl::Status HttpClientImpl::ConfigureEasy(Call& call) {
       break;
     case HttpVersion::kHttp2PriorKnowledge:
       curl_easy_setopt(easy, CURLOPT_HTTP_VERSION, long{CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE});
-      curl_easy_setopt(easy, CURLOPT_PIPEWAIT, 1L);
       if (LibcurlBreaksIdleH2cReuse()) {
-        // The connection then closes when its last stream ends instead of idling in the cache;
-        // concurrent requests still share it.
+        // libcurl < 8 fails a second stream on an h2c connection ("Error in the HTTP2 framing
+        // layer"), idle or busy (curl #10634; seen here with curl -Z against nghttpd too). So each
+        // request gets a connection of its own, closed when it ends: HTTP/2 framing, no
+        // multiplexing.
+        curl_easy_setopt(easy, CURLOPT_FRESH_CONNECT, 1L);
         curl_easy_setopt(easy, CURLOPT_FORBID_REUSE, 1L);
+      } else {
+        curl_easy_setopt(easy, CURLOPT_PIPEWAIT, 1L);
       }
       break;
   }

@@ -320,6 +320,45 @@ INSTANTIATE_TEST_SUITE_P(Wire, ProvidersTest,
 INSTANTIATE_TEST_SUITE_P(Wire, OpenAiProviderTest, ::testing::Values(ProviderConfig::OPENAI),
                          [](const auto& info) { return ProviderConfig::Kind_Name(info.param); });
 
+// http2_prior_knowledge: every call arrives over HTTP/2 (h2c), concurrent calls included. (With
+// Debian's libcurl 7.88 each call gets its own connection: see common/http.)
+TEST(H2cProviderTest, ConcurrentCallsOverH2cAllSucceed) {
+  testing::FakeLlmOptions options;
+  options.h2c_port = 0;
+  options.default_delay = absl::Milliseconds(50);
+  auto fake = FakeLlmServer::Start(options);
+  ASSERT_TRUE(fake.ok()) << fake.status();
+  auto http = http::HttpClient::Create();
+  ASSERT_TRUE(http.ok());
+  ProviderConfig c;
+  c.set_kind(ProviderConfig::OPENAI);
+  c.set_base_url((*fake)->h2c_base_url() + "/v1");
+  c.set_http2_prior_knowledge(true);
+  auto p = MakeProvider("h2c", c, http->get(), nullptr);
+  ASSERT_TRUE(p.ok()) << p.status();
+  constexpr int kCalls = 20;
+  std::vector<std::unique_ptr<Outcome>> outs;
+  for (int i = 0; i < kCalls; ++i) {
+    outs.push_back(std::make_unique<Outcome>());
+    ProviderRequest r;
+    r.model = "m";
+    r.messages.push_back({PromptMessage::Role::kUser, "call " + std::to_string(i)});
+    Outcome* out = outs.back().get();
+    (*p)->Generate(std::move(r), nullptr, [out](absl::StatusOr<ProviderResult> result) {
+      out->result = std::move(result);
+      out->done.Notify();
+    });
+  }
+  for (int i = 0; i < kCalls; ++i) {
+    ASSERT_TRUE(outs[i]->done.WaitForNotificationWithTimeout(kWait));
+    ASSERT_TRUE(outs[i]->result.ok()) << outs[i]->result.status();
+    EXPECT_NE(outs[i]->result->text.find("call " + std::to_string(i)), std::string::npos);
+  }
+  const auto stats = (*fake)->stats();
+  EXPECT_EQ(stats.openai_requests, static_cast<uint64_t>(kCalls));
+  EXPECT_GE(stats.h2c_connections, 1u) << "the calls did not arrive over h2c";
+}
+
 TEST(ProviderConfigTest, BadConfigNamesTheField) {
   ProviderConfig c;
   c.set_kind(ProviderConfig::OPENAI);

@@ -1,6 +1,5 @@
 #include "tests/fake_llm/fake_llm_server.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -8,13 +7,11 @@
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
 #include <event2/thread.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 
 #include "absl/strings/ascii.h"
@@ -22,6 +19,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/server/evhttp_method.h"
 #include "nlohmann/json.hpp"
+#include "tests/fake_llm/h2c_listener.h"
+#include "tests/fake_llm/transport.h"
 
 namespace montage::testing {
 namespace {
@@ -29,7 +28,6 @@ namespace {
 using nlohmann::json;
 using nlohmann::ordered_json;
 
-constexpr size_t kMaxBodyBytes = 8 << 20;
 constexpr size_t kMaxHeaderBytes = 64 << 10;
 // Idle keep-alive connections and stalled writes are dropped after this; a pending answer never
 // is (libevent does not read or write while we wait).
@@ -68,28 +66,112 @@ std::string QueryParam(const std::string& query, const char* name) {
   return result;
 }
 
-std::string Header(evhttp_request* request, const char* name) {
-  const char* value = evhttp_find_header(evhttp_request_get_input_headers(request), name);
-  return value != nullptr ? value : "";
-}
-
-void SendWhole(evhttp_request* request, int status, const char* content_type,
-               const std::string& body,
-               const std::vector<std::pair<std::string, std::string>>& headers = {}) {
+void AddHeaders(evhttp_request* request, const std::string& content_type,
+                const HeaderList& headers) {
   evkeyvalq* out = evhttp_request_get_output_headers(request);
-  evhttp_add_header(out, "Content-Type", content_type);
+  evhttp_add_header(out, "Content-Type", content_type.c_str());
   for (const auto& [name, value] : headers) {
     evhttp_add_header(out, name.c_str(), value.c_str());
   }
-  evbuffer* buffer = evbuffer_new();
-  evbuffer_add(buffer, body.data(), body.size());
-  evhttp_send_reply(request, status, ReasonPhrase(status), buffer);
-  evbuffer_free(buffer);
 }
 
-void SendJson(evhttp_request* request, int status, const ordered_json& value) {
-  SendWhole(request, status, "application/json",
-            value.dump(-1, ' ', false, json::error_handler_t::replace));
+// Answers one HTTP/1.1 request of evhttp.
+class EvhttpResponder final : public Responder {
+ public:
+  EvhttpResponder(evhttp_request* request, event_base* base)
+      : request_(request), connection_(evhttp_request_get_connection(request)), base_(base) {}
+  ~EvhttpResponder() override { StopWatching(); }
+
+  void WatchDeparture(std::function<void()> on_gone) override {
+    StopWatching();
+    if (on_gone == nullptr) return;
+    on_gone_ = std::move(on_gone);
+    evhttp_connection_set_closecb(connection_, &EvhttpResponder::OnClosed, this);
+    // libevent stops reading a connection once it has read a request, so it would learn of the
+    // client's close only when writing. Watch the socket ourselves.
+    bufferevent* bev = evhttp_connection_get_bufferevent(connection_);
+    const evutil_socket_t fd = bev != nullptr ? bufferevent_getfd(bev) : -1;
+    if (fd >= 0) {
+      watch_ = event_new(base_, fd, EV_READ, &EvhttpResponder::OnReadable, this);
+      if (watch_ != nullptr) event_add(watch_, nullptr);
+    }
+  }
+  void SendWhole(int status, const std::string& content_type, const HeaderList& headers,
+                 const std::string& body) override {
+    AddHeaders(request_, content_type, headers);
+    evbuffer* buffer = evbuffer_new();
+    evbuffer_add(buffer, body.data(), body.size());
+    evhttp_send_reply(request_, status, ReasonPhrase(status), buffer);
+    evbuffer_free(buffer);
+  }
+  void StartStream(int status, const std::string& content_type,
+                   const HeaderList& headers) override {
+    AddHeaders(request_, content_type, headers);
+    evhttp_send_reply_start(request_, status, ReasonPhrase(status));
+  }
+  void SendChunk(const std::string& bytes) override {
+    evbuffer* chunk = evbuffer_new();
+    evbuffer_add(chunk, bytes.data(), bytes.size());
+    evhttp_send_reply_chunk(request_, chunk);
+    evbuffer_free(chunk);
+  }
+  void EndStream() override { evhttp_send_reply_end(request_); }
+  bool ReadyToCut() override {
+    bufferevent* bev = evhttp_connection_get_bufferevent(connection_);
+    return bev == nullptr || evbuffer_get_length(bufferevent_get_output(bev)) == 0;
+  }
+  void Cut() override {
+    StopWatching();
+    evhttp_connection_free(connection_);  // frees the request too
+  }
+
+ private:
+  void StopWatching() {
+    if (watch_ != nullptr) event_free(watch_);
+    watch_ = nullptr;
+    if (on_gone_ != nullptr) evhttp_connection_set_closecb(connection_, nullptr, nullptr);
+    on_gone_ = nullptr;
+  }
+
+  static void OnReadable(evutil_socket_t fd, short, void* self) {
+    auto* responder = static_cast<EvhttpResponder*>(self);
+    char byte;
+    const ssize_t n = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0) return;  // a pipelined request: stop watching (libevent reads it after the answer)
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+      event_add(responder->watch_, nullptr);
+      return;
+    }
+    evhttp_connection* connection = responder->connection_;
+    const std::function<void()> on_gone = responder->on_gone_;
+    responder->StopWatching();
+    on_gone();                           // destroys the responder
+    evhttp_connection_free(connection);  // frees the request too
+  }
+
+  // libevent noticed the close itself (a failed write while streaming).
+  static void OnClosed(evhttp_connection*, void* self) {
+    auto* responder = static_cast<EvhttpResponder*>(self);
+    evhttp_request* request = responder->request_;
+    // On a network error libevent detaches the unanswered request from the connection and leaves
+    // it to us; otherwise it frees it with the connection.
+    const bool detached = evhttp_request_get_connection(request) == nullptr;
+    const std::function<void()> on_gone = responder->on_gone_;
+    responder->StopWatching();
+    on_gone();  // destroys the responder
+    if (detached) evhttp_request_free(request);
+  }
+
+  evhttp_request* const request_;
+  evhttp_connection* const connection_;
+  event_base* const base_;
+  event* watch_ = nullptr;
+  std::function<void()> on_gone_;
+};
+
+void SendJson(Responder& responder, int status, const ordered_json& value) {
+  responder.SendWhole(status, "application/json", {},
+                      value.dump(-1, ' ', false, json::error_handler_t::replace));
 }
 
 absl::Status BehaviourFromJson(const json& item, Behaviour& out) {
@@ -143,11 +225,9 @@ absl::Status BehaviourFromJson(const json& item, Behaviour& out) {
 // decided on arrival; timers then hand it out.
 struct FakeLlmServer::Exchange {
   FakeLlmServer* server = nullptr;
-  evhttp_request* request = nullptr;
-  evhttp_connection* connection = nullptr;
+  uint64_t id = 0;
+  std::unique_ptr<Responder> responder;
   event* timer = nullptr;
-  // Watches the socket for the client's close while libevent does not read it.
-  event* watch = nullptr;
 
   int status = 200;
   std::string content_type = "application/json";
@@ -206,6 +286,7 @@ std::string StatsToJson(const FakeLlmStats& stats) {
                             {"peak_in_flight", stats.peak_in_flight},
                             {"completed", stats.completed},
                             {"disconnects", stats.disconnects},
+                            {"h2c_connections", stats.h2c_connections},
                             {"queued_behaviours", stats.queued_behaviours},
                             {"recent", std::move(recent)}};
   return out.dump(-1, ' ', false, json::error_handler_t::replace);
@@ -223,18 +304,37 @@ absl::StatusOr<std::unique_ptr<FakeLlmServer>> FakeLlmServer::Start(FakeLlmOptio
   if (options.port < 0 || options.port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("port ", options.port, " is out of range"));
   }
+  if (options.h2c_port < -1 || options.h2c_port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("h2c port ", options.h2c_port, " is out of range"));
+  }
   std::unique_ptr<FakeLlmServer> server(new FakeLlmServer(options));
   server->base_ = event_base_new();
   if (server->base_ == nullptr) return absl::InternalError("event_base_new failed");
   server->http_ = evhttp_new(server->base_);
   if (server->http_ == nullptr) return absl::InternalError("evhttp_new failed");
   evhttp_set_allowed_methods(server->http_, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD);
-  evhttp_set_max_body_size(server->http_, kMaxBodyBytes);
+  evhttp_set_max_body_size(server->http_, kMaxRequestBodyBytes);
   evhttp_set_max_headers_size(server->http_, kMaxHeaderBytes);
   evhttp_set_timeout(server->http_, kConnectionTimeoutSeconds);
   evhttp_set_gencb(server->http_, &FakeLlmServer::OnRequest, server.get());
   absl::Status listening = server->Listen(options.port);
   if (!listening.ok()) return listening;
+  if (options.h2c_port >= 0) {
+    FakeLlmServer* self = server.get();
+    absl::StatusOr<std::unique_ptr<H2cListener>> h2c = H2cListener::Start(
+        server->base_, options.h2c_port,
+        [self](IncomingRequest request, std::unique_ptr<Responder> responder) {
+          self->Dispatch(std::move(request), std::move(responder));
+        },
+        [self] {
+          absl::MutexLock lock(&self->mu_);
+          ++self->stats_.h2c_connections;
+        });
+    if (!h2c.ok()) return h2c.status();
+    server->h2c_ = *std::move(h2c);
+    server->h2c_port_ = server->h2c_->port();
+  }
   // Stop() activates this event; an activation made before the loop runs is not lost.
   server->stop_event_ = event_new(
       server->base_, -1, 0,
@@ -249,37 +349,20 @@ absl::StatusOr<std::unique_ptr<FakeLlmServer>> FakeLlmServer::Start(FakeLlmOptio
 }
 
 absl::Status FakeLlmServer::Listen(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
-  const int one = 1;
-  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      listen(fd, kListenBacklog) != 0) {
-    const int error = errno;
-    close(fd);
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on 127.0.0.1:", port, ": ", std::strerror(error)));
-  }
-  socklen_t len = sizeof(addr);
-  if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    close(fd);
-    return absl::InternalError("getsockname failed");
-  }
+  absl::StatusOr<LoopbackSocket> socket = ListenLoopback(port, kListenBacklog);
+  if (!socket.ok()) return socket.status();
   // From here the listener owns (and closes) the socket.
-  if (evhttp_accept_socket_with_handle(http_, fd) == nullptr) {
-    close(fd);
+  if (evhttp_accept_socket_with_handle(http_, socket->fd) == nullptr) {
+    close(socket->fd);
     return absl::InternalError("evhttp_accept_socket_with_handle failed");
   }
-  port_ = ntohs(addr.sin_port);
+  port_ = socket->port;
   return absl::OkStatus();
 }
 
 FakeLlmServer::~FakeLlmServer() {
   Stop();
+  h2c_.reset();  // before the event base it uses
   if (http_ != nullptr) evhttp_free(http_);
   if (stop_event_ != nullptr) event_free(stop_event_);
   if (base_ != nullptr) event_base_free(base_);
@@ -287,16 +370,13 @@ FakeLlmServer::~FakeLlmServer() {
 
 void FakeLlmServer::Run() {
   event_base_dispatch(base_);
-  // Tear down on this thread: freeing the server closes every connection, whose close callbacks
-  // retire their exchanges (as drops, not disconnects).
+  // Tear down on this thread: pending requests are dropped (not disconnects), then freeing the
+  // transports closes every connection.
   stopping_ = true;
+  while (!exchanges_.empty()) Retire(exchanges_.begin()->second.get(), Outcome::kDropped);
+  h2c_.reset();
   evhttp_free(http_);
   http_ = nullptr;
-  while (!exchanges_.empty()) {
-    Exchange* orphan = exchanges_.begin()->first;
-    orphan->connection = nullptr;  // already freed with the server
-    Retire(orphan, Outcome::kDropped);
-  }
 }
 
 void FakeLlmServer::Stop() {
@@ -306,6 +386,10 @@ void FakeLlmServer::Stop() {
 }
 
 std::string FakeLlmServer::base_url() const { return absl::StrCat("http://127.0.0.1:", port_); }
+
+std::string FakeLlmServer::h2c_base_url() const {
+  return h2c_port_ < 0 ? "" : absl::StrCat("http://127.0.0.1:", h2c_port_);
+}
 
 void FakeLlmServer::Enqueue(Behaviour behaviour) {
   absl::MutexLock lock(&mu_);
@@ -386,58 +470,66 @@ bool FakeLlmServer::WaitForRequests(uint64_t n, absl::Duration timeout) const {
 }
 
 void FakeLlmServer::OnRequest(evhttp_request* request, void* self) {
-  static_cast<FakeLlmServer*>(self)->Dispatch(request);
-}
-
-void FakeLlmServer::Dispatch(evhttp_request* request) {
+  auto* server = static_cast<FakeLlmServer*>(self);
+  IncomingRequest incoming;
   const evhttp_uri* uri = evhttp_request_get_evhttp_uri(request);
   const char* raw_path = uri != nullptr ? evhttp_uri_get_path(uri) : nullptr;
   const char* raw_query = uri != nullptr ? evhttp_uri_get_query(uri) : nullptr;
-  const std::string path = raw_path != nullptr && *raw_path != '\0' ? raw_path : "/";
-  const std::string query = raw_query != nullptr ? raw_query : "";
+  incoming.method = EvhttpMethodName(evhttp_request_get_command(request));
+  incoming.path = raw_path != nullptr && *raw_path != '\0' ? raw_path : "/";
+  incoming.query = raw_query != nullptr ? raw_query : "";
   evbuffer* input = evhttp_request_get_input_buffer(request);
-  std::string body(evbuffer_get_length(input), '\0');
-  evbuffer_copyout(input, body.data(), body.size());
+  incoming.body.resize(evbuffer_get_length(input));
+  evbuffer_copyout(input, incoming.body.data(), incoming.body.size());
+  const evkeyvalq* headers = evhttp_request_get_input_headers(request);
+  for (const evkeyval* kv = headers->tqh_first; kv != nullptr; kv = kv->next.tqe_next) {
+    incoming.headers.emplace_back(kv->key, kv->value);
+  }
+  server->Dispatch(std::move(incoming), std::make_unique<EvhttpResponder>(request, server->base_));
+}
 
+void FakeLlmServer::Dispatch(IncomingRequest request, std::unique_ptr<Responder> responder) {
+  const std::string& path = request.path;
   if (options_.control_pages && absl::StartsWith(path, "/_fake/")) {
-    ServeControl(request, path, query, body);
+    ServeControl(request, *responder);
     return;
   }
 
   RecordedRequest record;
-  record.method = EvhttpMethodName(evhttp_request_get_command(request));
+  record.method = request.method;
   record.path = path;
-  record.body = body;
-  const evkeyvalq* headers = evhttp_request_get_input_headers(request);
-  for (const evkeyval* kv = headers->tqh_first; kv != nullptr; kv = kv->next.tqe_next) {
-    std::string name = absl::AsciiStrToLower(kv->key);
-    std::string value = IsCredentialHeader(name) ? std::string(kRedacted) : kv->value;
+  record.body = request.body;
+  for (const auto& [key, raw_value] : request.headers) {
+    std::string name = absl::AsciiStrToLower(key);
+    std::string value = IsCredentialHeader(name) ? std::string(kRedacted) : raw_value;
     record.headers.emplace_back(std::move(name), std::move(value));
   }
 
   constexpr absl::string_view kGeminiPrefix = "/v1beta/models/";
   if (path == "/v1/chat/completions") {
-    ServeProvider(request, Provider::kOpenAi, "", false, false, std::move(record));
+    ServeProvider(request, std::move(responder), Provider::kOpenAi, "", false, false,
+                  std::move(record));
   } else if (path == "/v1/messages") {
-    ServeProvider(request, Provider::kAnthropic, "", false, false, std::move(record));
+    ServeProvider(request, std::move(responder), Provider::kAnthropic, "", false, false,
+                  std::move(record));
   } else if (absl::StartsWith(path, kGeminiPrefix) && path.find(':') != std::string::npos) {
     const size_t colon = path.rfind(':');
     const std::string model = path.substr(kGeminiPrefix.size(), colon - kGeminiPrefix.size());
     const std::string method = path.substr(colon + 1);
     if (!model.empty() && (method == "generateContent" || method == "streamGenerateContent")) {
       const bool stream = method == "streamGenerateContent";
-      ServeProvider(request, Provider::kGemini, model, stream,
-                    stream && QueryParam(query, "alt") == "sse", std::move(record));
+      ServeProvider(request, std::move(responder), Provider::kGemini, model, stream,
+                    stream && QueryParam(request.query, "alt") == "sse", std::move(record));
       return;
     }
     record.provider = "other";
     Record(std::move(record));
-    SendWhole(request, 404, "application/json",
-              ErrorBody(Provider::kGemini, 404, "", "unknown model method", ""));
+    responder->SendWhole(404, "application/json", {},
+                         ErrorBody(Provider::kGemini, 404, "", "unknown model method", ""));
   } else {
     record.provider = "other";
     Record(std::move(record));
-    SendJson(request, 404, {{"error", absl::StrCat("no fake endpoint at ", path)}});
+    SendJson(*responder, 404, {{"error", absl::StrCat("no fake endpoint at ", path)}});
   }
 }
 
@@ -451,17 +543,18 @@ void FakeLlmServer::Record(RecordedRequest record) {
   while (recent_.size() > kRecordedRequests) recent_.pop_front();
 }
 
-void FakeLlmServer::ServeControl(evhttp_request* request, const std::string& path,
-                                 const std::string& query, const std::string& body) {
-  const evhttp_cmd_type method = evhttp_request_get_command(request);
-  if (path == "/_fake/stats" && method == EVHTTP_REQ_GET) {
+void FakeLlmServer::ServeControl(const IncomingRequest& request, Responder& responder) {
+  const std::string& path = request.path;
+  const std::string& method = request.method;
+  const std::string& body = request.body;
+  if (path == "/_fake/stats" && method == "GET") {
     FakeLlmStats copy = stats();
-    if (QueryParam(query, "recent") == "0") copy.recent.clear();
-    SendWhole(request, 200, "application/json", StatsToJson(copy));
-  } else if (path == "/_fake/script" && method == EVHTTP_REQ_POST) {
+    if (QueryParam(request.query, "recent") == "0") copy.recent.clear();
+    responder.SendWhole(200, "application/json", {}, StatsToJson(copy));
+  } else if (path == "/_fake/script" && method == "POST") {
     absl::StatusOr<std::vector<Behaviour>> behaviours = ParseBehaviours(body);
     if (!behaviours.ok()) {
-      SendJson(request, 400, {{"error", std::string(behaviours.status().message())}});
+      SendJson(responder, 400, {{"error", std::string(behaviours.status().message())}});
       return;
     }
     size_t queued;
@@ -470,14 +563,14 @@ void FakeLlmServer::ServeControl(evhttp_request* request, const std::string& pat
       for (Behaviour& b : *behaviours) script_.push_back(std::move(b));
       queued = script_.size();
     }
-    SendJson(request, 200, {{"queued", queued}});
-  } else if (path == "/_fake/reset" && method == EVHTTP_REQ_POST) {
+    SendJson(responder, 200, {{"queued", queued}});
+  } else if (path == "/_fake/reset" && method == "POST") {
     Reset();
-    SendJson(request, 200, {{"reset", true}});
-  } else if (path == "/_fake/config" && method == EVHTTP_REQ_POST) {
+    SendJson(responder, 200, {{"reset", true}});
+  } else if (path == "/_fake/config" && method == "POST") {
     const json config = json::parse(body, nullptr, /*allow_exceptions=*/false);
     if (!config.is_object()) {
-      SendJson(request, 400, {{"error", "config: expected a JSON object"}});
+      SendJson(responder, 400, {{"error", "config: expected a JSON object"}});
       return;
     }
     Settings updated;
@@ -495,7 +588,7 @@ void FakeLlmServer::ServeControl(evhttp_request* request, const std::string& pat
         (key == "expected_key" ? updated.expected_key : updated.json_answer) =
             value.get<std::string>();
       } else {
-        SendJson(request, 400,
+        SendJson(responder, 400,
                  {{"error", absl::StrCat("config: unknown key or bad value for '", key, "'")}});
         return;
       }
@@ -504,16 +597,17 @@ void FakeLlmServer::ServeControl(evhttp_request* request, const std::string& pat
       absl::MutexLock lock(&mu_);
       settings_ = updated;
     }
-    SendJson(request, 200, {{"configured", true}});
+    SendJson(responder, 200, {{"configured", true}});
   } else {
-    SendJson(request, 404,
+    SendJson(responder, 404,
              {{"error",
                "control pages: GET /_fake/stats, POST /_fake/script, POST /_fake/reset, "
                "POST /_fake/config"}});
   }
 }
 
-void FakeLlmServer::ServeProvider(evhttp_request* request, Provider provider,
+void FakeLlmServer::ServeProvider(const IncomingRequest& request,
+                                  std::unique_ptr<Responder> responder, Provider provider,
                                   const std::string& model, bool gemini_stream, bool sse,
                                   RecordedRequest record) {
   record.provider = std::string(ProviderName(provider));
@@ -529,8 +623,7 @@ void FakeLlmServer::ServeProvider(evhttp_request* request, Provider provider,
 
   auto exchange = std::make_unique<Exchange>();
   exchange->server = this;
-  exchange->request = request;
-  exchange->connection = evhttp_request_get_connection(request);
+  exchange->responder = std::move(responder);
   exchange->chunk_interval = settings.chunk_interval;
   auto reject = [&](int status, absl::string_view message) {
     exchange->status = status;
@@ -539,7 +632,7 @@ void FakeLlmServer::ServeProvider(evhttp_request* request, Provider provider,
     Begin(std::move(exchange), absl::ZeroDuration());
   };
 
-  if (evhttp_request_get_command(request) != EVHTTP_REQ_POST) {
+  if (request.method != "POST") {
     reject(405, "use POST");
     return;
   }
@@ -547,21 +640,17 @@ void FakeLlmServer::ServeProvider(evhttp_request* request, Provider provider,
     std::string key;
     switch (provider) {
       case Provider::kOpenAi: {
-        const std::string authorization = Header(request, "Authorization");
+        const std::string authorization = request.Header("authorization");
         if (absl::StartsWith(authorization, "Bearer ")) key = authorization.substr(7);
         break;
       }
       case Provider::kGemini: {
-        key = Header(request, "x-goog-api-key");
-        if (key.empty()) {
-          const evhttp_uri* uri = evhttp_request_get_evhttp_uri(request);
-          const char* query = uri != nullptr ? evhttp_uri_get_query(uri) : nullptr;
-          if (query != nullptr) key = QueryParam(query, "key");
-        }
+        key = request.Header("x-goog-api-key");
+        if (key.empty()) key = QueryParam(request.query, "key");
         break;
       }
       case Provider::kAnthropic:
-        key = Header(request, "x-api-key");
+        key = request.Header("x-api-key");
         break;
     }
     if (key != settings.expected_key) {
@@ -574,11 +663,11 @@ void FakeLlmServer::ServeProvider(evhttp_request* request, Provider provider,
     }
   }
   if (provider == Provider::kAnthropic) {
-    if (Header(request, "anthropic-version").empty()) {
+    if (request.Header("anthropic-version").empty()) {
       reject(400, "anthropic-version: header is required");
       return;
     }
-    if (Header(request, "x-api-key").empty()) {
+    if (request.Header("x-api-key").empty()) {
       reject(400, "x-api-key: header is required");
       return;
     }
@@ -669,16 +758,9 @@ void FakeLlmServer::ServeProvider(evhttp_request* request, Provider provider,
 
 void FakeLlmServer::Begin(std::unique_ptr<Exchange> owned, absl::Duration delay) {
   Exchange* exchange = owned.get();
-  exchanges_.emplace(exchange, std::move(owned));
-  evhttp_connection_set_closecb(exchange->connection, &FakeLlmServer::OnConnectionClosed, exchange);
-  // libevent stops reading a connection once it has read a request, so it would learn of the
-  // client's close only when writing. Watch the socket ourselves.
-  bufferevent* bev = evhttp_connection_get_bufferevent(exchange->connection);
-  const evutil_socket_t fd = bev != nullptr ? bufferevent_getfd(bev) : -1;
-  if (fd >= 0) {
-    exchange->watch = event_new(base_, fd, EV_READ, &FakeLlmServer::OnReadable, exchange);
-    if (exchange->watch != nullptr) event_add(exchange->watch, nullptr);
-  }
+  exchange->id = ++next_exchange_;
+  exchanges_.emplace(exchange->id, std::move(owned));
+  exchange->responder->WatchDeparture([this, id = exchange->id] { ClientWentAway(id); });
   exchange->timer = evtimer_new(base_, &FakeLlmServer::OnTimer, exchange);
   if (!exchange->hang) ArmTimer(exchange, delay);
 }
@@ -694,95 +776,56 @@ void FakeLlmServer::OnTimer(int, short, void* arg) {
 }
 
 void FakeLlmServer::Advance(Exchange* exchange) {
-  evhttp_request* request = exchange->request;
   if (!exchange->streaming) {
     const int status = exchange->status;
     const std::string content_type = std::move(exchange->content_type);
     const std::string body = std::move(exchange->body);
-    const auto headers = std::move(exchange->headers);
-    // Retire first: sending may free the request and the connection.
-    Retire(exchange, Outcome::kCompleted);
-    SendWhole(request, status, content_type.c_str(), body, headers);
+    const HeaderList headers = std::move(exchange->headers);
+    // Retire first: sending may free the transport's request.
+    Retire(exchange, Outcome::kCompleted)->SendWhole(status, content_type, headers, body);
     return;
   }
+  Responder& responder = *exchange->responder;
   if (!exchange->started) {
-    evkeyvalq* out = evhttp_request_get_output_headers(request);
-    evhttp_add_header(out, "Content-Type", exchange->content_type.c_str());
-    for (const auto& [name, value] : exchange->headers) {
-      evhttp_add_header(out, name.c_str(), value.c_str());
-    }
-    evhttp_send_reply_start(request, exchange->status, ReasonPhrase(exchange->status));
+    responder.StartStream(exchange->status, exchange->content_type, exchange->headers);
     exchange->started = true;
   }
   if (exchange->next_event == exchange->cut_after) {
-    // Close only once what was sent has left, so the client sees exactly the pieces promised.
-    bufferevent* bev = evhttp_connection_get_bufferevent(exchange->connection);
-    if (bev != nullptr && evbuffer_get_length(bufferevent_get_output(bev)) > 0) {
+    // Cut only once what was sent has left, so the client sees exactly the pieces promised.
+    if (!responder.ReadyToCut()) {
       ArmTimer(exchange, absl::Milliseconds(1));
       return;
     }
-    evhttp_connection* connection = exchange->connection;
-    Retire(exchange, Outcome::kCompleted);
-    evhttp_connection_free(connection);  // frees the request too
+    Retire(exchange, Outcome::kCompleted)->Cut();
     return;
   }
-  const std::string& next = exchange->events[exchange->next_event++];
-  evbuffer* chunk = evbuffer_new();
-  evbuffer_add(chunk, next.data(), next.size());
-  evhttp_send_reply_chunk(request, chunk);
-  evbuffer_free(chunk);
+  responder.SendChunk(exchange->events[exchange->next_event++]);
   if (exchange->next_event < exchange->events.size() ||
       exchange->next_event == exchange->cut_after) {
     ArmTimer(exchange, exchange->chunk_interval);
     return;
   }
-  Retire(exchange, Outcome::kCompleted);
-  evhttp_send_reply_end(request);
+  Retire(exchange, Outcome::kCompleted)->EndStream();
 }
 
-void FakeLlmServer::OnReadable(int fd, short, void* arg) {
-  auto* exchange = static_cast<Exchange*>(arg);
-  char byte;
-  const ssize_t n = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-  if (n > 0) return;  // a pipelined request: stop watching (libevent reads it after the answer)
-  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
-    event_add(exchange->watch, nullptr);
-    return;
-  }
-  exchange->server->ClientWentAway(exchange);
+void FakeLlmServer::ClientWentAway(uint64_t id) {
+  auto it = exchanges_.find(id);
+  if (it == exchanges_.end()) return;
+  Retire(it->second.get(), stopping_ ? Outcome::kDropped : Outcome::kDisconnected);
 }
 
-void FakeLlmServer::ClientWentAway(Exchange* exchange) {
-  evhttp_connection* connection = exchange->connection;
-  Retire(exchange, Outcome::kDisconnected);
-  evhttp_connection_free(connection);  // frees the request too
-}
-
-void FakeLlmServer::OnConnectionClosed(evhttp_connection*, void* arg) {
-  // libevent noticed the close itself (a failed write while streaming, or Stop()).
-  auto* exchange = static_cast<Exchange*>(arg);
-  FakeLlmServer* server = exchange->server;
-  evhttp_request* request = exchange->request;
-  // On a network error libevent detaches the unanswered request from the connection and leaves
-  // it to us; otherwise it frees it with the connection.
-  const bool detached = evhttp_request_get_connection(request) == nullptr;
-  server->Retire(exchange, server->stopping_ ? Outcome::kDropped : Outcome::kDisconnected);
-  if (detached) evhttp_request_free(request);
-}
-
-void FakeLlmServer::Retire(Exchange* exchange, Outcome outcome) {
+std::unique_ptr<Responder> FakeLlmServer::Retire(Exchange* exchange, Outcome outcome) {
   if (exchange->timer != nullptr) event_free(exchange->timer);
-  if (exchange->watch != nullptr) event_free(exchange->watch);
-  if (exchange->connection != nullptr) {
-    evhttp_connection_set_closecb(exchange->connection, nullptr, nullptr);
-  }
+  std::unique_ptr<Responder> responder = std::move(exchange->responder);
+  responder->WatchDeparture(nullptr);
   {
     absl::MutexLock lock(&mu_);
     if (stats_.in_flight > 0) --stats_.in_flight;
     if (outcome == Outcome::kCompleted) ++stats_.completed;
     if (outcome == Outcome::kDisconnected) ++stats_.disconnects;
   }
-  exchanges_.erase(exchange);
+  exchanges_.erase(exchange->id);
+  return responder;
 }
 
 }  // namespace montage::testing

@@ -14,8 +14,10 @@
 // /_fake/config ({"default_delay_ms", "chunk_interval_ms", "expected_key", "json_answer"}).
 //
 // One libevent loop on its own thread serves everything; a waiting request costs a timer and a
-// few hundred bytes, not a thread, so it holds tens of thousands of connections. Every public
-// method is thread-safe.
+// few hundred bytes, not a thread, so it holds tens of thousands of connections. Besides HTTP/1.1
+// it can serve h2c (HTTP/2 with prior knowledge, see FakeLlmOptions::h2c_port) on a second port,
+// where thousands of requests share a few connections; both transports go through the same
+// request logic (transport.h). Every public method is thread-safe.
 #ifndef MONTAGE_TESTS_FAKE_LLM_FAKE_LLM_SERVER_H_
 #define MONTAGE_TESTS_FAKE_LLM_FAKE_LLM_SERVER_H_
 
@@ -40,10 +42,13 @@
 struct event;
 struct event_base;
 struct evhttp;
-struct evhttp_connection;
 struct evhttp_request;
 
 namespace montage::testing {
+
+class H2cListener;
+class Responder;
+struct IncomingRequest;
 
 // One scripted answer, used by exactly one provider request. The default-constructed value answers
 // normally. JSON form (EnqueueJson, /_fake/script), every key optional, unknown keys rejected:
@@ -102,8 +107,11 @@ struct FakeLlmStats {
   uint64_t peak_in_flight = 0;
   // Provider requests whose answer was handed over completely (errors included).
   uint64_t completed = 0;
-  // Provider requests whose client closed the connection before the answer was complete.
+  // Provider requests whose client closed the connection (h2c: or reset the stream) before the
+  // answer was complete.
   uint64_t disconnects = 0;
+  // Connections accepted on the h2c port.
+  uint64_t h2c_connections = 0;
   // Behaviours still queued.
   uint64_t queued_behaviours = 0;
   // The last FakeLlmServer::kRecordedRequests requests, oldest first.
@@ -116,6 +124,10 @@ std::string StatsToJson(const FakeLlmStats& stats);
 struct FakeLlmOptions {
   // 0 picks a free port. The server always binds 127.0.0.1.
   int port = 0;
+  // Also serve h2c (HTTP/2 with prior knowledge, cleartext) here; 0 picks a free port, -1 is off.
+  // Each stream is one request, answered exactly as on HTTP/1.1; stream_fail_after resets the
+  // stream (INTERNAL_ERROR) instead of closing the connection.
+  int h2c_port = -1;
   absl::Duration default_delay = absl::ZeroDuration();
   // Pause between two events of a stream.
   absl::Duration chunk_interval = absl::Milliseconds(1);
@@ -140,6 +152,9 @@ class FakeLlmServer {
   int port() const { return port_; }
   // "http://127.0.0.1:<port>", without a trailing slash.
   std::string base_url() const;
+  // The h2c port, or -1 when it is off; its base URL like base_url() (empty when off).
+  int h2c_port() const { return h2c_port_; }
+  std::string h2c_base_url() const;
   // Closes every connection, pending requests included (not counted as disconnects), and joins
   // the loop thread. Idempotent.
   void Stop();
@@ -182,33 +197,37 @@ class FakeLlmServer {
   // Loop thread only, from here down.
   static void OnRequest(evhttp_request* request, void* self);
   static void OnTimer(int fd, short what, void* exchange);
-  static void OnReadable(int fd, short what, void* exchange);
-  static void OnConnectionClosed(evhttp_connection* connection, void* exchange);
-  void Dispatch(evhttp_request* request);
-  void ServeControl(evhttp_request* request, const std::string& path, const std::string& query,
-                    const std::string& body);
-  void ServeProvider(evhttp_request* request, Provider provider, const std::string& model,
-                     bool gemini_stream, bool sse, RecordedRequest record);
+  // Every request of either transport arrives here.
+  void Dispatch(IncomingRequest request, std::unique_ptr<Responder> responder);
+  void ServeControl(const IncomingRequest& request, Responder& responder);
+  void ServeProvider(const IncomingRequest& request, std::unique_ptr<Responder> responder,
+                     Provider provider, const std::string& model, bool gemini_stream, bool sse,
+                     RecordedRequest record);
   // Starts waiting for `exchange`'s answer time (and for its client to go away).
   void Begin(std::unique_ptr<Exchange> exchange, absl::Duration delay);
   // The answer time came: answer in one piece, or start / continue / cut a stream.
   void Advance(Exchange* exchange);
-  void ClientWentAway(Exchange* exchange);
+  // The client of exchange `id` left (nothing when it was already retired).
+  void ClientWentAway(uint64_t id);
   enum class Outcome { kCompleted, kDisconnected, kDropped };
-  // Forgets the exchange: stops its timer and watch, unhooks the close callback, counts it.
-  void Retire(Exchange* exchange, Outcome outcome);
+  // Forgets the exchange: stops its timer and its departure watch, counts it. Returns its
+  // responder, for the caller to finish the answer with.
+  std::unique_ptr<Responder> Retire(Exchange* exchange, Outcome outcome);
   void ArmTimer(Exchange* exchange, absl::Duration after);
   void Record(RecordedRequest record);
 
   FakeLlmOptions options_;
   int port_ = 0;
+  int h2c_port_ = -1;
   event_base* base_ = nullptr;
   evhttp* http_ = nullptr;
+  std::unique_ptr<H2cListener> h2c_;
   event* stop_event_ = nullptr;
   std::thread thread_;
-  bool stopping_ = false;                                                // loop thread only
-  uint64_t next_id_ = 0;                                                 // loop thread only
-  absl::flat_hash_map<Exchange*, std::unique_ptr<Exchange>> exchanges_;  // loop thread only
+  bool stopping_ = false;                                               // loop thread only
+  uint64_t next_id_ = 0;                                                // loop thread only
+  uint64_t next_exchange_ = 0;                                          // loop thread only
+  absl::flat_hash_map<uint64_t, std::unique_ptr<Exchange>> exchanges_;  // loop thread only
 
   mutable absl::Mutex mu_;
   Settings settings_ ABSL_GUARDED_BY(mu_);

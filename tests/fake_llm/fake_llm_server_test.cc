@@ -3,9 +3,13 @@
 #include <arpa/inet.h>
 #include <curl/curl.h>
 #include <netinet/in.h>
+#include <nghttp2/nghttp2.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -64,6 +68,12 @@ class Client {
     HttpResult result;
     curl_easy_reset(curl_);
     curl_easy_setopt(curl_, CURLOPT_URL, url.c_str());
+    if (h2c_) {
+      curl_easy_setopt(curl_, CURLOPT_HTTP_VERSION, long{CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE});
+      // Debian's libcurl 7.88 fails when it reuses an idle h2c connection (curl issue #10634).
+      curl_easy_setopt(curl_, CURLOPT_FRESH_CONNECT, 1L);
+      curl_easy_setopt(curl_, CURLOPT_FORBID_REUSE, 1L);
+    }
     curl_easy_setopt(curl_, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(curl_, CURLOPT_TIMEOUT_MS, 30000L);
     curl_easy_setopt(curl_, CURLOPT_WRITEFUNCTION, &AppendBody);
@@ -91,9 +101,18 @@ class Client {
     curl_easy_getinfo(curl_, CURLINFO_NUM_CONNECTS, &n);
     return n;
   }
+  // The HTTP version of the last answer (CURL_HTTP_VERSION_1_1, CURL_HTTP_VERSION_2_0).
+  long http_version() {
+    long version = 0;
+    curl_easy_getinfo(curl_, CURLINFO_HTTP_VERSION, &version);
+    return version;
+  }
+  // Speak HTTP/2 with prior knowledge (h2c) from the next request on.
+  void set_h2c(bool h2c) { h2c_ = h2c; }
 
  private:
   CURL* curl_;
+  bool h2c_ = false;
 };
 
 struct Sse {
@@ -647,6 +666,297 @@ TEST(ParseBehavioursTest, ReadsEveryFieldAndRejectsUnknownOnes) {
   EXPECT_FALSE(ParseBehaviours(R"({"status": "429"})").ok());
   EXPECT_FALSE(ParseBehaviours("[1]").ok());
   EXPECT_FALSE(ParseBehaviours("nope").ok());
+}
+
+// Requests over h2c (HTTP/2 with prior knowledge) to the fake's second port.
+class FakeLlmH2cTest : public FakeLlmTest {
+ protected:
+  void SetUp() override {
+    FakeLlmOptions options;
+    options.h2c_port = 0;
+    auto started = FakeLlmServer::Start(options);
+    ASSERT_TRUE(started.ok()) << started.status();
+    server_ = std::move(*started);
+    client_.set_h2c(true);
+  }
+
+  std::string H2cUrl(const std::string& path) const { return server_->h2c_base_url() + path; }
+};
+
+// One transfer through a curl multi handle, which can be removed in the middle as a cancelled
+// call is. (Debian's libcurl 7.88.1 fails every transfer but the first on an h2c connection,
+// "Error in the HTTP2 framing layer", so multiplexing is tested with H2cConnection below.)
+class H2cMulti {
+ public:
+  H2cMulti() : multi_(curl_multi_init()) {}
+  ~H2cMulti() {
+    if (easy_ != nullptr) Remove();
+    curl_multi_cleanup(multi_);  // closes the connection
+  }
+
+  void Add(const std::string& url, const std::string& body) {
+    body_ = body;
+    easy_ = curl_easy_init();
+    curl_easy_setopt(easy_, CURLOPT_URL, url.c_str());
+    curl_easy_setopt(easy_, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(easy_, CURLOPT_HTTP_VERSION, long{CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE});
+    curl_easy_setopt(easy_, CURLOPT_POSTFIELDS, body_.c_str());
+    curl_easy_setopt(easy_, CURLOPT_WRITEFUNCTION, &AppendBody);
+    curl_easy_setopt(easy_, CURLOPT_WRITEDATA, &sink_);
+    curl_multi_add_handle(multi_, easy_);
+  }
+  void Remove() {
+    curl_multi_remove_handle(multi_, easy_);
+    curl_easy_cleanup(easy_);
+    easy_ = nullptr;
+  }
+  // Drives the transfer until `done` holds or kPatience passes. True when it held.
+  template <typename Done>
+  bool PumpUntil(Done done) {
+    const absl::Time deadline = absl::Now() + kPatience;
+    while (!done()) {
+      if (absl::Now() > deadline) return false;
+      int running = 0;
+      curl_multi_perform(multi_, &running);
+      curl_multi_poll(multi_, nullptr, 0, 20, nullptr);
+    }
+    return true;
+  }
+
+ private:
+  CURLM* multi_;
+  CURL* easy_ = nullptr;
+  std::string body_;
+  std::string sink_;
+};
+
+// A minimal h2c client on nghttp2's client session over a blocking socket: many streams on one
+// connection, which can be reset one by one or closed together.
+class H2cConnection {
+ public:
+  explicit H2cConnection(int port) {
+    fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connected_ = connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+    nghttp2_session_callbacks* callbacks = nullptr;
+    nghttp2_session_callbacks_new(&callbacks);
+    nghttp2_session_callbacks_set_send_callback(
+        callbacks,
+        [](nghttp2_session*, const uint8_t* data, size_t length, int, void* self) -> ssize_t {
+          const ssize_t n = write(static_cast<H2cConnection*>(self)->fd_, data, length);
+          return n < 0 ? ssize_t{NGHTTP2_ERR_CALLBACK_FAILURE} : n;
+        });
+    nghttp2_session_callbacks_set_on_stream_close_callback(
+        callbacks, [](nghttp2_session*, int32_t, uint32_t, void* self) {
+          ++static_cast<H2cConnection*>(self)->closed_streams_;
+          return 0;
+        });
+    nghttp2_session_client_new(&session_, callbacks, this);
+    nghttp2_session_callbacks_del(callbacks);
+    nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, nullptr, 0);
+  }
+  ~H2cConnection() {
+    nghttp2_session_del(session_);
+    Close();
+  }
+
+  // Starts a POST of `body` to `path`; the stream id.
+  int32_t Post(const std::string& path, const std::string& body) {
+    bodies_.push_back(std::make_unique<std::string>(body));
+    const std::string length = std::to_string(body.size());
+    const std::string authority = "127.0.0.1";
+    const std::pair<std::string, std::string> fields[] = {{":method", "POST"},
+                                                          {":scheme", "http"},
+                                                          {":authority", authority},
+                                                          {":path", path},
+                                                          {"content-type", "application/json"},
+                                                          {"content-length", length}};
+    std::vector<nghttp2_nv> nva;
+    for (const auto& [name, value] : fields) {
+      nva.push_back({const_cast<uint8_t*>(reinterpret_cast<const uint8_t*>(name.data())),
+                     const_cast<uint8_t*>(reinterpret_cast<const uint8_t*>(value.data())),
+                     name.size(), value.size(), NGHTTP2_NV_FLAG_NONE});
+    }
+    nghttp2_data_provider provider;
+    provider.source.ptr = bodies_.back().get();
+    provider.read_callback = [](nghttp2_session*, int32_t, uint8_t* buf, size_t length,
+                                uint32_t* flags, nghttp2_data_source* source, void*) -> ssize_t {
+      auto* rest = static_cast<std::string*>(source->ptr);
+      const size_t n = std::min(length, rest->size());
+      std::memcpy(buf, rest->data(), n);
+      rest->erase(0, n);
+      if (rest->empty()) *flags |= NGHTTP2_DATA_FLAG_EOF;
+      return static_cast<ssize_t>(n);
+    };
+    const int32_t id =
+        nghttp2_submit_request(session_, nullptr, nva.data(), nva.size(), &provider, nullptr);
+    nghttp2_session_send(session_);
+    return id;
+  }
+  void Reset(int32_t id) {
+    nghttp2_submit_rst_stream(session_, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
+    nghttp2_session_send(session_);
+  }
+  void Close() {
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+  }
+  // Reads and answers frames until `done` holds or kPatience passes. True when it held.
+  template <typename Done>
+  bool PumpUntil(Done done) {
+    const absl::Time deadline = absl::Now() + kPatience;
+    while (!done()) {
+      if (!connected_ || absl::Now() > deadline) return false;
+      pollfd p{fd_, POLLIN, 0};
+      if (poll(&p, 1, 20) > 0) {
+        uint8_t buffer[16384];
+        const ssize_t n = read(fd_, buffer, sizeof(buffer));
+        if (n <= 0) return false;
+        if (nghttp2_session_mem_recv(session_, buffer, static_cast<size_t>(n)) < 0) return false;
+      }
+      nghttp2_session_send(session_);
+    }
+    return true;
+  }
+  int closed_streams() const { return closed_streams_; }
+
+ private:
+  int fd_ = -1;
+  bool connected_ = false;
+  nghttp2_session* session_ = nullptr;
+  std::vector<std::unique_ptr<std::string>> bodies_;
+  int closed_streams_ = 0;
+};
+
+TEST_F(FakeLlmH2cTest, OpenAiAnswersWholeAndStreamedOverH2c) {
+  ASSERT_GT(server_->h2c_port(), 0);
+  EXPECT_NE(server_->h2c_port(), server_->port());
+  HttpResult r =
+      client_.Request("POST", H2cUrl("/v1/chat/completions"), {"Authorization: Bearer sk-test"},
+                      OpenAiBody("hello there", false));
+  ASSERT_EQ(r.code, CURLE_OK);
+  EXPECT_EQ(client_.http_version(), CURL_HTTP_VERSION_2_0);
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.headers["content-type"], "application/json");
+  const json body = json::parse(r.body);
+  EXPECT_EQ(body["object"], "chat.completion");
+  EXPECT_EQ(body["choices"][0]["message"]["content"], "fake answer to: hello there");
+
+  r = client_.Request("POST", H2cUrl("/v1/chat/completions"), {}, OpenAiBody("stream me", true));
+  ASSERT_EQ(r.code, CURLE_OK);
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.headers["content-type"], "text/event-stream");
+  const std::vector<Sse> events = ParseSse(r.body);
+  ASSERT_GE(events.size(), 3u);
+  EXPECT_EQ(json::parse(events[1].data)["choices"][0]["delta"]["content"], "fake");
+  EXPECT_EQ(events.back().data, "[DONE]");
+
+  // The HTTP/1.1 port still answers, and the request logic (stats, records) is shared.
+  client_.set_h2c(false);
+  r = client_.Request("POST", Url("/v1/chat/completions"), {}, OpenAiBody("h1", false));
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(client_.http_version(), CURL_HTTP_VERSION_1_1);
+  const FakeLlmStats stats = server_->stats();
+  EXPECT_EQ(stats.openai_requests, 3u);
+  EXPECT_EQ(stats.completed, 3u);
+  EXPECT_GE(stats.h2c_connections, 1u);
+  ASSERT_EQ(stats.recent.size(), 3u);
+  EXPECT_EQ(stats.recent[0].path, "/v1/chat/completions");
+  EXPECT_EQ(stats.recent[0].header("authorization"), "<redacted>");
+  EXPECT_TRUE(stats.recent[1].stream);
+}
+
+TEST_F(FakeLlmH2cTest, ScriptedErrorsAndCutStreamsOverH2c) {
+  ASSERT_TRUE(server_
+                  ->EnqueueJson(R"([{"status": 429, "headers": {"Retry-After": "3"}},
+                                    {"stream_fail_after": 2}])")
+                  .ok());
+  HttpResult r =
+      client_.Request("POST", H2cUrl("/v1/chat/completions"), {}, OpenAiBody("a", false));
+  EXPECT_EQ(r.status, 429);
+  EXPECT_EQ(r.headers["retry-after"], "3");
+  EXPECT_EQ(json::parse(r.body)["error"]["code"], "rate_limit_exceeded");
+
+  // stream_fail_after resets the stream after the promised pieces.
+  r = client_.Request("POST", H2cUrl("/v1/chat/completions"), {},
+                      OpenAiBody("one two three four five", true));
+  EXPECT_NE(r.code, CURLE_OK);
+  EXPECT_EQ(r.status, 200);
+  const std::vector<Sse> events = ParseSse(r.body);
+  ASSERT_EQ(events.size(), 3u);
+  EXPECT_EQ(json::parse(events[2].data)["choices"][0]["delta"]["content"], " answer");
+  EXPECT_THAT(r.body, Not(HasSubstr("[DONE]")));
+  EXPECT_EQ(server_->stats().disconnects, 0u);
+  EXPECT_EQ(server_->stats().completed, 2u);
+}
+
+TEST_F(FakeLlmH2cTest, ConcurrentStreamsShareOneConnectionAndResetStreamsAreDisconnects) {
+  constexpr int kRequests = 50;
+  server_->set_default_delay(absl::Hours(1));
+  H2cConnection connection(server_->h2c_port());
+  std::vector<int32_t> streams;
+  for (int i = 0; i < kRequests; ++i) {
+    streams.push_back(
+        connection.Post("/v1/chat/completions", OpenAiBody(absl::StrCat("q", i), false)));
+  }
+  ASSERT_TRUE(connection.PumpUntil([&] { return server_->stats().in_flight == kRequests; }));
+  FakeLlmStats stats = server_->stats();
+  EXPECT_EQ(stats.peak_in_flight, static_cast<uint64_t>(kRequests));
+  EXPECT_EQ(stats.h2c_connections, 1u);
+  EXPECT_EQ(stats.openai_requests, static_cast<uint64_t>(kRequests));
+
+  // A reset stream is a disconnect; the others stay in flight.
+  connection.Reset(streams[0]);
+  ASSERT_TRUE(server_->WaitForDisconnects(1, kPatience));
+  stats = server_->stats();
+  EXPECT_EQ(stats.in_flight, static_cast<uint64_t>(kRequests - 1));
+  EXPECT_EQ(stats.completed, 0u);
+
+  // Closing the connection disconnects every stream still open.
+  connection.Close();
+  ASSERT_TRUE(server_->WaitForDisconnects(kRequests, kPatience));
+  EXPECT_EQ(server_->stats().in_flight, 0u);
+}
+
+TEST_F(FakeLlmH2cTest, StreamsOfOneConnectionAreAnsweredIndependently) {
+  ASSERT_TRUE(server_->EnqueueJson(R"([{"delay_ms": 3600000}, {"status": 500}])").ok());
+  H2cConnection connection(server_->h2c_port());
+  connection.Post("/v1/chat/completions", OpenAiBody("slow", false));
+  ASSERT_TRUE(connection.PumpUntil([&] { return server_->stats().in_flight == 1; }));
+  connection.Post("/v1/chat/completions", OpenAiBody("error", false));
+  connection.Post("/v1/chat/completions", OpenAiBody("fine", true));
+  ASSERT_TRUE(connection.PumpUntil([&] { return connection.closed_streams() == 2; }));
+  const FakeLlmStats stats = server_->stats();
+  EXPECT_EQ(stats.completed, 2u);
+  EXPECT_EQ(stats.in_flight, 1u);
+}
+
+TEST_F(FakeLlmH2cTest, HangingRequestEndsWhenItsTransferIsRemoved) {
+  ASSERT_TRUE(server_->EnqueueJson(R"({"hang": true})").ok());
+  {
+    H2cMulti multi;
+    multi.Add(H2cUrl("/v1/chat/completions"), OpenAiBody("hang", false));
+    ASSERT_TRUE(multi.PumpUntil([&] { return server_->stats().in_flight == 1; }));
+    multi.Remove();
+  }  // libcurl resets the stream or closes the connection; either is a departure
+  ASSERT_TRUE(server_->WaitForDisconnects(1, kPatience));
+  EXPECT_EQ(server_->stats().in_flight, 0u);
+  EXPECT_EQ(server_->stats().completed, 0u);
+}
+
+TEST_F(FakeLlmH2cTest, StopWithPendingStreamsDropsThemQuietly) {
+  server_->set_default_delay(absl::Hours(1));
+  H2cConnection connection(server_->h2c_port());
+  connection.Post("/v1/chat/completions", OpenAiBody("x", false));
+  connection.Post("/v1/chat/completions", OpenAiBody("y", true));
+  ASSERT_TRUE(connection.PumpUntil([&] { return server_->stats().in_flight == 2; }));
+  server_->Stop();
+  const FakeLlmStats stats = server_->stats();
+  EXPECT_EQ(stats.disconnects, 0u);
+  EXPECT_EQ(stats.in_flight, 0u);
 }
 
 }  // namespace

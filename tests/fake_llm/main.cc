@@ -3,9 +3,10 @@
 //
 //   fake_llm_server --port 0 --port_file /tmp/fake_llm.json --delay 2s
 //
-// The port file gets {"port": N, "pid": P} once the server listens. Scripting, stats and reset are
-// HTTP pages of the server itself (/_fake/..., see fake_llm_server.h). Nothing is printed per
-// request. SIGTERM or SIGINT stop it cleanly.
+// The port file gets {"port": N, "pid": P} once the server listens (and "h2c_port" with --h2c_port,
+// which also serves h2c: HTTP/2 with prior knowledge, for clients that multiplex). Scripting, stats
+// and reset are HTTP pages of the server itself (/_fake/..., see fake_llm_server.h). Nothing is
+// printed per request. SIGTERM or SIGINT stop it cleanly.
 #include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -23,7 +24,11 @@
 #include "tests/fake_llm/fake_llm_server.h"
 
 ABSL_FLAG(int, port, 0, "port to listen on at 127.0.0.1; 0 picks a free one");
-ABSL_FLAG(std::string, port_file, "", "write {\"port\": N, \"pid\": P} here once listening");
+ABSL_FLAG(int, h2c_port, -1,
+          "also serve h2c (HTTP/2 with prior knowledge) on this port at 127.0.0.1; 0 picks a free "
+          "one, -1 is off");
+ABSL_FLAG(std::string, port_file, "",
+          "write {\"port\": N, \"pid\": P} (and \"h2c_port\") here once listening");
 ABSL_FLAG(absl::Duration, delay, absl::ZeroDuration(), "default delay before every answer");
 ABSL_FLAG(absl::Duration, chunk_interval, absl::Milliseconds(1),
           "pause between two events of a streamed answer");
@@ -42,11 +47,13 @@ void RaiseDescriptorLimit() {
 }
 
 // Written to a temporary name and renamed, so a reader never sees half a file.
-absl::Status WritePortFile(const std::string& path, int port) {
+absl::Status WritePortFile(const std::string& path, int port, int h2c_port) {
   const std::string temporary = absl::StrCat(path, ".tmp");
   {
     std::ofstream out(temporary, std::ios::trunc);
-    out << "{\"port\": " << port << ", \"pid\": " << getpid() << "}\n";
+    out << "{\"port\": " << port;
+    if (h2c_port >= 0) out << ", \"h2c_port\": " << h2c_port;
+    out << ", \"pid\": " << getpid() << "}\n";
     if (!out.good()) return absl::UnavailableError(absl::StrCat("cannot write ", temporary));
   }
   if (std::rename(temporary.c_str(), path.c_str()) != 0) {
@@ -59,7 +66,8 @@ absl::Status WritePortFile(const std::string& path, int port) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "fake_llm_server [--port=N] [--port_file=FILE] [--delay=2s] [--chunk_interval=1ms] "
+      "fake_llm_server [--port=N] [--h2c_port=N] [--port_file=FILE] [--delay=2s] "
+      "[--chunk_interval=1ms] "
       "[--api_key=KEY]");
   absl::ParseCommandLine(argc, argv);
   RaiseDescriptorLimit();
@@ -74,6 +82,7 @@ int main(int argc, char** argv) {
 
   montage::testing::FakeLlmOptions options;
   options.port = absl::GetFlag(FLAGS_port);
+  options.h2c_port = absl::GetFlag(FLAGS_h2c_port);
   options.default_delay = absl::GetFlag(FLAGS_delay);
   options.chunk_interval = absl::GetFlag(FLAGS_chunk_interval);
   options.expected_key = absl::GetFlag(FLAGS_api_key);
@@ -84,7 +93,7 @@ int main(int argc, char** argv) {
   }
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
   if (!port_file.empty()) {
-    absl::Status written = WritePortFile(port_file, (*server)->port());
+    absl::Status written = WritePortFile(port_file, (*server)->port(), (*server)->h2c_port());
     if (!written.ok()) {
       std::fprintf(stderr, "fake_llm_server: %s\n", written.ToString().c_str());
       return 1;

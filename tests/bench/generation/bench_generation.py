@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Generation benchmark: many slow LLM calls at once through `montaged generation`.
 
-A fake provider (tests/fake_llm, HTTP/1.1 on loopback) answers every request after a fixed
-delay and records how many requests it held at once. montaged's generation service points at
+A fake provider (tests/fake_llm on loopback) answers every request after a fixed delay and
+records how many requests it held at once. By default montaged reaches it over HTTP/1.1, one
+connection per outstanding call. --h2c uses h2c (HTTP/2 with prior knowledge) instead, so the
+burst would share a few connections of up to 1000 streams each; it is off by default because
+Debian 12's libcurl 7.88.1 fails every transfer but the first on an h2c connection ("Error in the
+HTTP2 framing layer", also against nghttpd; see curl issue #10634), so the burst fails. montaged's generation service points at
 it through a config file. gen_load (C++, async gRPC) then:
   1. burst:     N distinct Generate calls at once (none cached or coalesced). Reported: time for
                 all to finish against the provider's delay, montaged's CPU-seconds, its peak
@@ -14,7 +18,7 @@ it through a config file. gen_load (C++, async gRPC) then:
                 gen_load (C++ gRPC client) and from h2load (-c50 -m1, as the cache benchmark;
                 it costs the shared 2 cores less). Success is the server's own gRPC counter.
 
-Usage: bench_generation.py --montaged PATH --fake PATH --load PATH [--smoke]
+Usage: bench_generation.py --montaged PATH --fake PATH --load PATH [--smoke] [--h2c]
 --smoke runs in seconds (CI) with a smaller burst and a short delay. Prints the figures; never
 asserts on speed. Exits non-zero only when something did not work (a process failed to start,
 calls failed, or the identical burst was not coalesced to one upstream call).
@@ -95,6 +99,8 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--delay", type=float, default=None, help="provider delay in seconds")
+    ap.add_argument("--h2c", action=argparse.BooleanOptionalAction, default=False,
+                    help="reach the provider over h2c (HTTP/2 prior knowledge); --no-h2c: HTTP/1.1")
     args = ap.parse_args()
     burst = args.requests or (300 if args.smoke else 10000)
     delay = args.delay if args.delay is not None else (0.2 if args.smoke else 2.0)
@@ -105,12 +111,28 @@ def main():
     procs = []
     try:
         fake_port_file = os.path.join(tmp, "fake.json")
-        fake = subprocess.Popen([args.fake, "--port=0", f"--port_file={fake_port_file}",
-                                 f"--delay={int(delay * 1000)}ms"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        fake_cmd = [args.fake, "--port=0", f"--port_file={fake_port_file}",
+                    f"--delay={int(delay * 1000)}ms"]
+        if args.h2c:
+            fake_cmd.append("--h2c_port=0")
+        fake = subprocess.Popen(fake_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(fake)
         wait_for(lambda: read_json_file(fake_port_file), "the fake provider")
-        fport = read_json_file(fake_port_file)["port"]
+        fport = read_json_file(fake_port_file)["port"]  # HTTP/1.1: control pages, and calls with --no-h2c
+        if args.h2c:
+            # Each connection carries up to max_concurrent_streams calls (the fake allows 10000);
+            # 1000 spreads the 10,000-call burst over ~10 connections, so neither one connection's
+            # single-threaded framing nor thousands of sockets dominate. No per-host cap: a cap
+            # would make curl queue calls once every connection is full.
+            transport = "h2c (HTTP/2 prior knowledge), max_concurrent_streams 1000"
+            provider_url = f"http://127.0.0.1:{read_json_file(fake_port_file)['h2c_port']}/v1"
+            provider_extra = "\n      http2_prior_knowledge: true"
+            http_config = "{max_connections_per_host: 0, max_concurrent_streams: 1000}"
+        else:
+            transport = "HTTP/1.1, one connection per outstanding call"
+            provider_url = f"http://127.0.0.1:{fport}/v1"
+            provider_extra = ""
+            http_config = "{max_connections_per_host: 0}"
 
         config = os.path.join(tmp, "montage.yaml")
         with open(config, "w") as f:
@@ -118,14 +140,13 @@ def main():
   providers:
     fake:
       kind: OPENAI
-      base_url: http://127.0.0.1:{fport}/v1
-      retry: {{max_attempts: 1}}
+      base_url: {provider_url}
+      retry: {{max_attempts: 1}}{provider_extra}
   deployments:
     fake-gpt: {{provider: fake, model: gpt-fake}}
   models:
     fake: {{deployments: [fake-gpt]}}
-  http:
-    max_connections_per_host: 0
+  http: {http_config}
 logging: {{level: warning}}
 tracing: {{sample_ratio: 0.0}}
 """)
@@ -180,9 +201,12 @@ tracing: {{sample_ratio: 0.0}}
         overhead = res["wall_s"] - delay
         print(f"generation benchmark ({'smoke' if args.smoke else 'full'}): provider delay "
               f"{delay:.2f} s, {burst} concurrent distinct Generate calls")
+        print(f"  provider transport         {transport}")
         print(f"  all finished in            {res['wall_s']:.3f} s  (overhead {overhead:.3f} s "
               f"over the provider's delay; p99 per call {res['p99_ms']:.0f} ms)")
         print(f"  provider peak in flight    {stats['peak_in_flight']} of {burst}")
+        if args.h2c:
+            print(f"  provider h2c connections   {stats['h2c_connections']} opened during the burst")
         print(f"  montaged CPU               {cpu:.2f} s  ({cpu / burst * 1e6:.0f} us per call)")
         print(f"  montaged peak threads      {sampler.peak_threads}")
         print(f"  montaged peak RSS          {rss_mib:.1f} MiB")
