@@ -537,8 +537,10 @@ Shard& HttpClientImpl::PickShard(const Call& call) {
     return *shards_.front();
   }
   const HttpVersion version = call.request.version;
-  if (version == HttpVersion::kHttp2PriorKnowledge ||
-      (version == HttpVersion::kDefault && call.https)) {
+  // h2c on libcurl < 8 shares nothing (a fresh connection per call), so it spreads like HTTP/1.1.
+  const bool h2c_shares =
+      version == HttpVersion::kHttp2PriorKnowledge && !LibcurlBreaksIdleH2cReuse();
+  if (h2c_shares || (version == HttpVersion::kDefault && call.https)) {
     return *shards_[call.origin_hash % shards_.size()];
   }
   Shard* least = shards_.front().get();

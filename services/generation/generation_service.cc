@@ -8,6 +8,7 @@
 
 #include <deque>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -99,6 +100,7 @@ class QueuedWriter : public grpc::ServerWriteReactor<Event> {
   QueuedWriter() : cancels_(std::make_shared<CancelSet>()) {}
 
   void OnWriteDone(bool ok) override {
+    std::optional<grpc::Status> finish;
     {
       absl::MutexLock lock(&mu_);
       writing_ = false;
@@ -106,8 +108,9 @@ class QueuedWriter : public grpc::ServerWriteReactor<Event> {
         broken_ = true;
         queue_.clear();
       }
+      finish = PumpLocked();
     }
-    Pump();
+    if (finish) this->Finish(*finish);
   }
   void OnCancel() override { cancels_->CancelAll(); }
   void OnDone() override { delete this; }
@@ -116,49 +119,50 @@ class QueuedWriter : public grpc::ServerWriteReactor<Event> {
   // `merge` is called with the last queued event; returning true means it absorbed the new one.
   template <typename Merge>
   void Push(Event event, Merge merge) {
+    std::optional<grpc::Status> finish;
     {
       absl::MutexLock lock(&mu_);
       if (broken_ || finishing_) return;
       if (!queue_.empty() && merge(queue_.back())) return;
       queue_.push_back(std::move(event));
+      finish = PumpLocked();
     }
-    Pump();
+    if (finish) this->Finish(*finish);
   }
   void Push(Event event) {
     Push(std::move(event), [](Event&) { return false; });
   }
+  // No Push may follow (the generator's callbacks end with this one).
   void FinishWhenWritten(absl::Status status) {
+    std::optional<grpc::Status> finish;
     {
       absl::MutexLock lock(&mu_);
       if (finishing_) return;
       finishing_ = true;
       final_ = ToGrpcStatus(status);
+      finish = PumpLocked();
     }
-    Pump();
+    if (finish) this->Finish(*finish);
   }
   std::shared_ptr<CancelSet> cancels_;
 
  private:
-  // Starts the next write, or finishes once everything is written. Finish is called after the
-  // lock is released: OnDone (which deletes this reactor) may run as soon as it returns.
-  void Pump() {
-    grpc::Status final_status;
-    {
-      absl::MutexLock lock(&mu_);
-      if (writing_ || finished_) return;
-      if (!queue_.empty()) {
-        current_ = std::move(queue_.front());
-        queue_.pop_front();
-        writing_ = true;
-        // OnWriteDone cannot run before this returns: it waits for mu_.
-        this->StartWrite(&current_);
-        return;
-      }
-      if (!finishing_) return;
-      finished_ = true;
-      final_status = final_;
+  // Starts the next write, or says the stream is to finish with the returned status. The state
+  // change and this decision happen in one critical section, and the caller calls Finish after
+  // unlocking and touches nothing after it: OnDone (which deletes this reactor) may run at once.
+  std::optional<grpc::Status> PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return std::nullopt;
+    if (!queue_.empty()) {
+      current_ = std::move(queue_.front());
+      queue_.pop_front();
+      writing_ = true;
+      // OnWriteDone cannot run before this returns: it waits for mu_.
+      this->StartWrite(&current_);
+      return std::nullopt;
     }
-    this->Finish(final_status);
+    if (!finishing_) return std::nullopt;
+    finished_ = true;
+    return final_;
   }
 
   absl::Mutex mu_;

@@ -235,6 +235,7 @@ Generator::Generator(const GenerationConfig& config, Clock& clock,
     : config_(config),
       clock_(clock),
       catalogue_(std::move(catalogue)),
+      has_cache_(cache != nullptr),
       cache_(std::move(cache)),
       metrics_(std::make_unique<GeneratorMetrics>(telemetry::MetricsRegistry())) {}
 
@@ -447,7 +448,7 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
       request.sampling().has_seed();
   const bool cacheable = mode != v1::CachePolicy::BYPASS &&
                          (deterministic || config_.cache().cache_nondeterministic());
-  flight->write_cache = cacheable;
+  flight->write_cache = cacheable && has_cache_;
   flight->ttl = request.cache().has_ttl() ? ToAbsl(request.cache().ttl()) : absl::ZeroDuration();
   if (cacheable) {
     // The rendered prompt, not the template's name: an edited template (or replicas with
@@ -469,6 +470,7 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
   // lookup, so concurrent identical callers cannot both start a flight.
   uint64_t waiter_id = 0;
   std::shared_ptr<Flight> existing;
+  std::shared_ptr<Flight> ended;
   bool started = false;
   {
     absl::MutexLock lock(&mu_);
@@ -503,7 +505,8 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
       }
       existing->waiters.push_back(std::move(w));
     } else {
-      existing = nullptr;  // it ended meanwhile: start a new one below
+      ended = std::move(existing);  // it ended meanwhile: start a new one below
+      existing = nullptr;
     }
   }
   std::shared_ptr<Flight> target;
@@ -521,7 +524,12 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
         absl::MutexLock flock(&flight->mu);
         flight->waiters.push_back({waiter_id, std::move(on_delta), std::move(done), 0});
       }
-      if (shared) flights_[flight->key] = flight;  // replaces the one that ended
+      if (shared) {
+        // Replace the flight that ended, but not a newer one another caller started meanwhile
+        // (this one then runs unshared).
+        auto& slot = flights_[flight->key];
+        if (slot == nullptr || slot == ended) slot = flight;
+      }
       ++running_;
     }
     target = flight;
@@ -540,7 +548,7 @@ void Generator::StartFlight(std::shared_ptr<Flight> flight, bool read_cache) {
     absl::MutexLock lock(&mu_);
     cache = cache_;
   }
-  if (cache == nullptr) {
+  if (cache == nullptr) {  // Shutdown took it
     FinishFlight(flight, absl::CancelledError("the generation service is stopping"));
     return;
   }

@@ -119,6 +119,7 @@ class Generator {
   const config::v1::GenerationConfig config_;
   Clock& clock_;
   std::unique_ptr<Catalogue> catalogue_;
+  const bool has_cache_;  // constructed with a cache (it may be gone after Shutdown)
   std::shared_ptr<AnswerCache> cache_ ABSL_GUARDED_BY(mu_);  // null after Shutdown
   std::vector<std::unique_ptr<Provider>> providers_;
   absl::flat_hash_map<std::string, std::unique_ptr<Deployment>> deployments_;

@@ -519,6 +519,20 @@ TEST_F(GeneratorTest, BadConfigIsReportedAtStart) {
   EXPECT_NE(g.status().message().find("nowhere"), std::string::npos);
 }
 
+TEST_F(GeneratorTest, WithoutACacheDeterministicRequestsStillWork) {
+  auto catalogue = Catalogue::Load({});
+  ASSERT_TRUE(catalogue.ok());
+  auto g = Generator::Create(config_, clock_, http_.get(), *std::move(catalogue), nullptr);
+  ASSERT_TRUE(g.ok()) << g.status();
+  generator_ = *std::move(g);
+  for (int i = 0; i < 2; ++i) {
+    auto r = Call(Ask("solo", "no cache configured", 0));
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_FALSE(r->cached());
+  }
+  EXPECT_EQ(fake_->stats().total_requests, 2u);
+}
+
 TEST_F(GeneratorTest, ListModelsShowsAliasesInFallbackOrder) {
   Build();
   v1::ListModelsResponse models = generator_->ListModels();
