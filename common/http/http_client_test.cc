@@ -38,6 +38,7 @@
 #include "common/telemetry/tracer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/unused_port.h"
 
 extern char** environ;
 
@@ -311,19 +312,6 @@ class TestServer {
   int closed_before_answer_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
-// A TCP port on 127.0.0.1 that nothing listens on (bound and released).
-int UnusedPort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address));
-  socklen_t length = sizeof(address);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
-  close(fd);
-  return ntohs(address.sin_port);
-}
-
 // Collects one call's result.
 struct Result {
   absl::Notification done;
@@ -506,7 +494,8 @@ TEST_F(HttpClientTest, CustomClassifier) {
 
 TEST_F(HttpClientTest, ConnectionRefusedIsUnavailable) {
   HttpRequest request;
-  request.url = absl::StrCat("http://127.0.0.1:", UnusedPort(), "/x?api_key=secret");
+  request.url =
+      absl::StrCat("http://127.0.0.1:", testing::UnusedLoopbackPort(), "/x?api_key=secret");
   request.headers = {{"Authorization", "Bearer sk-secret"}};
   absl::StatusOr<HttpResponse> response = Send(request);
   EXPECT_EQ(response.status().code(), absl::StatusCode::kUnavailable) << response.status();
@@ -517,7 +506,7 @@ TEST_F(HttpClientTest, ConnectionRefusedIsUnavailable) {
 
 TEST_F(HttpClientTest, TransportErrorsAreRetriedWhenAllowed) {
   HttpRequest request;
-  request.url = absl::StrCat("http://127.0.0.1:", UnusedPort(), "/");
+  request.url = absl::StrCat("http://127.0.0.1:", testing::UnusedLoopbackPort(), "/");
   request.retry.max_attempts = 3;
   request.retry.initial_backoff = absl::Milliseconds(1);
   absl::StatusOr<HttpResponse> response = Send(request);
@@ -936,7 +925,7 @@ TEST_F(HttpClientTest, PrivateAddressesCanBeRefused) {
   absl::StatusOr<HttpResponse> response = Send(Get("/ok"));
   EXPECT_EQ(response.status().code(), absl::StatusCode::kPermissionDenied) << response.status();
   HttpRequest request;
-  request.url = absl::StrCat("https://127.0.0.1:", UnusedPort(), "/");
+  request.url = absl::StrCat("https://127.0.0.1:", testing::UnusedLoopbackPort(), "/");
   response = Send(request);
   EXPECT_EQ(response.status().code(), absl::StatusCode::kPermissionDenied) << response.status();
   EXPECT_EQ(server_.Hits("/ok"), 0);
@@ -987,7 +976,7 @@ class Http2Test : public ::testing::Test {
     ASSERT_NE(mkdtemp(dir_template), nullptr);
     dir_ = dir_template;
     std::ofstream(dir_ + "/hello.txt") << "hello over h2";
-    port_ = UnusedPort();
+    port_ = testing::UnusedLoopbackPort();
     const std::string port = absl::StrCat(port_);
     std::vector<std::string> args = {kNghttpd, "--no-tls", "-d", dir_, port};
     std::vector<char*> argv;

@@ -15,12 +15,12 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/logging.h"
+#include "common/proto_time.h"
 #include "common/status.h"
 #include "common/telemetry/config.h"
 #include "common/telemetry/grpc_interceptors.h"
 #include "common/telemetry/metrics.h"
 #include "common/telemetry/tracer.h"
-#include "google/protobuf/util/time_util.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
@@ -31,11 +31,6 @@
 namespace montage {
 namespace {
 
-using google::protobuf::util::TimeUtil;
-
-absl::Duration ToAbsl(const google::protobuf::Duration& d) {
-  return absl::Nanoseconds(TimeUtil::DurationToNanoseconds(d));
-}
 
 LogLevel ToLogLevel(config::v1::LoggingConfig::Level level) {
   switch (level) {
@@ -228,7 +223,7 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);
-  const absl::Duration drain = ToAbsl(config.server().drain_timeout());
+  const absl::Duration drain = FromProtoDuration(config.server().drain_timeout());
   LogInfo("draining", {{"signal", signal_number == SIGTERM ? "SIGTERM" : "SIGINT"},
                        {"deadline_ms", absl::ToInt64Milliseconds(drain)}});
   state.store(2);

@@ -2,14 +2,10 @@
 
 #include <utility>
 
+#include "common/proto_time.h"
+
 namespace montage::telemetry {
-namespace {
-
-absl::Duration FromProto(const google::protobuf::Duration& d) {
-  return absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos());
-}
-
-}  // namespace
+namespace {}  // namespace
 
 absl::StatusOr<TracerOptions> TracerOptionsFromConfig(const config::v1::TracingConfig& config,
                                                       std::string service_name) {
@@ -29,7 +25,8 @@ absl::StatusOr<TracerOptions> TracerOptionsFromConfig(const config::v1::TracingC
   options.endpoint = config.endpoint();
   options.sample_ratio = config.sample_ratio();
   if (config.ring_buffer_spans() > 0) options.ring_buffer_spans = config.ring_buffer_spans();
-  if (config.has_export_interval()) options.export_interval = FromProto(config.export_interval());
+  if (config.has_export_interval())
+    options.export_interval = FromProtoDuration(config.export_interval());
   if (config.max_export_batch() > 0) options.max_export_batch = config.max_export_batch();
   if (config.max_export_queue() > 0) options.max_export_queue = config.max_export_queue();
   if (absl::Status status = ValidateTracerOptions(options); !status.ok()) return status;

@@ -6,9 +6,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
+#include "common/proto_time.h"
 #include "common/status.h"
 #include "common/telemetry/metrics.h"
-#include "google/protobuf/util/time_util.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
@@ -17,19 +17,6 @@
 namespace montage::cache {
 namespace {
 
-using google::protobuf::util::TimeUtil;
-
-absl::Duration FromProto(const google::protobuf::Duration& d) {
-  return absl::Nanoseconds(TimeUtil::DurationToNanoseconds(d));
-}
-
-google::protobuf::Timestamp ToProto(absl::Time t) {
-  return TimeUtil::NanosecondsToTimestamp(absl::ToUnixNanos(t));
-}
-
-google::protobuf::Duration ToProtoDuration(absl::Duration d) {
-  return TimeUtil::NanosecondsToDuration(absl::ToInt64Nanoseconds(d));
-}
 
 void FillEntry(Entry& entry, bool with_value, v1::Entry* out) {
   out->set_namespace_(entry.ns);
@@ -37,16 +24,16 @@ void FillEntry(Entry& entry, bool with_value, v1::Entry* out) {
   if (with_value) out->set_value(std::move(entry.value));
   out->set_size_bytes(entry.size_bytes);
   if (entry.expire_time != absl::InfiniteFuture()) {
-    *out->mutable_expire_time() = ToProto(entry.expire_time);
+    *out->mutable_expire_time() = ToProtoTimestamp(entry.expire_time);
   }
-  *out->mutable_update_time() = ToProto(entry.update_time);
+  *out->mutable_update_time() = ToProtoTimestamp(entry.update_time);
 }
 
 absl::StatusOr<std::optional<absl::Duration>> TtlFromProto(bool has_ttl,
                                                            const google::protobuf::Duration& ttl) {
   if (!has_ttl) return std::optional<absl::Duration>();
   if (ttl.seconds() < 0 || ttl.nanos() < 0) return InvalidFieldError("ttl", "must not be negative");
-  return std::optional<absl::Duration>(FromProto(ttl));
+  return std::optional<absl::Duration>(FromProtoDuration(ttl));
 }
 
 void FillStats(const NamespaceStats& s, v1::NamespaceStats* out) {
@@ -82,8 +69,8 @@ class LeaseGetReactor final : public grpc::ServerUnaryReactor {
 
   void Start(const v1::GetRequest& request, absl::Time deadline) {
     LookupOptions options;
-    if (request.has_lease_ttl()) options.lease_ttl = FromProto(request.lease_ttl());
-    if (request.has_max_wait()) options.max_wait = FromProto(request.max_wait());
+    if (request.has_lease_ttl()) options.lease_ttl = FromProtoDuration(request.lease_ttl());
+    if (request.has_max_wait()) options.max_wait = FromProtoDuration(request.max_wait());
     options.deadline = deadline;
     const uint64_t id = engine_.Lookup(
         request.namespace_(), request.key(), options,
@@ -124,7 +111,8 @@ class LeaseGetReactor final : public grpc::ServerUnaryReactor {
           break;
         case LookupResult::Kind::kLeaseGranted:
           response_->mutable_lease()->set_token(result->lease->token);
-          *response_->mutable_lease()->mutable_expire_time() = ToProto(result->lease->expire_time);
+          *response_->mutable_lease()->mutable_expire_time() =
+              ToProtoTimestamp(result->lease->expire_time);
           break;
         case LookupResult::Kind::kMiss:
           break;
@@ -296,12 +284,12 @@ grpc::ServerUnaryReactor* CacheServiceImpl::Snapshot(grpc::CallbackServerContext
 CacheOptions CacheOptionsFromConfig(const config::v1::CacheConfig& c) {
   CacheOptions options;
   options.defaults.max_bytes = c.max_bytes();
-  options.defaults.default_ttl = FromProto(c.default_ttl());
+  options.defaults.default_ttl = FromProtoDuration(c.default_ttl());
   for (const auto& [name, ns] : c.namespaces()) {
     NamespaceOptions nso;
     nso.max_bytes = ns.max_bytes();
     nso.default_ttl =
-        ns.has_default_ttl() ? FromProto(ns.default_ttl()) : options.defaults.default_ttl;
+        ns.has_default_ttl() ? FromProtoDuration(ns.default_ttl()) : options.defaults.default_ttl;
     options.namespaces[name] = nso;
   }
   options.shards = static_cast<int>(c.shards());
@@ -309,8 +297,8 @@ CacheOptions CacheOptionsFromConfig(const config::v1::CacheConfig& c) {
   options.max_value_bytes = c.max_value_bytes();
   options.max_batch_items = c.max_batch_items();
   options.max_namespaces = c.max_namespaces();
-  options.lease_ttl = FromProto(c.lease_ttl());
-  options.max_wait = FromProto(c.max_wait());
+  options.lease_ttl = FromProtoDuration(c.lease_ttl());
+  options.max_wait = FromProtoDuration(c.max_wait());
   return options;
 }
 
@@ -389,12 +377,14 @@ class CacheModule final : public ServiceModule {
     const auto& c = context.config.cache();
     CacheEngine* engine_ptr = engine_.get();
     sweeper_ = std::make_unique<PeriodicTask>(
-        FromProto(c.lease_sweep_interval()), [engine_ptr] { engine_ptr->Tick(); }, "cache-sweep");
+        FromProtoDuration(c.lease_sweep_interval()), [engine_ptr] { engine_ptr->Tick(); },
+        "cache-sweep");
     cleaner_ = std::make_unique<PeriodicTask>(
-        FromProto(c.cleanup_interval()), [engine_ptr] { engine_ptr->Cleanup(); }, "cache-clean");
+        FromProtoDuration(c.cleanup_interval()), [engine_ptr] { engine_ptr->Cleanup(); },
+        "cache-clean");
     if (!persist_path_.empty()) {
       persister_ = std::make_unique<PeriodicTask>(
-          FromProto(c.persist_interval()), [this] { Persist(); }, "cache-persist");
+          FromProtoDuration(c.persist_interval()), [this] { Persist(); }, "cache-persist");
     }
   }
 

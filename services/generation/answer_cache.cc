@@ -9,19 +9,15 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/proto_time.h"
 #include "common/status.h"
 #include "common/telemetry/grpc_interceptors.h"
-#include "google/protobuf/util/time_util.h"
 #include "grpcpp/grpcpp.h"
 #include "montage/cache/v1/cache.grpc.pb.h"
 #include "services/cache/cache_engine.h"
 
 namespace montage::generation {
 namespace {
-
-absl::Duration ToAbsl(const google::protobuf::Duration& d) {
-  return absl::Nanoseconds(google::protobuf::util::TimeUtil::DurationToNanoseconds(d));
-}
 
 // The generation process's own cache (the embedded default and `montaged generation` alone).
 class InProcessAnswerCache final : public AnswerCache {
@@ -118,8 +114,7 @@ class RemoteAnswerCache final : public AnswerCache {
     call->request.set_key(key);
     call->request.set_value(std::move(value));
     if (ttl > absl::ZeroDuration()) {
-      *call->request.mutable_ttl() =
-          google::protobuf::util::TimeUtil::NanosecondsToDuration(absl::ToInt64Nanoseconds(ttl));
+      *call->request.mutable_ttl() = ToProtoDuration(ttl);
     }
     if (!Register(call)) return;
     stub_->async()->Set(&call->context, &call->request, &call->response,
@@ -160,10 +155,10 @@ absl::StatusOr<std::unique_ptr<AnswerCache>> MakeAnswerCache(
     const config::v1::GenerationCacheConfig& config, Clock& clock) {
   const std::string ns = config.namespace_().empty() ? "generation" : config.namespace_();
   const absl::Duration ttl =
-      config.has_default_ttl() ? ToAbsl(config.default_ttl()) : absl::Hours(24);
+      config.has_default_ttl() ? FromProtoDuration(config.default_ttl()) : absl::Hours(24);
   if (!config.address().empty()) {
     const absl::Duration timeout =
-        config.has_timeout() ? ToAbsl(config.timeout()) : absl::Milliseconds(250);
+        config.has_timeout() ? FromProtoDuration(config.timeout()) : absl::Milliseconds(250);
     auto channel = telemetry::CreateTracedChannel(
         config.address(), grpc::InsecureChannelCredentials(), grpc::ChannelArguments());
     return std::make_unique<RemoteAnswerCache>(std::move(channel), ns, timeout);

@@ -16,18 +16,17 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/http/config.h"
 #include "common/http/http_client.h"
 #include "common/logging.h"
+#include "common/proto_time.h"
 #include "common/status.h"
 #include "common/telemetry/grpc_interceptors.h"
-#include "google/protobuf/util/time_util.h"
 #include "montage/generation/v1/generation.grpc.pb.h"
 #include "services/generation/generator.h"
 
 namespace montage::generation {
 namespace {
-
-using google::protobuf::util::TimeUtil;
 
 CallOptions OptionsFor(grpc::CallbackServerContext* context) {
   CallOptions options;
@@ -214,8 +213,7 @@ class CampaignReactor final : public QueuedWriter<v1::CampaignEvent> {
     }
     if (request_.has_timeout()) {
       options_.deadline =
-          std::min(options_.deadline, absl::Now() + absl::Seconds(request_.timeout().seconds()) +
-                                          absl::Nanoseconds(request_.timeout().nanos()));
+          std::min(options_.deadline, absl::Now() + FromProtoDuration(request_.timeout()));
     }
     v1::GenerateRequest brief = Base("campaign_brief");
     Put(brief, "brief", request_.brief());
@@ -232,13 +230,10 @@ class CampaignReactor final : public QueuedWriter<v1::CampaignEvent> {
   absl::Status Validate() const {
     if (request_.brief().empty()) return InvalidFieldError("brief", "must describe the campaign");
     if (request_.has_timeout()) {
-      const absl::Duration t = absl::Seconds(request_.timeout().seconds()) +
-                               absl::Nanoseconds(request_.timeout().nanos());
-      const auto& max = generator_.config().max_timeout();
-      const absl::Duration limit =
-          generator_.config().has_max_timeout()
-              ? absl::Seconds(max.seconds()) + absl::Nanoseconds(max.nanos())
-              : absl::Hours(1);
+      const absl::Duration t = FromProtoDuration(request_.timeout());
+      const absl::Duration limit = generator_.config().has_max_timeout()
+                                       ? FromProtoDuration(generator_.config().max_timeout())
+                                       : absl::Hours(1);
       if (t <= absl::ZeroDuration() || t > limit) {
         return InvalidFieldError(
             "timeout", absl::StrCat("must be positive and at most ", absl::FormatDuration(limit)));
@@ -424,19 +419,6 @@ class GenerationServiceImpl final : public v1::GenerationService::CallbackServic
   Generator& generator_;
 };
 
-http::HttpClientOptions HttpOptions(const config::v1::HttpClientConfig& c) {
-  http::HttpClientOptions o;
-  o.name = "generation";
-  o.max_connections_per_host = c.max_connections_per_host();  // 0: no limit
-  o.max_total_connections = c.max_total_connections();
-  if (c.has_idle_connection_timeout()) {
-    o.idle_connection_timeout =
-        absl::Nanoseconds(TimeUtil::DurationToNanoseconds(c.idle_connection_timeout()));
-  }
-  if (c.max_concurrent_streams() > 0) o.max_concurrent_streams = c.max_concurrent_streams();
-  return o;
-}
-
 class GenerationModule final : public ServiceModule {
  public:
   GenerationModule(std::unique_ptr<http::HttpClient> http, std::unique_ptr<Generator> generator)
@@ -460,8 +442,9 @@ class GenerationModule final : public ServiceModule {
 
 absl::StatusOr<std::unique_ptr<ServiceModule>> NewGenerationModule(ServiceContext& context) {
   const config::v1::GenerationConfig& c = context.config.generation();
-  ASSIGN_OR_RETURN(std::unique_ptr<http::HttpClient> http,
-                   http::HttpClient::Create(HttpOptions(c.http())));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<http::HttpClient> http,
+      http::HttpClient::Create(http::HttpClientOptionsFromConfig(c.http(), "generation")));
   std::vector<std::string> dirs(c.template_dirs().begin(), c.template_dirs().end());
   ASSIGN_OR_RETURN(std::unique_ptr<Catalogue> catalogue, Catalogue::Load(dirs));
   ASSIGN_OR_RETURN(std::unique_ptr<AnswerCache> cache, MakeAnswerCache(c.cache(), context.clock));

@@ -12,12 +12,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "common/proto_time.h"
 #include "common/status.h"
 #include "common/telemetry/metrics.h"
 #include "common/telemetry/tracer.h"
+#include "common/utf8.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
-#include "google/protobuf/util/time_util.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/histogram.h"
@@ -25,14 +26,8 @@
 namespace montage::generation {
 
 using config::v1::GenerationConfig;
-using google::protobuf::util::TimeUtil;
 
 namespace {
-
-// Saturating (absl::Duration is infinite past its range), so huge client values cannot overflow.
-absl::Duration ToAbsl(const google::protobuf::Duration& d) {
-  return absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos());
-}
 
 constexpr absl::Duration kMaxCacheTtl = absl::Hours(24 * 365);
 
@@ -47,15 +42,6 @@ std::string Sha256Hex(const std::string& bytes) {
   SHA256(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), digest);
   return absl::BytesToHexString(
       absl::string_view(reinterpret_cast<const char*>(digest), sizeof(digest)));
-}
-
-// At most `max_bytes` of `text`, never cutting a UTF-8 sequence (the text goes back to a model
-// inside a JSON body, and the JSON writer rejects broken UTF-8).
-std::string Utf8Prefix(absl::string_view text, size_t max_bytes) {
-  if (text.size() <= max_bytes) return std::string(text);
-  size_t n = max_bytes;
-  while (n > 0 && (static_cast<unsigned char>(text[n]) & 0xC0) == 0x80) --n;
-  return std::string(text.substr(0, n));
 }
 
 std::string DeterministicBytes(const google::protobuf::Message& m) {
@@ -242,14 +228,11 @@ Generator::Generator(const GenerationConfig& config, Clock& clock,
 Generator::~Generator() { Shutdown(); }
 
 void Generator::Shutdown() {
+  std::shared_ptr<AnswerCache> cache;
   {
     absl::MutexLock lock(&mu_);
     if (stopping_) return;
     stopping_ = true;
-  }
-  std::shared_ptr<AnswerCache> cache;
-  {
-    absl::MutexLock lock(&mu_);
     cache = std::move(cache_);
   }
   // Its pending lookups complete now (cancelled), while every other member is still alive.
@@ -372,9 +355,9 @@ absl::Status Generator::Validate(const v1::GenerateRequest& req) const {
     }
   }
   if (req.has_timeout()) {
-    const absl::Duration t = ToAbsl(req.timeout());
+    const absl::Duration t = FromProtoDuration(req.timeout());
     const absl::Duration max =
-        config_.has_max_timeout() ? ToAbsl(config_.max_timeout()) : absl::Hours(1);
+        config_.has_max_timeout() ? FromProtoDuration(config_.max_timeout()) : absl::Hours(1);
     if (t <= absl::ZeroDuration() || t > max) {
       return InvalidFieldError(
           "timeout", absl::StrCat("must be positive and at most ", absl::FormatDuration(max)));
@@ -383,8 +366,8 @@ absl::Status Generator::Validate(const v1::GenerateRequest& req) const {
   if (!v1::CachePolicy::Mode_IsValid(req.cache().mode())) {
     return InvalidFieldError("cache.mode", "must be USE, REFRESH or BYPASS");
   }
-  if (req.cache().has_ttl() && (ToAbsl(req.cache().ttl()) < absl::ZeroDuration() ||
-                                ToAbsl(req.cache().ttl()) > kMaxCacheTtl)) {
+  if (req.cache().has_ttl() && (FromProtoDuration(req.cache().ttl()) < absl::ZeroDuration() ||
+                                FromProtoDuration(req.cache().ttl()) > kMaxCacheTtl)) {
     return InvalidFieldError("cache.ttl", "must be between 0 and 365 days");
   }
   return absl::OkStatus();
@@ -434,9 +417,10 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
   }
 
   const absl::Time now = absl::Now();
-  const absl::Duration timeout = request.has_timeout()           ? ToAbsl(request.timeout())
-                                 : config_.has_default_timeout() ? ToAbsl(config_.default_timeout())
-                                                                 : absl::Minutes(5);
+  const absl::Duration timeout = request.has_timeout() ? FromProtoDuration(request.timeout())
+                                 : config_.has_default_timeout()
+                                     ? FromProtoDuration(config_.default_timeout())
+                                     : absl::Minutes(5);
   flight->deadline = std::min(options.deadline, now + timeout);
 
   // Cacheable: deterministic requests (temperature 0 or a seed), unless configured otherwise.
@@ -449,7 +433,8 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
   const bool cacheable = mode != v1::CachePolicy::BYPASS &&
                          (deterministic || config_.cache().cache_nondeterministic());
   flight->write_cache = cacheable && has_cache_;
-  flight->ttl = request.cache().has_ttl() ? ToAbsl(request.cache().ttl()) : absl::ZeroDuration();
+  flight->ttl =
+      request.cache().has_ttl() ? FromProtoDuration(request.cache().ttl()) : absl::ZeroDuration();
   if (cacheable) {
     // The rendered prompt, not the template's name: an edited template (or replicas with
     // different catalogues sharing one cache) must not be answered from the old one's entries.
@@ -669,7 +654,8 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
   pr.use_json_schema = d.config.json_schema();
   pr.prompt = flight->prompt;
   pr.deadline = flight->deadline;
-  if (d.config.has_timeout()) pr.deadline = std::min(pr.deadline, now + ToAbsl(d.config.timeout()));
+  if (d.config.has_timeout())
+    pr.deadline = std::min(pr.deadline, now + FromProtoDuration(d.config.timeout()));
 
   telemetry::Span span = telemetry::GlobalTracer().StartSpan(
       "generation.upstream", telemetry::SpanKind::kInternal, flight->parent);
@@ -751,7 +737,7 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
         span_holder->SetStatus(telemetry::SpanStatusCode::kError, valid.message());
         span_holder->End();
         if (!json_retry && !flight->DeltasSent()) {
-          flight->json_error = Utf8Prefix(valid.message(), 300);
+          flight->json_error = std::string(Utf8Prefix(valid.message(), 300));
           TryDeployment(flight, index, true);
           return;
         }
@@ -782,11 +768,11 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
       cache = cache_;
     }
     if (cache != nullptr) {
-      const absl::Duration ttl =
-          flight->ttl > absl::ZeroDuration()
-              ? flight->ttl
-              : (config_.cache().has_default_ttl() ? ToAbsl(config_.cache().default_ttl())
-                                                   : absl::ZeroDuration());
+      const absl::Duration ttl = flight->ttl > absl::ZeroDuration()
+                                     ? flight->ttl
+                                     : (config_.cache().has_default_ttl()
+                                            ? FromProtoDuration(config_.cache().default_ttl())
+                                            : absl::ZeroDuration());
       cache->Set(flight->key, response.SerializeAsString(), ttl);
     }
     FinishFlight(flight, std::move(response));

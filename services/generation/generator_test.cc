@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "common/clock.h"
 #include "common/config.h"
@@ -17,6 +18,7 @@
 #include "google/rpc/status.pb.h"
 #include "gtest/gtest.h"
 #include "tests/fake_llm/fake_llm_server.h"
+#include "tests/testing/unused_port.h"
 
 namespace montage::generation {
 namespace {
@@ -403,7 +405,7 @@ TEST_F(GeneratorTest, CacheTtlFromThePolicyExpiresOnTheClock) {
 }
 
 TEST_F(GeneratorTest, AnUnreachableCacheServiceMeansUncachedNotFailed) {
-  config_.mutable_cache()->set_address("127.0.0.1:1");
+  config_.mutable_cache()->set_address(absl::StrCat("127.0.0.1:", testing::UnusedLoopbackPort()));
   config_.mutable_cache()->mutable_timeout()->set_nanos(200'000'000);
   Build();
   auto r = Call(Ask("solo", "no cache today", 0));

@@ -16,9 +16,11 @@
 #include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "common/config.h"
+#include "common/http/config.h"
 #include "common/http/stream_parsers.h"
+#include "common/proto_time.h"
 #include "common/status.h"
-#include "google/protobuf/util/time_util.h"
+#include "common/utf8.h"
 #include "nlohmann/json.hpp"
 #include "services/generation/provider.h"
 
@@ -27,10 +29,6 @@ namespace {
 
 using json = nlohmann::json;
 using config::v1::ProviderConfig;
-
-absl::Duration ToAbsl(const google::protobuf::Duration& d) {
-  return absl::Nanoseconds(google::protobuf::util::TimeUtil::DurationToNanoseconds(d));
-}
 
 absl::string_view RoleName(PromptMessage::Role role) {
   switch (role) {
@@ -42,14 +40,6 @@ absl::string_view RoleName(PromptMessage::Role role) {
       break;
   }
   return "user";
-}
-
-// The longest prefix of `text` of at most `max_bytes` that does not cut a UTF-8 sequence.
-absl::string_view Utf8Prefix(absl::string_view text, size_t max_bytes) {
-  if (text.size() <= max_bytes) return text;
-  size_t n = max_bytes;
-  while (n > 0 && (static_cast<unsigned char>(text[n]) & 0xC0) == 0x80) --n;
-  return text.substr(0, n);
 }
 
 // obj[key] when it is a string, else "" (never throws, whatever the upstream sent).
@@ -579,9 +569,9 @@ class HttpProvider final : public Provider {
                std::unique_ptr<WireFormat> format, http::HttpClient* http)
       : name_(std::move(name)),
         config_(std::move(config)),
-        key_(std::move(key)),
         format_(std::move(format)),
-        http_(http) {}
+        http_(http),
+        base_(BaseRequest(key)) {}
 
   const std::string& name() const override { return name_; }
   absl::string_view kind() const override { return format_->kind(); }
@@ -590,41 +580,14 @@ class HttpProvider final : public Provider {
                                          ProviderDone done) override {
     const bool stream = on_delta != nullptr;
     auto call = std::make_shared<HttpCall>();
-    http::HttpRequest hr;
-    hr.method = "POST";
+    http::HttpRequest hr = base_;
     hr.url =
         absl::StrCat(absl::StripSuffix(config_.base_url(), "/"), format_->Path(request, stream));
-    hr.headers.emplace_back("Content-Type", "application/json");
     if (stream) hr.headers.emplace_back("Accept", "text/event-stream");
-    for (const auto& [k, v] : config_.headers()) hr.headers.emplace_back(k, v);
-    format_->AuthHeaders(key_, hr.headers);
     // Invalid UTF-8 (a caller's bytes, a model's half character) is replaced, never thrown on.
     hr.body = format_->Body(request, stream).dump(-1, ' ', false, json::error_handler_t::replace);
-    hr.version = config_.http2_prior_knowledge() ? http::HttpVersion::kHttp2PriorKnowledge
-                                                 : http::HttpVersion::kDefault;
-    if (config_.has_connect_timeout()) hr.connect_timeout = ToAbsl(config_.connect_timeout());
-    if (config_.has_first_byte_timeout()) {
-      hr.first_byte_timeout = ToAbsl(config_.first_byte_timeout());
-    }
     hr.deadline = request.deadline;
-    if (config_.max_response_bytes() > 0) hr.max_response_bytes = config_.max_response_bytes();
-    const auto& retry = config_.retry();
-    hr.retry.max_attempts = std::max<uint32_t>(1, retry.max_attempts());
-    if (retry.has_initial_backoff()) hr.retry.initial_backoff = ToAbsl(retry.initial_backoff());
-    if (retry.has_max_backoff()) hr.retry.max_backoff = ToAbsl(retry.max_backoff());
-    if (retry.has_max_server_delay()) hr.retry.max_server_delay = ToAbsl(retry.max_server_delay());
-    if (format_->HasBodyRetryDelay()) {
-      const WireFormat* format = format_.get();
-      hr.retry.server_delay = [format](const http::HttpResponse& r) {
-        try {
-          return format->BodyRetryDelay(r);
-        } catch (const json::exception&) {
-          return std::optional<absl::Duration>();
-        }
-      };
-    }
     hr.parent_span = request.parent_span;
-    hr.peer_label = name_;
 
     if (!stream) {
       call->Attach(http_->Send(
@@ -710,6 +673,37 @@ class HttpProvider final : public Provider {
   }
 
  private:
+  // What every call to this provider shares (headers, key, timeouts, retries), built once.
+  http::HttpRequest BaseRequest(const std::string& key) const {
+    http::HttpRequest hr;
+    hr.method = "POST";
+    hr.headers.emplace_back("Content-Type", "application/json");
+    for (const auto& [k, v] : config_.headers()) hr.headers.emplace_back(k, v);
+    format_->AuthHeaders(key, hr.headers);
+    hr.version = config_.http2_prior_knowledge() ? http::HttpVersion::kHttp2PriorKnowledge
+                                                 : http::HttpVersion::kDefault;
+    if (config_.has_connect_timeout()) {
+      hr.connect_timeout = FromProtoDuration(config_.connect_timeout());
+    }
+    if (config_.has_first_byte_timeout()) {
+      hr.first_byte_timeout = FromProtoDuration(config_.first_byte_timeout());
+    }
+    if (config_.max_response_bytes() > 0) hr.max_response_bytes = config_.max_response_bytes();
+    hr.retry = http::RetryPolicyFromConfig(config_.retry());
+    if (format_->HasBodyRetryDelay()) {
+      const WireFormat* format = format_.get();
+      hr.retry.server_delay = [format](const http::HttpResponse& r) {
+        try {
+          return format->BodyRetryDelay(r);
+        } catch (const json::exception&) {
+          return std::optional<absl::Duration>();
+        }
+      };
+    }
+    hr.peer_label = name_;
+    return hr;
+  }
+
   absl::Status Transport(const absl::Status& s, bool mid_stream) const {
     if (s.code() == absl::StatusCode::kCancelled ||
         s.code() == absl::StatusCode::kDeadlineExceeded) {
@@ -740,9 +734,9 @@ class HttpProvider final : public Provider {
 
   const std::string name_;
   const ProviderConfig config_;
-  const std::string key_;  // never logged
   const std::unique_ptr<WireFormat> format_;
   http::HttpClient* const http_;
+  const http::HttpRequest base_;  // holds the key in a header: never logged
 };
 
 // ---------------------------------------------------------------------------------------------

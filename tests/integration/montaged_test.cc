@@ -7,6 +7,7 @@
 #include <sstream>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
@@ -21,6 +22,7 @@
 #include "montage/generation/v1/generation.grpc.pb.h"
 #include "montage/render/v1/render.grpc.pb.h"
 #include "tests/integration/montaged_process.h"
+#include "tests/testing/unused_port.h"
 
 namespace montage::testing {
 namespace {
@@ -493,7 +495,8 @@ TEST(MontageCliTest, CacheCommandsAgainstARunningServer) {
 TEST(MontageCliTest, UnreachableServerIsAClearError) {
   // Port 1 on loopback is not listening.
   CommandResult r =
-      RunCommand({MontageCliPath(), "--addr=127.0.0.1:1", "--timeout=2s", "cache", "get", "k"});
+      RunCommand({MontageCliPath(), absl::StrCat("--addr=127.0.0.1:", UnusedLoopbackPort()),
+                  "--timeout=2s", "cache", "get", "k"});
   EXPECT_EQ(r.exit_code, 3);
   EXPECT_THAT(r.err, HasSubstr("UNAVAILABLE"));
   EXPECT_THAT(r.err, HasSubstr("montaged all"));
