@@ -294,6 +294,48 @@ absl::Status CheckAddress(absl::string_view field, absl::string_view address) {
   return absl::OkStatus();
 }
 
+absl::Status ValidateSpeech(const Config& c) {
+  const auto& speech = c.speech();
+  if (speech.max_text_bytes() == 0 || speech.max_dialogue_lines() == 0 ||
+      speech.stream_window_segments() == 0) {
+    return absl::InvalidArgumentError(
+        "speech: max_text_bytes, max_dialogue_lines and stream_window_segments must be positive");
+  }
+  if (speech.max_segment_chars() < 40 || speech.max_segment_chars() > 4096) {
+    return absl::InvalidArgumentError("speech.max_segment_chars: must be 40..4096");
+  }
+  if (speech.max_unary_audio_bytes() == 0 ||
+      speech.max_unary_audio_bytes() + 4096 > c.server().max_send_message_bytes()) {
+    return absl::InvalidArgumentError(
+        "speech.max_unary_audio_bytes: must be positive and fit in server.max_send_message_bytes "
+        "(less 4KiB for the rest of the answer)");
+  }
+  if (!speech.engines().contains(speech.default_engine())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "speech.default_engine: '", speech.default_engine(), "' is not a key of speech.engines"));
+  }
+  for (const auto& [name, engine] : speech.engines()) {
+    const std::string field = absl::StrCat("speech.engines.", name);
+    switch (engine.kind()) {
+      case v1::SpeechEngineConfig::ESPEAK:
+        break;
+      case v1::SpeechEngineConfig::OPENAI:
+        if (engine.base_url().empty() || engine.model().empty()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(field, ": an OPENAI engine needs base_url and model"));
+        }
+        if (engine.max_input_chars() > 100000) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(field, ".max_input_chars: at most 100000"));
+        }
+        break;
+      default:
+        return absl::InvalidArgumentError(absl::StrCat(field, ".kind: must be ESPEAK or OPENAI"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 Config DefaultConfig() {
@@ -303,7 +345,8 @@ Config DefaultConfig() {
   server->set_admin_listen("127.0.0.1:9901");
   server->mutable_drain_timeout()->set_seconds(10);
   server->set_max_receive_message_bytes(16ull << 20);
-  server->set_max_send_message_bytes(16ull << 20);
+  // Speech answers whole audio files in one message (speech.max_unary_audio_bytes).
+  server->set_max_send_message_bytes(40ull << 20);
   server->set_executor_threads(0);
 
   auto* logging = c.mutable_logging();
@@ -357,6 +400,28 @@ Config DefaultConfig() {
   gen_http->set_max_connections_per_host(256);
   gen_http->mutable_idle_connection_timeout()->set_seconds(60);
   gen_http->set_max_concurrent_streams(100);
+
+  // Speech runs anywhere by default: espeak-ng in process. Engines in the file add to it.
+  auto* speech = c.mutable_speech();
+  (*speech->mutable_engines())["espeak"].set_kind(v1::SpeechEngineConfig::ESPEAK);
+  speech->set_default_engine("espeak");
+  speech->set_max_text_bytes(1ull << 20);
+  speech->set_max_segment_chars(400);
+  speech->mutable_default_pause()->set_nanos(400'000'000);
+  speech->set_max_dialogue_lines(5000);
+  // A whole WAV of about 12 minutes; above it, StreamSynthesize or a compressed format.
+  speech->set_max_unary_audio_bytes(32ull << 20);
+  speech->set_stream_window_segments(8);
+  speech->mutable_default_timeout()->set_seconds(600);
+  auto* speech_cache = speech->mutable_cache();
+  speech_cache->set_namespace_("speech");
+  speech_cache->mutable_default_ttl()->set_seconds(7 * 24 * 3600);
+  speech_cache->set_max_bytes(256ull << 20);
+  speech_cache->mutable_timeout()->set_nanos(250'000'000);
+  auto* speech_http = speech->mutable_http();
+  speech_http->set_max_connections_per_host(64);
+  speech_http->mutable_idle_connection_timeout()->set_seconds(60);
+  speech_http->set_max_concurrent_streams(100);
   return c;
 }
 
@@ -530,6 +595,7 @@ absl::Status Validate(const Config& c) {
           "generation.providers.", name, ".kind: must be OFFLINE, OPENAI, GEMINI or ANTHROPIC"));
     }
   }
+  RETURN_IF_ERROR(ValidateSpeech(c));
   return absl::OkStatus();
 }
 

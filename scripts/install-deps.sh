@@ -16,7 +16,7 @@ BUILD_PACKAGES=(
   golang-github-gogo-googleapis-dev libgoogle-common-protos-java grpc-proto
   # libraries the services link
   libcurl4-openssl-dev libsqlite3-dev libyaml-cpp-dev nlohmann-json3-dev prometheus-cpp-dev
-  libhiredis-dev libespeak-ng-dev espeak-ng-data libevent-dev zlib1g-dev
+  libhiredis-dev libespeak-ng-dev espeak-ng-data libevent-dev zlib1g-dev libxml2-dev
   libavformat-dev libavcodec-dev libavfilter-dev libavutil-dev libswscale-dev libswresample-dev
   # header-only: JSON Schema validation, Mustache templates (generation's prompt catalogue)
   rapidjson-dev libkainjow-mustache-dev
@@ -25,13 +25,14 @@ BUILD_PACKAGES=(
   # tests and benchmarks
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   nghttp2-client nghttp2-server redis-server redis-tools util-linux procps curl python3
+  espeak-ng
   # deployment checks
   docker-compose
 )
 
 RUNTIME_PACKAGES=(
   ca-certificates curl libgrpc++1.51 libprotobuf32 libcurl4 libsqlite3-0 libyaml-cpp0.7
-  libprometheus-cpp-core1.0 libhiredis0.14 libespeak-ng1 espeak-ng-data libevent-2.1-7 libevent-pthreads-2.1-7 zlib1g
+  libprometheus-cpp-core1.0 libhiredis0.14 libespeak-ng1 espeak-ng-data libxml2 libevent-2.1-7 libevent-pthreads-2.1-7 zlib1g
   libavformat59 libavcodec59 libavfilter8 libavutil57 libswscale6 libswresample4
 )
 

@@ -1,6 +1,7 @@
 #include "cmd/montage/cli.h"
 
 #include <cstdlib>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <iterator>
@@ -28,12 +29,14 @@
 #include "grpcpp/security/credentials.h"
 #include "montage/cache/v1/cache.grpc.pb.h"
 #include "montage/generation/v1/generation.grpc.pb.h"
+#include "montage/speech/v1/speech.grpc.pb.h"
 
 namespace montage::cli {
 namespace {
 
 namespace cachepb = ::montage::cache::v1;
 namespace genpb = ::montage::generation::v1;
+namespace speechpb = ::montage::speech::v1;
 using google::protobuf::util::TimeUtil;
 
 constexpr char kUsage[] =
@@ -55,9 +58,17 @@ commands:
                                           a brief, then posts for each platform at once
   models                                  model aliases and their deployments
   templates [NAME]                        the prompt catalogue (or one template's variables)
+  speak TEXT...|- --out=FILE [--format=F] [--voice=V] [--engine=E] [--rate=WPM]
+        [--sample-rate=HZ] [--ssml] [--stream]
+                                          narrate text (or standard input) into an audio file
+  voices [--engine=E] [--language=L]      the voices each speech engine offers
+  podcast TOPIC... [--out=FILE] [--turns=N] [--host-voice=V] [--guest-voice=V] [--format=F]
+                                          write a two-voice episode: a script from the
+                                          podcast_script template, narrated (out/<topic>.mp3)
 
---addr defaults to $MONTAGE_ADDR or 127.0.0.1:50051; --timeout to 30s (10m for generate and
-campaign: a model may take minutes).
+Formats: mp3 (default), wav, pcm, ogg (Opus), aac (m4a). --addr defaults to $MONTAGE_ADDR or
+127.0.0.1:50051; --timeout to 30s (10m for generate, campaign, speak and podcast: a model may
+take minutes).
 )";
 
 struct Options {
@@ -80,6 +91,19 @@ struct Options {
   std::string brief;
   std::vector<std::string> platforms;
   uint32_t posts = 1;
+  // speech
+  std::string out_path;
+  std::string format;
+  std::string voice;
+  std::string engine;
+  std::optional<double> rate;
+  uint32_t sample_rate = 0;
+  bool ssml = false;
+  bool stream = false;
+  std::string language;
+  std::string host_voice;
+  std::string guest_voice;
+  uint32_t turns = 0;
 };
 
 // Parses --flag=value / --flag value anywhere on the line. Returns an error message or "".
@@ -129,6 +153,28 @@ std::string Parse(const std::vector<std::string>& args, Options& o) {
       }
     } else if (name == "no-stream") {
       o.no_stream = true;
+    } else if (name == "ssml" || name == "stream") {
+      (name == "ssml" ? o.ssml : o.stream) = true;
+    } else if (name == "out" || name == "format" || name == "voice" || name == "engine" ||
+               name == "rate" || name == "sample-rate" || name == "language" ||
+               name == "host-voice" || name == "guest-voice" || name == "turns") {
+      if (!take()) return absl::StrCat("--", name, " needs a value");
+      if (name == "out") o.out_path = value;
+      if (name == "format") o.format = absl::AsciiStrToLower(value);
+      if (name == "voice") o.voice = value;
+      if (name == "engine") o.engine = value;
+      if (name == "language") o.language = value;
+      if (name == "host-voice") o.host_voice = value;
+      if (name == "guest-voice") o.guest_voice = value;
+      if (name == "rate") {
+        double r = 0;
+        if (!absl::SimpleAtod(value, &r)) return "--rate needs a number";
+        o.rate = r;
+      }
+      if (name == "sample-rate" && !absl::SimpleAtoi(value, &o.sample_rate)) {
+        return "--sample-rate needs a number of Hz";
+      }
+      if (name == "turns" && !absl::SimpleAtoi(value, &o.turns)) return "--turns needs a number";
     } else if (name == "model" || name == "template" || name == "var" || name == "temperature" ||
                name == "seed" || name == "brief" || name == "platform" || name == "posts") {
       if (!take()) return absl::StrCat("--", name, " needs a value");
@@ -212,8 +258,12 @@ int Fail(std::ostream& err, const grpc::Status& status, bool json) {
 
 class Client {
  public:
-  explicit Client(const Options& o)
-      : options_(o), channel_(grpc::CreateChannel(o.addr, grpc::InsecureChannelCredentials())) {}
+  explicit Client(const Options& o) : options_(o) {
+    // Whole audio files arrive in one message (the speech service answers up to 32 MiB).
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(64 << 20);
+    channel_ = grpc::CreateCustomChannel(o.addr, grpc::InsecureChannelCredentials(), args);
+  }
 
   void Prepare(grpc::ClientContext& ctx) const {
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
@@ -580,6 +630,226 @@ int Templates(const Options& o, Client& client, std::ostream& out, std::ostream&
   return 0;
 }
 
+std::optional<speechpb::AudioFormat> ParseFormat(const std::string& name) {
+  if (name.empty() || name == "mp3") return speechpb::MP3;
+  if (name == "wav") return speechpb::WAV;
+  if (name == "pcm") return speechpb::PCM;
+  if (name == "ogg" || name == "opus") return speechpb::OGG_OPUS;
+  if (name == "aac" || name == "m4a") return speechpb::AAC;
+  return std::nullopt;
+}
+
+bool WriteFile(const std::string& path, absl::string_view bytes, std::ostream& err) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  f.close();
+  if (!f) {
+    err << "montage: cannot write " << path << "\n";
+    return false;
+  }
+  return true;
+}
+
+std::string Seconds(absl::Duration d) {
+  return absl::StrFormat("%.1f s", absl::ToDoubleSeconds(d));
+}
+
+std::string Clock(double seconds) {
+  const int64_t s = static_cast<int64_t>(seconds + 0.5);
+  return absl::StrFormat("%d:%02d", s / 60, s % 60);
+}
+
+void PrintAudio(const std::string& path, uint64_t bytes, const speechpb::SynthesizeResponse& r,
+                std::ostream& out) {
+  const double seconds = TimeUtil::DurationToMilliseconds(r.duration()) / 1000.0;
+  out << absl::StrFormat("%s: %s of audio, %s, %u Hz, %u segments (%u from the cache)\n", path,
+                         Clock(seconds), HumanBytes(bytes), r.sample_rate(), r.segments(),
+                         r.segments_from_cache());
+}
+
+int Speak(const Options& o, Client& client, std::istream& in, std::ostream& out,
+          std::ostream& err) {
+  std::vector<std::string> words(o.positional.begin() + 1, o.positional.end());
+  if (words.empty() || o.out_path.empty()) {
+    err << "usage: montage speak TEXT...|- --out=FILE [--format=F] [--voice=V] ...\n";
+    return 2;
+  }
+  speechpb::SynthesizeRequest req;
+  if (words.size() == 1 && words[0] == "-") {
+    req.set_text(std::string(std::istreambuf_iterator<char>(in), {}));
+  } else {
+    req.set_text(absl::StrJoin(words, " "));
+  }
+  std::optional<speechpb::AudioFormat> format = ParseFormat(o.format);
+  if (!format) {
+    err << "montage: --format must be mp3, wav, pcm, ogg or aac\n";
+    return 2;
+  }
+  req.set_format(*format);
+  req.set_ssml(o.ssml);
+  req.set_engine(o.engine);
+  req.set_sample_rate(o.sample_rate);
+  req.mutable_voice()->set_voice(o.voice);
+  if (o.rate) req.mutable_voice()->set_rate(*o.rate);
+  auto stub = speechpb::SpeechService::NewStub(client.channel());
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  const absl::Time start = absl::Now();
+  if (o.stream) {
+    std::ofstream f(o.out_path, std::ios::binary | std::ios::trunc);
+    auto reader = stub->StreamSynthesize(&ctx, req);
+    speechpb::AudioChunk chunk;
+    uint64_t bytes = 0;
+    std::optional<absl::Duration> first;
+    double seconds = 0;
+    while (reader->Read(&chunk)) {
+      if (!first) first = absl::Now() - start;
+      f.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
+      bytes += chunk.data().size();
+      if (chunk.last()) seconds = TimeUtil::DurationToMilliseconds(chunk.duration()) / 1000.0;
+    }
+    grpc::Status s = reader->Finish();
+    f.close();
+    if (!s.ok()) return Fail(err, s, o.json);
+    if (!f) {
+      err << "montage: cannot write " << o.out_path << "\n";
+      return 1;
+    }
+    out << absl::StrFormat("%s: %s of audio, %s; first audio after %s, all after %s\n", o.out_path,
+                           Clock(seconds), HumanBytes(bytes),
+                           Seconds(first.value_or(absl::ZeroDuration())),
+                           Seconds(absl::Now() - start));
+    return 0;
+  }
+  speechpb::SynthesizeResponse resp;
+  grpc::Status s = stub->Synthesize(&ctx, req, &resp);
+  if (!s.ok()) return Fail(err, s, o.json);
+  if (!WriteFile(o.out_path, resp.audio().data(), err)) return 1;
+  PrintAudio(o.out_path, resp.audio().data().size(), resp, out);
+  return 0;
+}
+
+int Voices(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  auto stub = speechpb::SpeechService::NewStub(client.channel());
+  speechpb::ListVoicesRequest req;
+  req.set_engine(o.engine);
+  req.set_language(o.language);
+  speechpb::ListVoicesResponse resp;
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  grpc::Status s = stub->ListVoices(&ctx, req, &resp);
+  if (!s.ok()) return Fail(err, s, o.json);
+  if (o.json) {
+    out << ToJson(resp);
+    return 0;
+  }
+  for (const auto& v : resp.voices()) {
+    out << absl::StrFormat("%-8s %-16s %-12s %s\n", v.engine(), v.name(), v.language(), v.gender());
+  }
+  return 0;
+}
+
+// "Editing videos faster!" → "editing-videos-faster".
+std::string Slug(absl::string_view text) {
+  std::string slug;
+  for (char c : text) {
+    if (absl::ascii_isalnum(static_cast<unsigned char>(c))) {
+      slug += absl::ascii_tolower(static_cast<unsigned char>(c));
+    } else if (!slug.empty() && slug.back() != '-') {
+      slug += '-';
+    }
+    if (slug.size() >= 60) break;
+  }
+  while (!slug.empty() && slug.back() == '-') slug.pop_back();
+  return slug.empty() ? "episode" : slug;
+}
+
+// The main job: a script from the generation service, narrated by the speech service.
+int Podcast(const Options& o, Client& client, std::ostream& out, std::ostream& err) {
+  std::vector<std::string> words(o.positional.begin() + 1, o.positional.end());
+  if (words.empty()) {
+    err << "usage: montage podcast TOPIC... [--out=FILE] [--turns=N] [--format=F]\n";
+    return 2;
+  }
+  const std::string topic = absl::StrJoin(words, " ");
+  std::optional<speechpb::AudioFormat> format = ParseFormat(o.format);
+  if (!format) {
+    err << "montage: --format must be mp3, wav, pcm, ogg or aac\n";
+    return 2;
+  }
+  static const std::map<speechpb::AudioFormat, std::string> kExtensions = {
+      {speechpb::MP3, "mp3"},
+      {speechpb::WAV, "wav"},
+      {speechpb::PCM, "pcm"},
+      {speechpb::OGG_OPUS, "opus"},
+      {speechpb::AAC, "m4a"}};
+  const std::string path = o.out_path.empty()
+                               ? absl::StrCat("out/", Slug(topic), ".", kExtensions.at(*format))
+                               : o.out_path;
+  const absl::Time start = absl::Now();
+
+  genpb::GenerateRequest gen;
+  gen.set_model(o.model);
+  gen.set_template_("podcast_script");
+  (*gen.mutable_variables()->mutable_fields())["topic"].set_string_value(topic);
+  if (o.turns > 0) (*gen.mutable_variables()->mutable_fields())["turns"].set_number_value(o.turns);
+  genpb::GenerateResponse script;
+  {
+    auto stub = genpb::GenerationService::NewStub(client.channel());
+    grpc::ClientContext ctx;
+    client.Prepare(ctx);
+    grpc::Status s = stub->Generate(&ctx, gen, &script);
+    if (!s.ok()) return Fail(err, s, o.json);
+  }
+  const absl::Duration scripted = absl::Now() - start;
+  const auto& fields = script.json().struct_value().fields();
+  auto turns_it = fields.find("turns");
+  if (turns_it == fields.end() || !turns_it->second.has_list_value()) {
+    err << "montage: the podcast_script answer has no turns\n";
+    return 1;
+  }
+  auto title_it = fields.find("title");
+  const std::string title =
+      title_it != fields.end() ? title_it->second.string_value() : std::string(topic);
+  speechpb::SynthesizeDialogueRequest req;
+  size_t words_spoken = 0;
+  for (const auto& turn : turns_it->second.list_value().values()) {
+    const auto& t = turn.struct_value().fields();
+    auto speaker = t.find("speaker");
+    auto text = t.find("text");
+    if (speaker == t.end() || text == t.end()) continue;
+    speechpb::DialogueLine* line = req.add_lines();
+    line->set_speaker(speaker->second.string_value());
+    line->set_text(text->second.string_value());
+    words_spoken +=
+        std::vector<absl::string_view>(absl::StrSplit(line->text(), ' ', absl::SkipWhitespace()))
+            .size();
+  }
+  out << absl::StrFormat("script: \"%s\", %d turns, %u words (%s via %s) in %s\n", title,
+                         req.lines_size(), words_spoken, script.model(), script.provider(),
+                         Seconds(scripted));
+  if (!o.host_voice.empty()) (*req.mutable_voices())["host"].set_voice(o.host_voice);
+  if (!o.guest_voice.empty()) (*req.mutable_voices())["guest"].set_voice(o.guest_voice);
+  req.set_engine(o.engine);
+  req.set_format(*format);
+  speechpb::SynthesizeResponse audio;
+  const absl::Time narrate_start = absl::Now();
+  {
+    auto stub = speechpb::SpeechService::NewStub(client.channel());
+    grpc::ClientContext ctx;
+    client.Prepare(ctx);
+    grpc::Status s = stub->SynthesizeDialogue(&ctx, req, &audio);
+    if (!s.ok()) return Fail(err, s, o.json);
+  }
+  const absl::Duration narrated = absl::Now() - narrate_start;
+  out << absl::StrFormat("narration: two voices, %u segments (%u from the cache) in %s\n",
+                         audio.segments(), audio.segments_from_cache(), Seconds(narrated));
+  if (!WriteFile(path, audio.audio().data(), err)) return 1;
+  PrintAudio(path, audio.audio().data().size(), audio, out);
+  out << absl::StrFormat("episode written in %s\n", Seconds(absl::Now() - start));
+  return 0;
+}
+
 }  // namespace
 
 int Run(const std::vector<std::string>& args, std::istream& in, std::ostream& out,
@@ -594,13 +864,19 @@ int Run(const std::vector<std::string>& args, std::istream& in, std::ostream& ou
     (p.empty() ? err : out) << kUsage;
     return p.empty() ? 2 : 0;
   }
-  if ((p[0] == "generate" || p[0] == "campaign") && !o.timeout_set) o.timeout = absl::Minutes(10);
+  if ((p[0] == "generate" || p[0] == "campaign" || p[0] == "speak" || p[0] == "podcast") &&
+      !o.timeout_set) {
+    o.timeout = absl::Minutes(10);
+  }
   Client client(o);
   if (p[0] == "health") return Health(o, client, out, err);
   if (p[0] == "generate") return Generate(o, client, out, err);
   if (p[0] == "campaign") return Campaign(o, client, out, err);
   if (p[0] == "models") return Models(o, client, out, err);
   if (p[0] == "templates") return Templates(o, client, out, err);
+  if (p[0] == "speak") return Speak(o, client, in, out, err);
+  if (p[0] == "voices") return Voices(o, client, out, err);
+  if (p[0] == "podcast") return Podcast(o, client, out, err);
   if (p[0] == "cache" && p.size() >= 2) {
     if (p[1] == "get") return CacheGet(o, client, out, err);
     if (p[1] == "set") return CacheSet(o, client, in, out, err);

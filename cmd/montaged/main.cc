@@ -34,7 +34,7 @@ constexpr montage::ServiceRegistration kServices[] = {
      &montage::cache::NewCacheModule},
     {"generation", "LLM scripts, titles, hooks, posts (issue #4)",
      &montage::generation::NewGenerationModule},
-    {"speech", "text to speech (issue #5)", &montage::speech::NewSpeechModule},
+    {"speech", "text to speech: espeak-ng in process, OpenAI-compatible TTS", &montage::speech::NewSpeechModule},
     {"analytics", "channel, keyword and trend analysis (roadmap)",
      &montage::analytics::NewAnalyticsModule},
     {"render", "timelines to video (roadmap)", &montage::render::NewRenderModule},

@@ -72,9 +72,11 @@ constexpr size_t kMaxPeers = 256;
 // each shard's connection walk near 10,000 / kMaxShards.
 constexpr size_t kTransfersPerShard = 128;
 constexpr size_t kMaxShards = 64;
-// libcurl's default receive buffer is 16 KiB per easy handle, allocated for every transfer;
-// answers here are small JSON documents or event streams, and thousands run at once.
-constexpr long kReceiveBufferSize = 8 << 10;
+// libcurl's default receive buffer (16 KiB per easy handle). Smaller buffers saved memory in a
+// burst, but libcurl 7.88 in multi-socket mode then stalls an HTTP/2 answer whose last DATA frame
+// is larger than the buffer until the deadline (found with speech answers; reproduced against
+// nghttpd), so it stays at the HTTP/2 frame size.
+constexpr long kReceiveBufferSize = 16 << 10;
 
 void GlobalInit() {
   static std::once_flag once;

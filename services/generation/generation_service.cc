@@ -447,7 +447,8 @@ absl::StatusOr<std::unique_ptr<ServiceModule>> NewGenerationModule(ServiceContex
       http::HttpClient::Create(http::HttpClientOptionsFromConfig(c.http(), "generation")));
   std::vector<std::string> dirs(c.template_dirs().begin(), c.template_dirs().end());
   ASSIGN_OR_RETURN(std::unique_ptr<Catalogue> catalogue, Catalogue::Load(dirs));
-  ASSIGN_OR_RETURN(std::unique_ptr<AnswerCache> cache, MakeAnswerCache(c.cache(), context.clock));
+  ASSIGN_OR_RETURN(std::unique_ptr<cache::CacheClient> cache,
+                   cache::MakeCacheClient(c.cache(), "generation", context.clock));
   ASSIGN_OR_RETURN(
       std::unique_ptr<Generator> generator,
       Generator::Create(c, context.clock, http.get(), std::move(catalogue), std::move(cache)));

@@ -1,7 +1,5 @@
 #include "services/generation/generator.h"
 
-#include <openssl/sha.h>
-
 #include <algorithm>
 #include <memory>
 #include <string>
@@ -13,6 +11,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "common/proto_time.h"
+#include "common/sha256.h"
 #include "common/status.h"
 #include "common/telemetry/metrics.h"
 #include "common/telemetry/tracer.h"
@@ -36,13 +35,6 @@ constexpr size_t kMaxStopBytes = 256;
 constexpr uint32_t kMaxTokensLimit = 1'000'000;
 // Output tokens assumed for the tokens-per-minute bucket when the caller sets no max_tokens.
 constexpr uint32_t kAssumedOutputTokens = 512;
-
-std::string Sha256Hex(const std::string& bytes) {
-  unsigned char digest[SHA256_DIGEST_LENGTH];
-  SHA256(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), digest);
-  return absl::BytesToHexString(
-      absl::string_view(reinterpret_cast<const char*>(digest), sizeof(digest)));
-}
 
 std::string DeterministicBytes(const google::protobuf::Message& m) {
   std::string out;
@@ -217,7 +209,8 @@ class DoneHandle final : public GenerationCall {
 }  // namespace
 
 Generator::Generator(const GenerationConfig& config, Clock& clock,
-                     std::unique_ptr<Catalogue> catalogue, std::unique_ptr<AnswerCache> cache)
+                     std::unique_ptr<Catalogue> catalogue,
+                     std::unique_ptr<cache::CacheClient> cache)
     : config_(config),
       clock_(clock),
       catalogue_(std::move(catalogue)),
@@ -228,7 +221,7 @@ Generator::Generator(const GenerationConfig& config, Clock& clock,
 Generator::~Generator() { Shutdown(); }
 
 void Generator::Shutdown() {
-  std::shared_ptr<AnswerCache> cache;
+  std::shared_ptr<cache::CacheClient> cache;
   {
     absl::MutexLock lock(&mu_);
     if (stopping_) return;
@@ -239,10 +232,9 @@ void Generator::Shutdown() {
   if (cache != nullptr) cache->Close();
 }
 
-absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const GenerationConfig& config,
-                                                             Clock& clock, http::HttpClient* http,
-                                                             std::unique_ptr<Catalogue> catalogue,
-                                                             std::unique_ptr<AnswerCache> cache) {
+absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(
+    const GenerationConfig& config, Clock& clock, http::HttpClient* http,
+    std::unique_ptr<Catalogue> catalogue, std::unique_ptr<cache::CacheClient> cache) {
   std::unique_ptr<Generator> g(
       new Generator(config, clock, std::move(catalogue), std::move(cache)));
   absl::flat_hash_map<std::string, Provider*> providers;
@@ -528,7 +520,7 @@ void Generator::StartFlight(std::shared_ptr<Flight> flight, bool read_cache) {
     TryDeployment(std::move(flight), 0, false);
     return;
   }
-  std::shared_ptr<AnswerCache> cache;
+  std::shared_ptr<cache::CacheClient> cache;
   {
     absl::MutexLock lock(&mu_);
     cache = cache_;
@@ -762,7 +754,7 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
     response.set_provider(std::string(d.provider->kind()));
     response.set_finish_reason(result->finish_reason);
     response.set_attempts(flight->attempts + result->attempts - 1);
-    std::shared_ptr<AnswerCache> cache;
+    std::shared_ptr<cache::CacheClient> cache;
     if (flight->write_cache) {
       absl::MutexLock lock(&mu_);
       cache = cache_;

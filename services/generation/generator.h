@@ -28,7 +28,7 @@
 #include "common/token_bucket.h"
 #include "montage/config/v1/config.pb.h"
 #include "montage/generation/v1/generation.pb.h"
-#include "services/generation/answer_cache.h"
+#include "services/cache/cache_client.h"
 #include "services/generation/catalogue/catalogue.h"
 #include "services/generation/provider.h"
 
@@ -61,7 +61,7 @@ class Generator {
   // config field (unknown provider of a deployment, unknown deployment of a model, …).
   static absl::StatusOr<std::unique_ptr<Generator>> Create(
       const config::v1::GenerationConfig& config, Clock& clock, http::HttpClient* http,
-      std::unique_ptr<Catalogue> catalogue, std::unique_ptr<AnswerCache> cache);
+      std::unique_ptr<Catalogue> catalogue, std::unique_ptr<cache::CacheClient> cache);
   // Calls Shutdown().
   ~Generator();
 
@@ -108,7 +108,7 @@ class Generator {
   };
 
   Generator(const config::v1::GenerationConfig& config, Clock& clock,
-            std::unique_ptr<Catalogue> catalogue, std::unique_ptr<AnswerCache> cache);
+            std::unique_ptr<Catalogue> catalogue, std::unique_ptr<cache::CacheClient> cache);
   absl::Status Validate(const v1::GenerateRequest& request) const;
   void StartFlight(std::shared_ptr<Flight> flight, bool read_cache);
   void TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool json_retry);
@@ -120,7 +120,7 @@ class Generator {
   Clock& clock_;
   std::unique_ptr<Catalogue> catalogue_;
   const bool has_cache_;  // constructed with a cache (it may be gone after Shutdown)
-  std::shared_ptr<AnswerCache> cache_ ABSL_GUARDED_BY(mu_);  // null after Shutdown
+  std::shared_ptr<cache::CacheClient> cache_ ABSL_GUARDED_BY(mu_);  // null after Shutdown
   std::vector<std::unique_ptr<Provider>> providers_;
   absl::flat_hash_map<std::string, std::unique_ptr<Deployment>> deployments_;
   absl::flat_hash_map<std::string, Model> models_;

@@ -89,7 +89,7 @@ class GeneratorTest : public ::testing::Test {
   void Build() {
     auto catalogue = Catalogue::Load({});
     ASSERT_TRUE(catalogue.ok()) << catalogue.status();
-    auto cache = MakeAnswerCache(config_.cache(), clock_);
+    auto cache = cache::MakeCacheClient(config_.cache(), "generation", clock_);
     ASSERT_TRUE(cache.ok()) << cache.status();
     auto g =
         Generator::Create(config_, clock_, http_.get(), *std::move(catalogue), *std::move(cache));

@@ -1,42 +1,345 @@
+// The gRPC adapter of the speech service: callback reactors over the Synthesizer. No reactor holds
+// a thread while audio is made: jobs report through sinks, on executor or engine threads.
 #include "services/speech/speech_service.h"
 
-#include "common/server/not_built.h"
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/http/config.h"
+#include "common/http/http_client.h"
+#include "common/logging.h"
+#include "common/proto_time.h"
+#include "common/status.h"
 #include "montage/speech/v1/speech.grpc.pb.h"
+#include "services/speech/espeak_engine.h"
+#include "services/speech/http_engine.h"
+#include "services/speech/synthesizer.h"
 
 namespace montage::speech {
 namespace {
 
-constexpr absl::string_view kWhy =
-    "the speech service (espeak-ng, OpenAI-compatible TTS, segment cache) arrives with issue #5";
+absl::Time DeadlineOf(grpc::CallbackServerContext* context, const config::v1::SpeechConfig& c) {
+  const auto deadline = context->deadline();
+  absl::Time fallback = absl::Now() + FromProtoDuration(c.default_timeout());
+  if (deadline == std::chrono::system_clock::time_point::max()) return fallback;
+  return absl::FromChrono(deadline);
+}
 
-class SpeechServiceStub final : public v1::SpeechService::CallbackService {
+v1::AudioFormat ToProto(AudioFormat format) {
+  switch (format) {
+    case AudioFormat::kWav:
+      return v1::WAV;
+    case AudioFormat::kPcm:
+      return v1::PCM;
+    case AudioFormat::kMp3:
+      return v1::MP3;
+    case AudioFormat::kOggOpus:
+      return v1::OGG_OPUS;
+    case AudioFormat::kAac:
+      return v1::AAC;
+  }
+  return v1::AUDIO_FORMAT_UNSPECIFIED;
+}
+
+// Synthesize and SynthesizeDialogue: the whole file in one answer, up to
+// speech.max_unary_audio_bytes.
+class UnaryReactor final : public grpc::ServerUnaryReactor {
  public:
+  UnaryReactor(Synthesizer& synthesizer, absl::StatusOr<Plan> plan,
+               v1::SynthesizeResponse* response)
+      : response_(response), limit_(synthesizer.config().max_unary_audio_bytes()) {
+    if (!plan.ok()) {
+      Finish(ToGrpcStatus(plan.status()));
+      return;
+    }
+    response_->set_format(ToProto(plan->format));
+    response_->set_sample_rate(plan->sample_rate);
+    response_->set_channels(1);
+    response_->mutable_audio()->set_content_type(ContentType(plan->format, plan->sample_rate));
+    auto sink = std::make_shared<Sink>(this);
+    job_ = synthesizer.Start(*std::move(plan), sink, /*window=*/0);
+  }
+  void OnCancel() override {
+    if (job_ != nullptr) job_->Cancel();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  class Sink final : public SynthesisSink {
+   public:
+    explicit Sink(UnaryReactor* reactor) : reactor_(reactor) {}
+    Action OnAudio(std::string bytes) override {
+      std::string* data = reactor_->response_->mutable_audio()->mutable_data();
+      if (data->size() + bytes.size() > reactor_->limit_) {
+        too_big_ = true;
+        data->clear();
+        return Action::kStop;
+      }
+      data->append(bytes);
+      return Action::kContinue;
+    }
+    void OnDone(absl::StatusOr<Summary> result) override {
+      if (too_big_) {
+        result = absl::ResourceExhaustedError(absl::StrCat(
+            "the audio is larger than ", reactor_->limit_,
+            " bytes (speech.max_unary_audio_bytes): use StreamSynthesize, the REST download, or a "
+            "compressed format (MP3, OGG_OPUS)"));
+      }
+      if (result.ok()) {
+        *reactor_->response_->mutable_duration() = ToProtoDuration(result->duration);
+        reactor_->response_->set_segments(result->segments);
+        reactor_->response_->set_segments_from_cache(result->segments_from_cache);
+      }
+      reactor_->Finish(ToGrpcStatus(result.status()));
+    }
+
+   private:
+    UnaryReactor* reactor_;
+    bool too_big_ = false;
+  };
+
+  v1::SynthesizeResponse* response_;
+  const uint64_t limit_;
+  std::shared_ptr<SynthesisJob> job_;
+};
+
+// StreamSynthesize: one write in flight, at most kMaxQueued chunks behind it; beyond that the
+// job pauses (no further synthesis past its window) until the reader catches up.
+class StreamReactor final : public grpc::ServerWriteReactor<v1::AudioChunk> {
+ public:
+  static constexpr size_t kMaxQueued = 2;
+
+  StreamReactor(Synthesizer& synthesizer, absl::StatusOr<Plan> plan) {
+    if (!plan.ok()) {
+      Finish(ToGrpcStatus(plan.status()));
+      return;
+    }
+    content_type_ = ContentType(plan->format, plan->sample_rate);
+    sample_rate_ = plan->sample_rate;
+    auto sink = std::make_shared<Sink>(this);
+    std::shared_ptr<SynthesisJob> job = synthesizer.Start(*std::move(plan), sink, 0);
+    absl::MutexLock lock(&mu_);
+    job_ = std::move(job);
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::optional<grpc::Status> finish;
+    bool resume = false;
+    std::shared_ptr<SynthesisJob> job;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) {
+        broken_ = true;
+        queue_.clear();
+      }
+      finish = PumpLocked();
+      if (paused_ && queue_.size() < kMaxQueued) {
+        paused_ = false;
+        resume = true;
+      }
+      job = job_;
+    }
+    if (!ok && job) job->Cancel();
+    if (resume && job) job->Resume();
+    if (finish) Finish(*finish);
+  }
+  void OnCancel() override {
+    std::shared_ptr<SynthesisJob> job;
+    {
+      absl::MutexLock lock(&mu_);
+      job = job_;
+    }
+    if (job) job->Cancel();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  class Sink final : public SynthesisSink {
+   public:
+    explicit Sink(StreamReactor* reactor) : reactor_(reactor) {}
+    Action OnAudio(std::string bytes) override { return reactor_->Push(std::move(bytes)); }
+    void OnDone(absl::StatusOr<Summary> result) override { reactor_->End(std::move(result)); }
+
+   private:
+    StreamReactor* reactor_;
+  };
+
+  SynthesisSink::Action Push(std::string bytes) {
+    std::optional<grpc::Status> finish;
+    bool more;
+    {
+      absl::MutexLock lock(&mu_);
+      if (broken_ || ending_) return SynthesisSink::Action::kStop;
+      v1::AudioChunk chunk;
+      *chunk.mutable_data() = std::move(bytes);
+      if (first_) {
+        first_ = false;
+        chunk.set_content_type(content_type_);
+        chunk.set_sample_rate(sample_rate_);
+      }
+      queue_.push_back(std::move(chunk));
+      finish = PumpLocked();
+      more = queue_.size() < kMaxQueued;
+      if (!more) paused_ = true;
+    }
+    if (finish) Finish(*finish);
+    return more ? SynthesisSink::Action::kContinue : SynthesisSink::Action::kPause;
+  }
+
+  void End(absl::StatusOr<SynthesisSink::Summary> result) {
+    std::optional<grpc::Status> finish;
+    {
+      absl::MutexLock lock(&mu_);
+      ending_ = true;
+      if (!result.ok()) {
+        queue_.clear();
+        status_ = ToGrpcStatus(result.status());
+      } else {
+        v1::AudioChunk last;
+        if (first_) {
+          last.set_content_type(content_type_);
+          last.set_sample_rate(sample_rate_);
+        }
+        *last.mutable_duration() = ToProtoDuration(result->duration);
+        last.set_last(true);
+        if (!broken_) queue_.push_back(std::move(last));
+      }
+      finish = PumpLocked();
+    }
+    if (finish) Finish(*finish);
+  }
+
+  // Starts the next write, or says how to finish once everything is written.
+  std::optional<grpc::Status> PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return std::nullopt;
+    if (!queue_.empty() && !broken_) {
+      writing_ = true;
+      current_ = std::move(queue_.front());
+      queue_.pop_front();
+      StartWrite(&current_);
+      return std::nullopt;
+    }
+    if (!ending_ && !broken_) return std::nullopt;
+    if (!ending_) return std::nullopt;  // broken: the job's OnDone ends the call
+    finished_ = true;
+    return status_;
+  }
+
+  std::string content_type_;
+  uint32_t sample_rate_ = 0;
+  absl::Mutex mu_;
+  std::shared_ptr<SynthesisJob> job_ ABSL_GUARDED_BY(mu_);
+  std::deque<v1::AudioChunk> queue_ ABSL_GUARDED_BY(mu_);
+  v1::AudioChunk current_ ABSL_GUARDED_BY(mu_);
+  bool first_ ABSL_GUARDED_BY(mu_) = true;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool paused_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool ending_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_ ABSL_GUARDED_BY(mu_);
+};
+
+class SpeechServiceImpl final : public v1::SpeechService::CallbackService {
+ public:
+  explicit SpeechServiceImpl(Synthesizer& synthesizer) : synthesizer_(synthesizer) {}
+
   grpc::ServerUnaryReactor* Synthesize(grpc::CallbackServerContext* context,
-                                       const v1::SynthesizeRequest*,
-                                       v1::SynthesizeResponse*) override {
-    return NotBuiltUnary(context, "montage.speech.v1.SpeechService/Synthesize", kWhy);
+                                       const v1::SynthesizeRequest* request,
+                                       v1::SynthesizeResponse* response) override {
+    return new UnaryReactor(
+        synthesizer_,
+        synthesizer_.PlanText(*request, DeadlineOf(context, synthesizer_.config()), false),
+        response);
   }
   grpc::ServerWriteReactor<v1::AudioChunk>* StreamSynthesize(
-      grpc::CallbackServerContext*, const v1::SynthesizeRequest*) override {
-    return NotBuiltStream<v1::AudioChunk>("montage.speech.v1.SpeechService/StreamSynthesize", kWhy);
+      grpc::CallbackServerContext* context, const v1::SynthesizeRequest* request) override {
+    return new StreamReactor(
+        synthesizer_,
+        synthesizer_.PlanText(*request, DeadlineOf(context, synthesizer_.config()), true));
   }
   grpc::ServerUnaryReactor* SynthesizeDialogue(grpc::CallbackServerContext* context,
-                                               const v1::SynthesizeDialogueRequest*,
-                                               v1::SynthesizeResponse*) override {
-    return NotBuiltUnary(context, "montage.speech.v1.SpeechService/SynthesizeDialogue", kWhy);
+                                               const v1::SynthesizeDialogueRequest* request,
+                                               v1::SynthesizeResponse* response) override {
+    return new UnaryReactor(
+        synthesizer_,
+        synthesizer_.PlanDialogue(*request, DeadlineOf(context, synthesizer_.config())), response);
   }
   grpc::ServerUnaryReactor* ListVoices(grpc::CallbackServerContext* context,
-                                       const v1::ListVoicesRequest*,
-                                       v1::ListVoicesResponse*) override {
-    return NotBuiltUnary(context, "montage.speech.v1.SpeechService/ListVoices", kWhy);
+                                       const v1::ListVoicesRequest* request,
+                                       v1::ListVoicesResponse* response) override {
+    absl::StatusOr<std::vector<v1::Voice>> voices =
+        synthesizer_.ListVoices(request->engine(), request->language());
+    if (voices.ok()) {
+      for (v1::Voice& v : *voices) *response->add_voices() = std::move(v);
+    }
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(ToGrpcStatus(voices.status()));
+    return reactor;
   }
+
+ private:
+  Synthesizer& synthesizer_;
+};
+
+class SpeechModule final : public ServiceModule {
+ public:
+  SpeechModule(std::shared_ptr<http::HttpClient> http, std::unique_ptr<Synthesizer> synthesizer)
+      : http_(std::move(http)), synthesizer_(std::move(synthesizer)), service_(*synthesizer_) {}
+
+  std::vector<grpc::Service*> GrpcServices() override { return {&service_}; }
+  std::vector<std::string> HealthNames() const override {
+    return {std::string(v1::SpeechService::service_full_name())};
+  }
+  // The gRPC server has stopped: jobs still running end, engines stop.
+  void Stop() override { synthesizer_->Shutdown(); }
+
+ private:
+  // Destroyed in reverse: the synthesizer (and its engines) before the HTTP client they use.
+  std::shared_ptr<http::HttpClient> http_;
+  std::unique_ptr<Synthesizer> synthesizer_;
+  SpeechServiceImpl service_;
 };
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<ServiceModule>> NewSpeechModule(ServiceContext&) {
-  return MakeStubModule(std::make_unique<SpeechServiceStub>(),
-                        std::string(v1::SpeechService::service_full_name()));
+absl::StatusOr<std::unique_ptr<ServiceModule>> NewSpeechModule(ServiceContext& context) {
+  const config::v1::SpeechConfig& c = context.config.speech();
+  ASSIGN_OR_RETURN(std::unique_ptr<http::HttpClient> client,
+                   http::HttpClient::Create(http::HttpClientOptionsFromConfig(c.http(), "speech")));
+  std::shared_ptr<http::HttpClient> http(std::move(client));
+  absl::flat_hash_map<std::string, std::unique_ptr<TtsEngine>> engines;
+  for (const auto& [name, engine] : c.engines()) {
+    absl::StatusOr<std::unique_ptr<TtsEngine>> made;
+    if (engine.kind() == config::v1::SpeechEngineConfig::ESPEAK) {
+      EspeakOptions options;
+      options.data_path = engine.data_path();
+      made = NewEspeakEngine(options);
+    } else {
+      made = NewOpenAiSpeechEngine(engine, http);
+    }
+    if (!made.ok()) {
+      return absl::Status(made.status().code(),
+                          absl::StrCat("speech.engines.", name, ": ", made.status().message()));
+    }
+    engines[name] = *std::move(made);
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<cache::CacheClient> cache,
+                   cache::MakeCacheClient(c.cache(), "speech", context.clock));
+  ASSIGN_OR_RETURN(std::unique_ptr<Synthesizer> synthesizer,
+                   Synthesizer::Create(c, std::move(engines), std::move(cache), context.executor));
+  LogInfo("speech service ready",
+          {{"engines", static_cast<int64_t>(c.engines_size())},
+           {"default_engine", c.default_engine()},
+           {"cache", c.cache().address().empty() ? "in-process" : c.cache().address()}});
+  return std::make_unique<SpeechModule>(std::move(http), std::move(synthesizer));
 }
 
 }  // namespace montage::speech

@@ -1,7 +1,6 @@
-// The speech service's registration entry point. Until the real service is built, every method
-// answers UNIMPLEMENTED naming what is missing (the speech service (espeak-ng, OpenAI-compatible
-// TTS, segment cache) arrives with issue #5), while health and reflection already report the
-// service so clients and the gateway can be written against its API.
+// The speech service's registration entry point: the engines of `speech.engines` (espeak-ng in
+// process by default, OpenAI-compatible providers over the shared HTTP client), the segment cache
+// (the cache service, or in-process) and the gRPC methods of montage.speech.v1.SpeechService.
 #ifndef MONTAGE_SERVICES_SPEECH_SPEECH_SERVICE_H_
 #define MONTAGE_SERVICES_SPEECH_SPEECH_SERVICE_H_
 

@@ -36,6 +36,8 @@ constexpr int kConnectionTimeoutSeconds = 3600;
 // benchmark that opens thousands of connections at once.
 constexpr int kListenBacklog = 65535;
 constexpr absl::string_view kRedacted = "<redacted>";
+// The body of a speech answer scripted with invalid_json.
+constexpr size_t kOddPcmBytes = 4801;
 
 void EnableLibeventThreads() {
   static const bool enabled = [] { return evthread_use_pthreads() == 0; }();
@@ -282,6 +284,7 @@ std::string StatsToJson(const FakeLlmStats& stats) {
                             {"openai_requests", stats.openai_requests},
                             {"gemini_requests", stats.gemini_requests},
                             {"anthropic_requests", stats.anthropic_requests},
+                            {"tts_requests", stats.tts_requests},
                             {"in_flight", stats.in_flight},
                             {"peak_in_flight", stats.peak_in_flight},
                             {"completed", stats.completed},
@@ -509,6 +512,9 @@ void FakeLlmServer::Dispatch(IncomingRequest request, std::unique_ptr<Responder>
   if (path == "/v1/chat/completions") {
     ServeProvider(request, std::move(responder), Provider::kOpenAi, "", false, false,
                   std::move(record));
+  } else if (path == "/v1/audio/speech") {
+    ServeProvider(request, std::move(responder), Provider::kOpenAiSpeech, "", false, false,
+                  std::move(record));
   } else if (path == "/v1/messages") {
     ServeProvider(request, std::move(responder), Provider::kAnthropic, "", false, false,
                   std::move(record));
@@ -539,6 +545,7 @@ void FakeLlmServer::Record(RecordedRequest record) {
   if (record.provider == "openai") ++stats_.openai_requests;
   if (record.provider == "gemini") ++stats_.gemini_requests;
   if (record.provider == "anthropic") ++stats_.anthropic_requests;
+  if (record.provider == "openai_tts") ++stats_.tts_requests;
   recent_.push_back(std::move(record));
   while (recent_.size() > kRecordedRequests) recent_.pop_front();
 }
@@ -639,7 +646,8 @@ void FakeLlmServer::ServeProvider(const IncomingRequest& request,
   if (!settings.expected_key.empty()) {
     std::string key;
     switch (provider) {
-      case Provider::kOpenAi: {
+      case Provider::kOpenAi:
+      case Provider::kOpenAiSpeech: {
         const std::string authorization = request.Header("authorization");
         if (absl::StartsWith(authorization, "Bearer ")) key = authorization.substr(7);
         break;
@@ -672,10 +680,22 @@ void FakeLlmServer::ServeProvider(const IncomingRequest& request,
       return;
     }
   }
-  absl::StatusOr<ProviderRequest> parsed = ParseProviderRequest(provider, model, record.body);
-  if (!parsed.ok()) {
-    reject(400, parsed.status().message());
-    return;
+  absl::StatusOr<ProviderRequest> parsed = ProviderRequest{};
+  absl::optional<SpeechRequest> speech;
+  if (provider == Provider::kOpenAiSpeech) {
+    absl::StatusOr<SpeechRequest> speech_request = ParseSpeechRequest(record.body);
+    if (!speech_request.ok()) {
+      reject(400, speech_request.status().message());
+      return;
+    }
+    speech = *std::move(speech_request);
+    parsed->provider = provider;
+  } else {
+    parsed = ParseProviderRequest(provider, model, record.body);
+    if (!parsed.ok()) {
+      reject(400, parsed.status().message());
+      return;
+    }
   }
   if (provider == Provider::kGemini) {
     parsed->stream = gemini_stream;
@@ -709,6 +729,14 @@ void FakeLlmServer::ServeProvider(const IncomingRequest& request,
     exchange->body = behaviour.body.has_value()
                          ? *behaviour.body
                          : ErrorBody(provider, behaviour.status, behaviour.kind, "", retry_after);
+  } else if (speech.has_value()) {
+    if (behaviour.invalid_json) {
+      // Half a sample too many: no PCM reader can take it.
+      exchange->content_type = "audio/pcm";
+      exchange->body = std::string(kOddPcmBytes, '\x01');
+    } else {
+      exchange->body = SpeechBody(*speech, &exchange->content_type);
+    }
   } else if (behaviour.invalid_json) {
     if (sse) {
       exchange->streaming = true;

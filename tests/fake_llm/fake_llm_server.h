@@ -1,13 +1,17 @@
 // A fake LLM provider on loopback for tests and benchmarks: it answers OpenAI Chat Completions
 // (POST /v1/chat/completions), Gemini (POST /v1beta/models/{m}:generateContent and
 // :streamGenerateContent) and Anthropic Messages (POST /v1/messages), streamed or not, so the
-// generation service's tests exercise real HTTP. Answers are deterministic (see provider_wire.h).
+// generation service's tests exercise real HTTP; and OpenAI's text-to-speech (POST
+// /v1/audio/speech, raw PCM or WAV), so the speech service's HTTP engine does too. Answers are
+// deterministic (see provider_wire.h): the speech answer is a computed tone, 60 ms per character
+// of input, whose pitch depends on the voice.
 //
 // Tests script it: a FIFO of one-shot behaviours (errors, delays, broken JSON, hangs, streams cut
-// short) is consumed by the next provider requests in arrival order; with the queue empty every
-// request is answered normally after the default delay. Stats say how many requests arrived, how
-// many were in flight at once and how many clients went away before their answer was complete,
-// which is how a test proves that a cancelled call aborted its upstream transfer.
+// short) is consumed by the next provider requests, speech included, in arrival order; with the
+// queue empty every request is answered normally after the default delay. Stats say how many
+// requests arrived, how many were in flight at once and how many clients went away before their
+// answer was complete, which is how a test proves that a cancelled call aborted its upstream
+// transfer.
 //
 // The standalone binary (main.cc) exposes the same scripting over HTTP: POST /_fake/script (a
 // behaviour or a list of them, as JSON), GET /_fake/stats, POST /_fake/reset and POST
@@ -63,11 +67,13 @@ struct Behaviour {
   // Extra response headers, on any answer. For Gemini a `retry-after` is not sent as a header but
   // written into the error message ("Please retry in Ns."), the only place Gemini gives it.
   std::vector<std::pair<std::string, std::string>> headers;
-  // Replaces the whole error body (with `status`).
+  // Replaces the whole error body (with `status`), sent as application/json. With status 200 this
+  // makes a JSON document where audio was expected.
   absl::optional<std::string> body;
   // Waits this long before answering, instead of the default delay.
   absl::optional<absl::Duration> delay;
-  // Answers 200 with a body (or, streamed, an event) that is not JSON.
+  // Answers 200 with a body (or, streamed, an event) that is not JSON. Speech: 200 audio/pcm with
+  // an odd number of bytes (half a sample), which no PCM reader accepts.
   bool invalid_json = false;
   // Never answers; the request ends only when the client goes away (counted as a disconnect).
   bool hang = false;
@@ -81,7 +87,7 @@ absl::StatusOr<std::vector<Behaviour>> ParseBehaviours(absl::string_view json);
 
 // A request as it arrived, for assertions. Credentials never appear.
 struct RecordedRequest {
-  // "openai", "gemini", "anthropic" or "other".
+  // "openai", "gemini", "anthropic", "openai_tts" (speech) or "other".
   std::string provider;
   std::string method;
   // Path without the query string.
@@ -102,6 +108,8 @@ struct FakeLlmStats {
   uint64_t openai_requests = 0;
   uint64_t gemini_requests = 0;
   uint64_t anthropic_requests = 0;
+  // POST /v1/audio/speech.
+  uint64_t tts_requests = 0;
   // Provider requests received and not yet fully answered (hanging ones included).
   uint64_t in_flight = 0;
   uint64_t peak_in_flight = 0;
@@ -165,7 +173,7 @@ class FakeLlmServer {
   void set_default_delay(absl::Duration delay);
   void set_chunk_interval(absl::Duration interval);
   // Empty accepts any key. A wrong or missing key is answered 401 (Gemini: 400 INVALID_ARGUMENT
-  // "API key not valid"), in the provider's error shape.
+  // "API key not valid"), in the provider's error shape. Speech checks the Bearer key as OpenAI.
   void set_expected_key(std::string key);
   // The text of answers to requests that ask for JSON; empty means {"ok":true}.
   void set_json_answer(std::string text);

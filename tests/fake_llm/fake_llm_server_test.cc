@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -158,6 +160,24 @@ std::string AnthropicBody(const std::string& user, bool stream) {
                {"messages", {{{"role", "user"}, {"content", user}}}},
                {"stream", stream}})
       .dump();
+}
+
+std::string SpeechBody(const std::string& input, const std::string& extra = "") {
+  json body = {
+      {"model", "tts-1"}, {"input", input}, {"voice", "alloy"}, {"response_format", "pcm"}};
+  if (!extra.empty()) body.update(json::parse(extra));
+  return body.dump();
+}
+
+// The largest absolute sample of s16le `pcm`.
+int PeakSample(const std::string& pcm) {
+  int peak = 0;
+  for (size_t i = 0; i + 1 < pcm.size(); i += 2) {
+    const auto sample = static_cast<int16_t>(static_cast<uint16_t>(
+        static_cast<unsigned char>(pcm[i]) | (static_cast<unsigned char>(pcm[i + 1]) << 8)));
+    peak = std::max(peak, std::abs(static_cast<int>(sample)));
+  }
+  return peak;
 }
 
 const std::vector<std::string> kAnthropicHeaders = {"x-api-key: sk-ant-test",
@@ -647,6 +667,143 @@ TEST_F(FakeLlmTest, ControlPagesScriptReportAndReset) {
   EXPECT_TRUE(stats["recent"].empty());
 }
 
+// 60 ms of 24 kHz s16le mono per character: 2880 bytes.
+constexpr size_t kSpeechBytesPerChar = 2880;
+
+TEST_F(FakeLlmTest, SpeechAnswersPcmProportionalToTheInput) {
+  HttpResult one = client_.Request("POST", Url("/v1/audio/speech"),
+                                   {"Authorization: Bearer sk-test"}, SpeechBody("Hello."));
+  ASSERT_EQ(one.code, CURLE_OK);
+  EXPECT_EQ(one.status, 200);
+  EXPECT_EQ(one.headers["content-type"], "audio/pcm");
+  EXPECT_EQ(one.body.size(), 6 * kSpeechBytesPerChar);
+  EXPECT_GT(PeakSample(one.body), 1000) << "the audio is silent";
+
+  HttpResult two =
+      client_.Request("POST", Url("/v1/audio/speech"), {}, SpeechBody("Hello. Hello. Hello."));
+  EXPECT_EQ(two.body.size(), 20 * kSpeechBytesPerChar);
+  // Characters, not bytes: "é" is one.
+  HttpResult accented = client_.Request("POST", Url("/v1/audio/speech"), {}, SpeechBody("café"));
+  EXPECT_EQ(accented.body.size(), 4 * kSpeechBytesPerChar);
+
+  // Deterministic; the voice changes the sound, the speed the length.
+  HttpResult again = client_.Request("POST", Url("/v1/audio/speech"), {}, SpeechBody("Hello."));
+  EXPECT_EQ(again.body, one.body);
+  HttpResult nova = client_.Request("POST", Url("/v1/audio/speech"), {},
+                                    SpeechBody("Hello.", R"({"voice": "nova"})"));
+  EXPECT_EQ(nova.body.size(), one.body.size());
+  EXPECT_NE(nova.body, one.body);
+  HttpResult fast = client_.Request("POST", Url("/v1/audio/speech"), {},
+                                    SpeechBody("Hello.", R"({"speed": 2.0})"));
+  EXPECT_EQ(fast.body.size(), 3 * kSpeechBytesPerChar);
+
+  HttpResult wav = client_.Request("POST", Url("/v1/audio/speech"), {},
+                                   SpeechBody("Hello.", R"({"response_format": "wav"})"));
+  EXPECT_EQ(wav.headers["content-type"], "audio/wav");
+  ASSERT_EQ(wav.body.size(), 44 + one.body.size());
+  EXPECT_EQ(wav.body.substr(0, 4), "RIFF");
+  EXPECT_EQ(wav.body.substr(8, 8), "WAVEfmt ");
+  EXPECT_EQ(wav.body.substr(44), one.body);
+
+  const FakeLlmStats stats = server_->stats();
+  EXPECT_EQ(stats.tts_requests, 7u);
+  EXPECT_EQ(stats.openai_requests, 0u);
+  EXPECT_EQ(stats.completed, 7u);
+  ASSERT_FALSE(stats.recent.empty());
+  EXPECT_EQ(stats.recent[0].provider, "openai_tts");
+  EXPECT_EQ(stats.recent[0].path, "/v1/audio/speech");
+  EXPECT_EQ(stats.recent[0].header("authorization"), "<redacted>");
+  EXPECT_EQ(json::parse(stats.recent[0].body)["input"], "Hello.");
+  EXPECT_EQ(json::parse(StatsToJson(stats))["tts_requests"], 7);
+}
+
+TEST_F(FakeLlmTest, SpeechRequestsAreValidatedLikeOpenAi) {
+  const std::string url = Url("/v1/audio/speech");
+  json no_input = json::parse(SpeechBody("x"));
+  no_input.erase("input");
+  HttpResult r = client_.Request("POST", url, {}, no_input.dump());
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(r.headers["content-type"], "application/json");
+  const json error = json::parse(r.body)["error"];
+  EXPECT_EQ(error["type"], "invalid_request_error");
+  EXPECT_THAT(error["message"].get<std::string>(), HasSubstr("input"));
+
+  json no_model = json::parse(SpeechBody("x"));
+  no_model.erase("model");
+  r = client_.Request("POST", url, {}, no_model.dump());
+  EXPECT_EQ(r.status, 400);
+  EXPECT_THAT(r.body, HasSubstr("model"));
+
+  r = client_.Request("POST", url, {}, SpeechBody(std::string(4097, 'a')));
+  EXPECT_EQ(r.status, 400);
+  EXPECT_THAT(r.body, HasSubstr("too long"));
+  r = client_.Request("POST", url, {}, SpeechBody(std::string(4096, 'a')));
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.body.size(), 4096 * kSpeechBytesPerChar);
+
+  r = client_.Request("POST", url, {}, SpeechBody("x", R"({"response_format": "mp3"})"));
+  EXPECT_EQ(r.status, 400);
+  EXPECT_THAT(r.body, HasSubstr("unsupported by the fake"));
+  json default_format = json::parse(SpeechBody("x"));
+  default_format.erase("response_format");  // OpenAI's default is mp3
+  r = client_.Request("POST", url, {}, default_format.dump());
+  EXPECT_EQ(r.status, 400);
+  r = client_.Request("POST", url, {}, SpeechBody("x", R"({"response_format": "ogg"})"));
+  EXPECT_EQ(r.status, 400);
+  EXPECT_THAT(r.body, HasSubstr("mp3, opus, aac, flac, wav, pcm"));
+
+  for (const char* speed : {R"({"speed": 0.2})", R"({"speed": 4.5})", R"({"speed": "fast"})"}) {
+    r = client_.Request("POST", url, {}, SpeechBody("x", speed));
+    EXPECT_EQ(r.status, 400) << speed;
+    EXPECT_THAT(r.body, HasSubstr("speed")) << speed;
+  }
+  r = client_.Request("POST", url, {}, SpeechBody("x", R"({"pitch": 3})"));
+  EXPECT_EQ(r.status, 400);
+  EXPECT_THAT(r.body, HasSubstr("pitch"));
+  r = client_.Request("POST", url, {}, "not json");
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(server_->stats().tts_requests, 12u);
+  EXPECT_EQ(server_->stats().completed, 12u);
+}
+
+TEST_F(FakeLlmTest, SpeechFollowsTheScriptAndTheKey) {
+  server_->set_expected_key("sk-right");
+  const std::string url = Url("/v1/audio/speech");
+  HttpResult r = client_.Request("POST", url, {"Authorization: Bearer sk-wrong"}, SpeechBody("x"));
+  EXPECT_EQ(r.status, 401);
+  EXPECT_EQ(json::parse(r.body)["error"]["code"], "invalid_api_key");
+  EXPECT_THAT(r.body, Not(HasSubstr("sk-wrong")));
+
+  const std::vector<std::string> key = {"Authorization: Bearer sk-right"};
+  ASSERT_TRUE(server_
+                  ->EnqueueJson(R"([{"status": 429, "kind": "insufficient_quota"},
+                                    {"status": 200, "body": "{\"error\": \"not audio\"}"},
+                                    {"invalid_json": true}])")
+                  .ok());
+  r = client_.Request("POST", url, key, SpeechBody("x"));
+  EXPECT_EQ(r.status, 429);
+  EXPECT_EQ(json::parse(r.body)["error"]["code"], "insufficient_quota");
+  r = client_.Request("POST", url, key, SpeechBody("x"));
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.headers["content-type"], "application/json");
+  r = client_.Request("POST", url, key, SpeechBody("x"));
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.headers["content-type"], "audio/pcm");
+  EXPECT_EQ(r.body.size() % 2, 1u);
+  r = client_.Request("POST", url, key, SpeechBody("x"));
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.body.size(), kSpeechBytesPerChar);
+
+  // A hanging speech request is in flight until its client leaves.
+  ASSERT_TRUE(server_->EnqueueJson(R"({"hang": true})").ok());
+  RawConnection connection(server_->port());
+  ASSERT_TRUE(connection.Send("/v1/audio/speech", SpeechBody("x"), key));
+  ASSERT_TRUE(server_->WaitForInFlight(1, kPatience));
+  connection.Close();
+  ASSERT_TRUE(server_->WaitForDisconnects(1, kPatience));
+  EXPECT_EQ(server_->stats().tts_requests, 6u);
+}
+
 TEST(ParseBehavioursTest, ReadsEveryFieldAndRejectsUnknownOnes) {
   auto parsed = ParseBehaviours(
       R"({"status": 429, "kind": "insufficient_quota", "headers": {"retry-after": "1"},
@@ -957,6 +1114,16 @@ TEST_F(FakeLlmH2cTest, StopWithPendingStreamsDropsThemQuietly) {
   const FakeLlmStats stats = server_->stats();
   EXPECT_EQ(stats.disconnects, 0u);
   EXPECT_EQ(stats.in_flight, 0u);
+}
+
+TEST_F(FakeLlmH2cTest, SpeechOverH2c) {
+  HttpResult r = client_.Request("POST", H2cUrl("/v1/audio/speech"), {}, SpeechBody("Hi there."));
+  ASSERT_EQ(r.code, CURLE_OK);
+  EXPECT_EQ(client_.http_version(), CURL_HTTP_VERSION_2_0);
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.headers["content-type"], "audio/pcm");
+  EXPECT_EQ(r.body.size(), 9 * kSpeechBytesPerChar);
+  EXPECT_EQ(server_->stats().tts_requests, 1u);
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// fake_llm_server: the fake LLM provider (OpenAI, Gemini, Anthropic wire formats) as a process, for
-// benchmarks and checks by hand. Loopback only.
+// fake_llm_server: the fake LLM provider (OpenAI, Gemini, Anthropic wire formats, and OpenAI's
+// text-to-speech) as a process, for benchmarks and checks by hand. Loopback only.
 //
 //   fake_llm_server --port 0 --port_file /tmp/fake_llm.json --delay 2s
 //

@@ -1,5 +1,7 @@
 #include "tests/fake_llm/provider_wire.h"
 
+#include <cmath>
+#include <cstdint>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -370,6 +372,8 @@ absl::string_view ProviderName(Provider provider) {
       return "gemini";
     case Provider::kAnthropic:
       return "anthropic";
+    case Provider::kOpenAiSpeech:
+      return "openai_tts";
   }
   return "unknown";
 }
@@ -393,6 +397,8 @@ absl::StatusOr<ProviderRequest> ParseProviderRequest(Provider provider, absl::st
       case Provider::kAnthropic:
         ParseAnthropic(parsed, request);
         break;
+      case Provider::kOpenAiSpeech:
+        return absl::InvalidArgumentError("not a chat endpoint: see ParseSpeechRequest");
     }
   } catch (const BadRequest& bad) {
     return absl::InvalidArgumentError(bad.message);
@@ -464,6 +470,8 @@ std::string CompletionBody(const ProviderRequest& request, const Completion& com
            {"usage",
             {{"input_tokens", completion.prompt_tokens},
              {"output_tokens", completion.completion_tokens}}}});
+    case Provider::kOpenAiSpeech:
+      break;
   }
   return "";
 }
@@ -546,6 +554,8 @@ std::vector<StreamEvent> StreamEvents(const ProviderRequest& request, const Comp
       events.push_back({NamedEvent("message_stop", {{"type", "message_stop"}}), false});
       break;
     }
+    case Provider::kOpenAiSpeech:
+      break;
   }
   return events;
 }
@@ -569,6 +579,7 @@ std::string ErrorBody(Provider provider, int status, absl::string_view kind,
                       absl::string_view message, absl::string_view retry_after) {
   switch (provider) {
     case Provider::kOpenAi:
+    case Provider::kOpenAiSpeech:
       return OpenAiError(status, kind, message);
     case Provider::kGemini:
       return GeminiError(status, kind, message, retry_after);
@@ -576,6 +587,135 @@ std::string ErrorBody(Provider provider, int status, absl::string_view kind,
       return AnthropicError(status, message);
   }
   return "";
+}
+
+size_t CountCodePoints(absl::string_view text) {
+  size_t n = 0;
+  for (const char c : text) {
+    if ((static_cast<unsigned char>(c) & 0xC0) != 0x80) ++n;
+  }
+  return n;
+}
+
+absl::StatusOr<SpeechRequest> ParseSpeechRequest(absl::string_view body) {
+  const json parsed = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
+  if (parsed.is_discarded()) return absl::InvalidArgumentError("the body is not valid JSON");
+  if (!parsed.is_object()) return absl::InvalidArgumentError("the body must be a JSON object");
+  SpeechRequest request;
+  try {
+    for (const auto& [key, value] : parsed.items()) {
+      if (key != "model" && key != "input" && key != "voice" && key != "response_format" &&
+          key != "speed" && key != "instructions" && key != "stream_format") {
+        throw BadRequest{absl::StrCat("Unrecognized request argument supplied: ", key)};
+      }
+    }
+    request.model = StringField(parsed, "model", true);
+    request.input = StringField(parsed, "input", true);
+    request.voice = StringField(parsed, "voice", true);
+    if (request.model.empty()) throw BadRequest{"model: must not be empty"};
+    if (request.voice.empty()) throw BadRequest{"voice: must not be empty"};
+    const size_t chars = CountCodePoints(request.input);
+    if (chars == 0) throw BadRequest{"input: must not be empty"};
+    if (chars > kSpeechMaxInputChars) {
+      throw BadRequest{absl::StrCat("input: string too long, ", chars, " characters; at most ",
+                                    kSpeechMaxInputChars, " are allowed")};
+    }
+    request.response_format = StringField(parsed, "response_format", false);
+    if (request.response_format.empty()) request.response_format = "mp3";
+    const std::string& format = request.response_format;
+    if (format != "mp3" && format != "opus" && format != "aac" && format != "flac" &&
+        format != "wav" && format != "pcm") {
+      throw BadRequest{absl::StrCat("response_format: '", format,
+                                    "' is not one of mp3, opus, aac, flac, wav, pcm")};
+    }
+    if (format != "wav" && format != "pcm") {
+      throw BadRequest{absl::StrCat("response_format: '", format,
+                                    "' is unsupported by the fake provider, which makes only pcm "
+                                    "and wav")};
+    }
+    if (const json* speed = Field(parsed, "speed")) {
+      if (!speed->is_number() || !(speed->get<double>() >= 0.25 && speed->get<double>() <= 4.0)) {
+        throw BadRequest{"speed: must be a number between 0.25 and 4.0"};
+      }
+      request.speed = speed->get<double>();
+    }
+    StringField(parsed, "instructions", false);
+    StringField(parsed, "stream_format", false);
+  } catch (const BadRequest& bad) {
+    return absl::InvalidArgumentError(bad.message);
+  }
+  return request;
+}
+
+size_t SpeechSamples(const SpeechRequest& request) {
+  constexpr double kSamplesPerChar = kSpeechSampleRate * kSpeechMillisPerChar / 1000.0;
+  return static_cast<size_t>(
+      std::llround(CountCodePoints(request.input) * kSamplesPerChar / request.speed));
+}
+
+std::string SpeechPcm(const SpeechRequest& request) {
+  // FNV-1a of the voice name picks a base between 110 and 440 Hz.
+  uint32_t hash = 2166136261u;
+  for (const char c : request.voice) {
+    hash = (hash ^ static_cast<unsigned char>(c)) * 16777619u;
+  }
+  const double base = 110.0 + static_cast<double>(hash % 331);
+  // The code points of the input, each of which gets a pitch up to an octave above the base.
+  std::vector<uint32_t> chars;
+  for (size_t i = 0; i < request.input.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(request.input[i]);
+    if ((c & 0xC0) != 0x80) {
+      chars.push_back(c);
+    } else if (!chars.empty()) {
+      chars.back() = chars.back() * 64 + (c & 0x3F);
+    }
+  }
+  const size_t samples = SpeechSamples(request);
+  std::string pcm(samples * 2, '\0');
+  constexpr double kTwoPi = 6.283185307179586;
+  double phase = 0;
+  for (size_t n = 0; n < samples; ++n) {
+    const uint32_t ch = chars.empty() ? 0 : chars[n * chars.size() / samples];
+    const double frequency = base * (1.0 + static_cast<double>(ch % 12) / 12.0);
+    phase = std::fmod(phase + kTwoPi * frequency / kSpeechSampleRate, kTwoPi);
+    const auto sample = static_cast<int16_t>(std::lround(8000.0 * std::sin(phase)));
+    const auto bits = static_cast<uint16_t>(sample);
+    pcm[2 * n] = static_cast<char>(bits & 0xFF);
+    pcm[2 * n + 1] = static_cast<char>(bits >> 8);
+  }
+  return pcm;
+}
+
+std::string SpeechBody(const SpeechRequest& request, std::string* content_type) {
+  std::string pcm = SpeechPcm(request);
+  if (request.response_format != "wav") {
+    *content_type = "audio/pcm";
+    return pcm;
+  }
+  *content_type = "audio/wav";
+  std::string wav;
+  auto put32 = [&wav](uint32_t v) {
+    for (int i = 0; i < 4; ++i) wav.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+  };
+  auto put16 = [&wav](uint16_t v) {
+    wav.push_back(static_cast<char>(v & 0xFF));
+    wav.push_back(static_cast<char>(v >> 8));
+  };
+  const auto data_bytes = static_cast<uint32_t>(pcm.size());
+  wav += "RIFF";
+  put32(36 + data_bytes);
+  wav += "WAVEfmt ";
+  put32(16);                     // fmt chunk size
+  put16(1);                      // PCM
+  put16(1);                      // mono
+  put32(kSpeechSampleRate);      // sample rate
+  put32(kSpeechSampleRate * 2);  // byte rate
+  put16(2);                      // block align
+  put16(16);                     // bits per sample
+  wav += "data";
+  put32(data_bytes);
+  wav += pcm;
+  return wav;
 }
 
 const char* ReasonPhrase(int status) {

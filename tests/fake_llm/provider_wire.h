@@ -1,10 +1,11 @@
-// The three LLM providers' wire formats as the fake server speaks them (OpenAI Chat Completions,
-// Gemini generateContent, Anthropic Messages): reading a request body into what the answer depends
-// on, and writing answers, stream events and error bodies. Pure functions, no I/O, so the shapes
-// can be checked without a socket; FakeLlmServer does the HTTP around them.
+// The providers' wire formats as the fake server speaks them (OpenAI Chat Completions, Gemini
+// generateContent, Anthropic Messages, and OpenAI's text-to-speech): reading a request body into
+// what the answer depends on, and writing answers, stream events, audio and error bodies. Pure
+// functions, no I/O, so the shapes can be checked without a socket; FakeLlmServer does the HTTP
+// around them.
 //
 // Everything here is deterministic: the same request gives the same text and token counts, in a
-// stream or not.
+// stream or not, and the same audio.
 #ifndef MONTAGE_TESTS_FAKE_LLM_PROVIDER_WIRE_H_
 #define MONTAGE_TESTS_FAKE_LLM_PROVIDER_WIRE_H_
 
@@ -18,9 +19,10 @@
 
 namespace montage::testing {
 
-enum class Provider { kOpenAi, kGemini, kAnthropic };
+// kOpenAiSpeech is OpenAI's POST /v1/audio/speech; the others are chat APIs.
+enum class Provider { kOpenAi, kGemini, kAnthropic, kOpenAiSpeech };
 
-// "openai", "gemini" or "anthropic".
+// "openai", "gemini", "anthropic" or "openai_tts".
 absl::string_view ProviderName(Provider provider);
 
 // What an answer depends on, read from a provider request body.
@@ -40,9 +42,10 @@ struct ProviderRequest {
   int64_t max_tokens = 0;
 };
 
-// Parses and validates a request body. INVALID_ARGUMENT with a message fit for the provider's 400
-// error when the body is not JSON or misses what the real API requires. `model` is the model
-// named in the path (Gemini); empty for the others.
+// Parses and validates a chat request body. INVALID_ARGUMENT with a message fit for the provider's
+// 400 error when the body is not JSON or misses what the real API requires. `model` is the model
+// named in the path (Gemini); empty for the others. kOpenAiSpeech is not a chat API: see
+// ParseSpeechRequest.
 absl::StatusOr<ProviderRequest> ParseProviderRequest(Provider provider, absl::string_view model,
                                                      absl::string_view body);
 
@@ -71,7 +74,7 @@ struct AnswerIds {
   int64_t created = 0;
 };
 
-// The non-streamed answer body (JSON).
+// The non-streamed answer body (JSON); empty for kOpenAiSpeech.
 std::string CompletionBody(const ProviderRequest& request, const Completion& completion,
                            const AnswerIds& ids);
 
@@ -98,6 +101,47 @@ std::string InvalidJsonEvent(Provider provider);
 // `retry_after` (seconds, as text) goes into Gemini's message, the only place Gemini says it.
 std::string ErrorBody(Provider provider, int status, absl::string_view kind,
                       absl::string_view message, absl::string_view retry_after);
+
+// ---------------------------------------------------------------------------------------------
+// OpenAI text-to-speech: POST /v1/audio/speech {model, input, voice, response_format, speed}.
+
+// The audio the fake makes: signed 16-bit little-endian mono at this rate (OpenAI's "pcm").
+inline constexpr int kSpeechSampleRate = 24000;
+// Audio per character (code point) of input at speed 1.0: 1440 samples, 2880 bytes.
+inline constexpr int kSpeechMillisPerChar = 60;
+// OpenAI's limit on `input`, in characters (code points).
+inline constexpr size_t kSpeechMaxInputChars = 4096;
+
+struct SpeechRequest {
+  std::string model;
+  std::string input;
+  // Any non-empty name; it picks the tone (so two voices never give the same audio).
+  std::string voice;
+  // "pcm" or "wav", the formats the fake makes.
+  std::string response_format;
+  double speed = 1.0;
+};
+
+// Parses and validates like OpenAI: model, input (1..4096 characters) and voice required;
+// response_format one of mp3, opus, aac, flac, wav, pcm (default mp3, as OpenAI's), of which the
+// fake makes only pcm and wav; speed 0.25..4.0 (default 1.0); `instructions` and `stream_format`
+// accepted and ignored; any other field rejected. INVALID_ARGUMENT with a message for the 400.
+absl::StatusOr<SpeechRequest> ParseSpeechRequest(absl::string_view body);
+
+// Characters (code points) of UTF-8 `text`.
+size_t CountCodePoints(absl::string_view text);
+
+// Samples of the answer: 60 ms per character divided by the speed, rounded.
+size_t SpeechSamples(const SpeechRequest& request);
+
+// The raw PCM answer: SpeechSamples() samples of a tone. Each character gets its own pitch
+// around a base frequency derived from the voice; the phase runs on, so there are no clicks and
+// no silence.
+std::string SpeechPcm(const SpeechRequest& request);
+
+// The body in the requested format and its Content-Type: "audio/pcm" (the PCM as is) or
+// "audio/wav" (the PCM after a 44-byte RIFF header).
+std::string SpeechBody(const SpeechRequest& request, std::string* content_type);
 
 // Reason phrase for a status line ("Too Many Requests"; "Overloaded" for 529).
 const char* ReasonPhrase(int status);

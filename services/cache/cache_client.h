@@ -1,8 +1,9 @@
-// Where generated answers are remembered: the cache service over gRPC when an address is
-// configured (shared by every replica), else an in-process cache engine. Both are asynchronous;
-// an unreachable cache answers with an error and generation goes on uncached.
-#ifndef MONTAGE_SERVICES_GENERATION_ANSWER_CACHE_H_
-#define MONTAGE_SERVICES_GENERATION_ANSWER_CACHE_H_
+// How a service remembers expensive results (generated answers, synthesised speech segments): the
+// cache service over gRPC when an address is configured (shared by every replica), else an
+// in-process cache engine. Both are asynchronous; an unreachable cache answers with an error and
+// the caller goes on uncached.
+#ifndef MONTAGE_SERVICES_CACHE_CACHE_CLIENT_H_
+#define MONTAGE_SERVICES_CACHE_CACHE_CLIENT_H_
 
 #include <memory>
 #include <optional>
@@ -15,12 +16,12 @@
 #include "common/clock.h"
 #include "montage/config/v1/config.pb.h"
 
-namespace montage::generation {
+namespace montage::cache {
 
-class AnswerCache {
+class CacheClient {
  public:
   using GetCallback = absl::AnyInvocable<void(absl::StatusOr<std::optional<std::string>>) &&>;
-  virtual ~AnswerCache() = default;
+  virtual ~CacheClient() = default;
   // `done` runs once, on any thread, possibly before Get returns.
   virtual void Get(const std::string& key, GetCallback done) = 0;
   // Fire and forget; failures are counted, not reported. A zero ttl means the default.
@@ -31,10 +32,11 @@ class AnswerCache {
   virtual void Close() {}
 };
 
-// From generation.cache: remote when `address` is set, else in-process.
-absl::StatusOr<std::unique_ptr<AnswerCache>> MakeAnswerCache(
-    const config::v1::GenerationCacheConfig& config, Clock& clock);
+// Remote when `address` is set, else in-process. Entries go to config.namespace, or to
+// `default_namespace` when that is empty.
+absl::StatusOr<std::unique_ptr<CacheClient>> MakeCacheClient(
+    const config::v1::CacheClientConfig& config, absl::string_view default_namespace, Clock& clock);
 
-}  // namespace montage::generation
+}  // namespace montage::cache
 
-#endif  // MONTAGE_SERVICES_GENERATION_ANSWER_CACHE_H_
+#endif  // MONTAGE_SERVICES_CACHE_CACHE_CLIENT_H_

@@ -1,4 +1,4 @@
-#include "services/generation/answer_cache.h"
+#include "services/cache/cache_client.h"
 
 #include <memory>
 #include <optional>
@@ -16,17 +16,17 @@
 #include "montage/cache/v1/cache.grpc.pb.h"
 #include "services/cache/cache_engine.h"
 
-namespace montage::generation {
+namespace montage::cache {
 namespace {
 
-// The generation process's own cache (the embedded default and `montaged generation` alone).
-class InProcessAnswerCache final : public AnswerCache {
+// The process's own cache (the embedded default, and a service run alone).
+class InProcessCacheClient final : public CacheClient {
  public:
-  InProcessAnswerCache(std::unique_ptr<cache::CacheEngine> engine, std::string ns)
+  InProcessCacheClient(std::unique_ptr<CacheEngine> engine, std::string ns)
       : engine_(std::move(engine)), ns_(std::move(ns)) {}
 
   void Get(const std::string& key, GetCallback done) override {
-    absl::StatusOr<std::optional<cache::Entry>> entry = engine_->Get(ns_, key);
+    absl::StatusOr<std::optional<Entry>> entry = engine_->Get(ns_, key);
     if (!entry.ok()) {
       std::move(done)(entry.status());
       return;
@@ -47,20 +47,20 @@ class InProcessAnswerCache final : public AnswerCache {
   absl::string_view kind() const override { return "in-process"; }
 
  private:
-  std::unique_ptr<cache::CacheEngine> engine_;
+  std::unique_ptr<CacheEngine> engine_;
   const std::string ns_;
 };
 
 // The cache service over gRPC (async callback stubs; no thread waits). Each call object is
 // owned by its callback and by the table Close() walks, so Close can cancel calls without holding
 // the lock while gRPC runs their callbacks.
-class RemoteAnswerCache final : public AnswerCache {
+class RemoteCacheClient final : public CacheClient {
  public:
-  RemoteAnswerCache(std::shared_ptr<grpc::Channel> channel, std::string ns, absl::Duration timeout)
+  RemoteCacheClient(std::shared_ptr<grpc::Channel> channel, std::string ns, absl::Duration timeout)
       : stub_(cache::v1::CacheService::NewStub(std::move(channel))),
         ns_(std::move(ns)),
         timeout_(timeout) {}
-  ~RemoteAnswerCache() override { Close(); }
+  ~RemoteCacheClient() override { Close(); }
 
   void Close() override {
     std::vector<std::shared_ptr<CallBase>> calls;
@@ -86,7 +86,7 @@ class RemoteAnswerCache final : public AnswerCache {
     call->request.set_namespace_(ns_);
     call->request.set_key(key);
     if (!Register(call)) {
-      std::move(done)(absl::UnavailableError("the answer cache is closed"));
+      std::move(done)(absl::UnavailableError("the cache client is closed"));
       return;
     }
     call->done = std::move(done);
@@ -151,9 +151,11 @@ class RemoteAnswerCache final : public AnswerCache {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<AnswerCache>> MakeAnswerCache(
-    const config::v1::GenerationCacheConfig& config, Clock& clock) {
-  const std::string ns = config.namespace_().empty() ? "generation" : config.namespace_();
+absl::StatusOr<std::unique_ptr<CacheClient>> MakeCacheClient(
+    const config::v1::CacheClientConfig& config, absl::string_view default_namespace,
+    Clock& clock) {
+  const std::string ns =
+      config.namespace_().empty() ? std::string(default_namespace) : config.namespace_();
   const absl::Duration ttl =
       config.has_default_ttl() ? FromProtoDuration(config.default_ttl()) : absl::Hours(24);
   if (!config.address().empty()) {
@@ -161,17 +163,16 @@ absl::StatusOr<std::unique_ptr<AnswerCache>> MakeAnswerCache(
         config.has_timeout() ? FromProtoDuration(config.timeout()) : absl::Milliseconds(250);
     auto channel = telemetry::CreateTracedChannel(
         config.address(), grpc::InsecureChannelCredentials(), grpc::ChannelArguments());
-    return std::make_unique<RemoteAnswerCache>(std::move(channel), ns, timeout);
+    return std::make_unique<RemoteCacheClient>(std::move(channel), ns, timeout);
   }
-  cache::CacheOptions options;
+  CacheOptions options;
   options.defaults.max_bytes = config.max_bytes() > 0 ? config.max_bytes() : (64ull << 20);
   options.defaults.default_ttl = ttl;
   options.namespaces[ns] = options.defaults;
   options.max_value_bytes = options.defaults.max_bytes;
   options.shards = 4;
-  ASSIGN_OR_RETURN(std::unique_ptr<cache::CacheEngine> engine,
-                   cache::CacheEngine::Create(options, clock));
-  return std::make_unique<InProcessAnswerCache>(std::move(engine), ns);
+  ASSIGN_OR_RETURN(std::unique_ptr<CacheEngine> engine, CacheEngine::Create(options, clock));
+  return std::make_unique<InProcessCacheClient>(std::move(engine), ns);
 }
 
-}  // namespace montage::generation
+}  // namespace montage::cache
