@@ -416,7 +416,7 @@ Config DefaultConfig() {
   auto* speech_cache = speech->mutable_cache();
   speech_cache->set_namespace_("speech");
   speech_cache->mutable_default_ttl()->set_seconds(7 * 24 * 3600);
-  speech_cache->set_max_bytes(256ull << 20);
+  speech_cache->set_max_bytes(64ull << 20);
   speech_cache->mutable_timeout()->set_nanos(250'000'000);
   auto* speech_http = speech->mutable_http();
   speech_http->set_max_connections_per_host(64);

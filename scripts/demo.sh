@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded defaults: set up, build, start `montaged all` (every service in one
-# process, no external servers, no keys), then show a cache round trip, a podcast script and a
-# campaign from the generation service, and the stats.
+# process, no external servers, no keys), then make a narrated podcast episode (a script from the
+# generation service, two voices from the speech service) into out/<topic>.mp3, and show a cache
+# round trip, a campaign and the stats.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,12 @@ cli=./build/cmd/montage/montage
 step "health of every service"
 $cli health
 
+topic="${MONTAGE_DEMO_TOPIC:-editing videos faster}"
+step "a podcast episode on \"$topic\": script (generation, offline provider) then two voices (speech, espeak-ng)"
+$cli podcast "$topic"
+step "the same episode again: the script and every audio segment come from the caches"
+$cli podcast "$topic"
+
 step "a cache round trip"
 $cli cache set "script:how-to-edit" "Hook: three cuts that keep viewers watching..." --ttl=1h
 printf 'cache get → '; $cli cache get "script:how-to-edit"; echo
@@ -47,11 +54,6 @@ printf 'a miss exits 1: '; $cli cache get "nothing-here" || true
 
 step "the prompt catalogue (generation service, offline provider: no network, no keys)"
 $cli templates
-
-step "a podcast script from the podcast_script template, streamed as it is written"
-tg=$(date +%s%N)
-$cli generate --template=podcast_script --var topic="editing videos faster" --var turns=6
-echo "generated in $(elapsed "$tg")"
 
 step "a campaign: the plan first, then one post per platform, written at the same time"
 $cli campaign --brief="A free checklist that helps creators edit videos faster" \

@@ -651,7 +651,7 @@ bool WriteFile(const std::string& path, absl::string_view bytes, std::ostream& e
 }
 
 std::string Seconds(absl::Duration d) {
-  return absl::StrFormat("%.1f s", absl::ToDoubleSeconds(d));
+  return absl::StrFormat("%.2f s", absl::ToDoubleSeconds(d));
 }
 
 std::string Clock(double seconds) {
