@@ -157,8 +157,12 @@ class EspeakEngine final : public TtsEngine {
     if (!scheduled.ok()) {
       int expected = Job::kQueued;
       if (job->state.compare_exchange_strong(expected, Job::kFinished)) {
-        std::move(job->done)(absl::ResourceExhaustedError(
-            absl::StrCat("the espeak engine's queue is full: ", scheduled.message())));
+        if (stopping_.load() || scheduled.code() == absl::StatusCode::kFailedPrecondition) {
+          std::move(job->done)(absl::CancelledError("the espeak engine is shutting down"));
+        } else {
+          std::move(job->done)(absl::ResourceExhaustedError(
+              absl::StrCat("the espeak engine's queue is full: ", scheduled.message())));
+        }
       }
     }
     return handle;

@@ -138,6 +138,7 @@ class StreamReactor final : public grpc::ServerWriteReactor<v1::AudioChunk> {
       if (!ok) {
         broken_ = true;
         queue_.clear();
+        if (status_.ok()) status_ = grpc::Status(grpc::StatusCode::CANCELLED, "a write failed");
       }
       finish = PumpLocked();
       if (paused_ && queue_.size() < kMaxQueued) {

@@ -167,6 +167,7 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
     {
       absl::MutexLock lock(&mu_);
       paused_ = false;
+      ++resumes_;
     }
     Advance();
   }
@@ -238,11 +239,21 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
   }
 
   void Fail(absl::Status status) {
-    std::vector<absl::AnyInvocable<void()>> leaves;
     {
       absl::MutexLock lock(&mu_);
       if (!failure_.ok() || done_) return;
       failure_ = std::move(status);
+    }
+    LeaveFetches();
+    Advance();
+  }
+
+  // After a failure: the fetches still running are left (a flight nobody else waits for is
+  // cancelled) and the PCM kept so far is dropped.
+  void LeaveFetches() {
+    std::vector<absl::AnyInvocable<void()>> leaves;
+    {
+      absl::MutexLock lock(&mu_);
       for (Slot& slot : slots_) {
         if (slot.leave) leaves.push_back(std::move(slot.leave));
         slot.leave = nullptr;
@@ -250,9 +261,20 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
       }
     }
     for (auto& leave : leaves) leave();
-    Advance();
   }
 
+ public:
+  // Start on a synthesizer that shut down: the job ends before it begins.
+  void Refuse(absl::Status status) {
+    {
+      absl::MutexLock lock(&mu_);
+      failure_ = status;
+      done_ = true;
+    }
+    sink_->OnDone(std::move(status));
+  }
+
+ private:
   void ScheduleStep() {
     std::shared_ptr<Job> self = shared_from_this();
     absl::Status scheduled = synthesizer_.executor_.Schedule([self]() { self->Step(); });
@@ -265,6 +287,7 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
               absl::StrCat("the speech service is overloaded: ", scheduled.message()));
         }
       }
+      LeaveFetches();
       Step();
     }
   }
@@ -275,9 +298,11 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
     std::vector<std::pair<std::string, absl::Duration>> batch;
     absl::Status failure;
     bool finishing = false;
+    uint64_t resumes = 0;
     {
       absl::MutexLock lock(&mu_);
       failure = failure_;
+      resumes = resumes_;
       if (failure.ok()) {
         while (next_encode_ < slots_.size() && slots_[next_encode_].ready) {
           Slot& slot = slots_[next_encode_];
@@ -324,7 +349,8 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
     {
       absl::MutexLock lock(&mu_);
       stepping_ = false;
-      if (action == SynthesisSink::Action::kPause) paused_ = true;
+      // A Resume that came while the sink was being called wins over its kPause.
+      if (action == SynthesisSink::Action::kPause && resumes_ == resumes) paused_ = true;
     }
     Advance();
   }
@@ -357,6 +383,7 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
   size_t next_encode_ ABSL_GUARDED_BY(mu_) = 0;
   bool stepping_ ABSL_GUARDED_BY(mu_) = false;
   bool paused_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t resumes_ ABSL_GUARDED_BY(mu_) = 0;
   bool done_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status failure_ ABSL_GUARDED_BY(mu_);
 };
@@ -594,13 +621,15 @@ std::shared_ptr<SynthesisJob> Synthesizer::Start(Plan plan, std::shared_ptr<Synt
   if (window == 0) window = config_.stream_window_segments();
   window = std::max(window, plan.engine->max_concurrency());
   auto job = std::make_shared<Job>(*this, std::move(plan), sink, window);
+  bool refused = false;
   {
     absl::MutexLock lock(&mu_);
-    if (shut_down_) {
-      sink->OnDone(absl::UnavailableError("the speech service is shutting down"));
-      return job;
-    }
-    jobs_[job.get()] = job;
+    refused = shut_down_;
+    if (!refused) jobs_[job.get()] = job;
+  }
+  if (refused) {
+    job->Refuse(absl::UnavailableError("the speech service is shutting down"));
+    return job;
   }
   job->Begin();
   return job;
