@@ -24,6 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/telemetry/trace_context.h"
 
@@ -112,6 +113,35 @@ class CallHandle {
   virtual void Cancel() = 0;
   // Streaming only: resume delivery after on_data returned kPause. Thread-safe.
   virtual void Resume() = 0;
+};
+
+// The handle of a call that may start after its owner handed out a way to cancel it: a Cancel
+// that comes first is remembered and applied when the handle is attached. Thread-safe.
+class PendingCall {
+ public:
+  void Cancel() {
+    std::shared_ptr<CallHandle> handle;
+    {
+      absl::MutexLock lock(&mu_);
+      cancelled_ = true;
+      handle = handle_;
+    }
+    if (handle != nullptr) handle->Cancel();
+  }
+  void Attach(std::shared_ptr<CallHandle> handle) {
+    bool cancelled;
+    {
+      absl::MutexLock lock(&mu_);
+      handle_ = handle;
+      cancelled = cancelled_;
+    }
+    if (cancelled) handle->Cancel();
+  }
+
+ private:
+  absl::Mutex mu_;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  std::shared_ptr<CallHandle> handle_ ABSL_GUARDED_BY(mu_);
 };
 
 // Streaming consumer. on_headers runs once for a 2xx answer, then on_data for each chunk as it

@@ -31,7 +31,6 @@
 namespace montage {
 namespace {
 
-
 LogLevel ToLogLevel(config::v1::LoggingConfig::Level level) {
   switch (level) {
     case config::v1::LoggingConfig::DEBUG:

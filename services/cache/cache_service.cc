@@ -17,7 +17,6 @@
 namespace montage::cache {
 namespace {
 
-
 void FillEntry(Entry& entry, bool with_value, v1::Entry* out) {
   out->set_namespace_(entry.ns);
   out->set_key(entry.key);

@@ -538,29 +538,11 @@ class AnthropicFormat final : public WireFormat {
 
 class HttpCall final : public ProviderCall {
  public:
-  void Cancel() override {
-    std::shared_ptr<http::CallHandle> handle;
-    {
-      absl::MutexLock lock(&mu_);
-      cancelled_ = true;
-      handle = handle_;
-    }
-    if (handle != nullptr) handle->Cancel();
-  }
-  void Attach(std::shared_ptr<http::CallHandle> handle) {
-    bool cancel = false;
-    {
-      absl::MutexLock lock(&mu_);
-      handle_ = handle;
-      cancel = cancelled_;
-    }
-    if (cancel) handle->Cancel();
-  }
+  void Cancel() override { call_.Cancel(); }
+  void Attach(std::shared_ptr<http::CallHandle> handle) { call_.Attach(std::move(handle)); }
 
  private:
-  absl::Mutex mu_;
-  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
-  std::shared_ptr<http::CallHandle> handle_ ABSL_GUARDED_BY(mu_);
+  http::PendingCall call_;
 };
 
 class HttpProvider final : public Provider {

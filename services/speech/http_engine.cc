@@ -159,30 +159,11 @@ class EndedSynthesis final : public SynthesisHandle {
 // Shutdown raced it): it is remembered and applied on Attach.
 class HttpSynthesis final : public SynthesisHandle {
  public:
-  void Cancel() override {
-    std::shared_ptr<http::CallHandle> handle;
-    {
-      absl::MutexLock lock(&mu_);
-      cancelled_ = true;
-      handle = handle_;
-    }
-    if (handle != nullptr) handle->Cancel();
-  }
-
-  void Attach(std::shared_ptr<http::CallHandle> handle) {
-    bool cancelled;
-    {
-      absl::MutexLock lock(&mu_);
-      handle_ = handle;
-      cancelled = cancelled_;
-    }
-    if (cancelled) handle->Cancel();
-  }
+  void Cancel() override { call_.Cancel(); }
+  void Attach(std::shared_ptr<http::CallHandle> handle) { call_.Attach(std::move(handle)); }
 
  private:
-  absl::Mutex mu_;
-  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
-  std::shared_ptr<http::CallHandle> handle_ ABSL_GUARDED_BY(mu_);
+  http::PendingCall call_;
 };
 
 // Shared by the engine and the completion callbacks of its calls, which may outlive the engine

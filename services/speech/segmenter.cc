@@ -440,7 +440,8 @@ bool IsUnbreakableElement(absl::string_view name) {
   return name == "sub" || name == "say-as" || name == "phoneme" || name == "audio";
 }
 
-void AppendEscapedText(absl::string_view text, std::string& out) {
+// XML escaping: & < > always; inside an attribute value also " and tab, newline, CR.
+void AppendEscaped(absl::string_view text, bool attribute, std::string& out) {
   for (char c : text) {
     switch (c) {
       case '&':
@@ -452,40 +453,31 @@ void AppendEscapedText(absl::string_view text, std::string& out) {
       case '>':
         out += "&gt;";
         break;
+      case '"':
+        out += attribute ? "&quot;" : "\"";
+        break;
+      // Whitespace in attribute values would be normalised to spaces by a parser.
+      case '\t':
+        out += attribute ? "&#9;" : "\t";
+        break;
+      case '\n':
+        out += attribute ? "&#10;" : "\n";
+        break;
+      case '\r':
+        out += attribute ? "&#13;" : "\r";
+        break;
       default:
         out += c;
     }
   }
 }
 
+void AppendEscapedText(absl::string_view text, std::string& out) {
+  AppendEscaped(text, false, out);
+}
+
 void AppendEscapedAttribute(absl::string_view value, std::string& out) {
-  for (char c : value) {
-    switch (c) {
-      case '&':
-        out += "&amp;";
-        break;
-      case '<':
-        out += "&lt;";
-        break;
-      case '>':
-        out += "&gt;";
-        break;
-      case '"':
-        out += "&quot;";
-        break;
-      case '\t':
-        out += "&#9;";
-        break;
-      case '\n':
-        out += "&#10;";
-        break;
-      case '\r':
-        out += "&#13;";
-        break;
-      default:
-        out += c;
-    }
-  }
+  AppendEscaped(value, true, out);
 }
 
 void AppendQualifiedName(const xmlNs* ns, const xmlChar* name, std::string& out) {

@@ -20,6 +20,7 @@
 #include "services/speech/http_engine.h"
 #include "services/speech/testing/audio_probe.h"
 #include "tests/fake_llm/fake_llm_server.h"
+#include "tests/testing/unused_port.h"
 
 namespace montage::speech {
 namespace {
@@ -425,7 +426,8 @@ TEST_F(SynthesizerTest, BadInputNamesTheField) {
 }
 
 TEST_F(SynthesizerTest, AnUnreachableCacheServiceIsSkipped) {
-  config_.mutable_cache()->set_address("127.0.0.1:1");
+  config_.mutable_cache()->set_address(
+      absl::StrCat("127.0.0.1:", montage::testing::UnusedLoopbackPort()));
   config_.mutable_cache()->mutable_timeout()->set_nanos(100'000'000);
   Build();
   const std::string before = telemetry::RenderPrometheusText();
