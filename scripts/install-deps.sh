@@ -20,8 +20,11 @@ BUILD_PACKAGES=(
   libavformat-dev libavcodec-dev libavfilter-dev libavutil-dev libswscale-dev libswresample-dev
   # header-only: JSON Schema validation, Mustache templates (generation's prompt catalogue)
   rapidjson-dev libkainjow-mustache-dev
-  # HTTP/2 server side (the fake LLM provider's h2c listener; the gateway next)
-  libnghttp2-dev
+  # HTTP/2 server side (the gateway's listener, the fake LLM provider's h2c listener); HTTP/1.1
+  # request parsing (the gateway); TLS for the gateway's listener (libevent_openssl)
+  libnghttp2-dev libhttp-parser-dev libssl-dev
+  # fuzz targets (libFuzzer)
+  clang-14 libclang-rt-14-dev
   # tests and benchmarks
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   nghttp2-client nghttp2-server redis-server redis-tools util-linux procps curl python3
@@ -32,7 +35,7 @@ BUILD_PACKAGES=(
 
 RUNTIME_PACKAGES=(
   ca-certificates curl libgrpc++1.51 libprotobuf32 libcurl4 libsqlite3-0 libyaml-cpp0.7
-  libprometheus-cpp-core1.0 libhiredis0.14 libespeak-ng1 espeak-ng-data libxml2 libevent-2.1-7 libevent-pthreads-2.1-7 zlib1g
+  libprometheus-cpp-core1.0 libhiredis0.14 libespeak-ng1 espeak-ng-data libxml2 libevent-2.1-7 libevent-pthreads-2.1-7 libevent-openssl-2.1-7 libhttp-parser2.9 libnghttp2-14 zlib1g
   libavformat59 libavcodec59 libavfilter8 libavutil57 libswscale6 libswresample4
 )
 
