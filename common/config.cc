@@ -294,6 +294,26 @@ absl::Status CheckAddress(absl::string_view field, absl::string_view address) {
   return absl::OkStatus();
 }
 
+absl::Status ValidateGateway(const Config& c) {
+  const auto& gateway = c.gateway();
+  const size_t colon = gateway.listen().rfind(':');
+  int port = -1;
+  if (gateway.envoy_bootstrap().empty() &&
+      (colon == std::string::npos || colon == 0 ||
+       !absl::SimpleAtoi(gateway.listen().substr(colon + 1), &port) || port < 0 || port > 65535)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gateway.listen: '", gateway.listen(), "' is not host:port"));
+  }
+  if (gateway.worker_threads() == 0 || gateway.worker_threads() > 64) {
+    return absl::InvalidArgumentError("gateway.worker_threads: must be 1..64");
+  }
+  if (gateway.max_request_message_bytes() == 0 ||
+      gateway.max_request_message_bytes() > (1ull << 30)) {
+    return absl::InvalidArgumentError("gateway.max_request_message_bytes: must be 1 B..1 GiB");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateSpeech(const Config& c) {
   const auto& speech = c.speech();
   if (speech.max_text_bytes() == 0 || speech.max_dialogue_lines() == 0 ||
@@ -401,6 +421,11 @@ Config DefaultConfig() {
   gen_http->mutable_idle_connection_timeout()->set_seconds(60);
   gen_http->set_max_concurrent_streams(100);
 
+  // The gateway listens on loopback only unless configured otherwise.
+  auto* gateway = c.mutable_gateway();
+  gateway->set_listen("127.0.0.1:8080");
+  gateway->set_worker_threads(2);
+  gateway->set_max_request_message_bytes(64ull << 20);
   // Speech runs anywhere by default: espeak-ng in process. Engines in the file add to it.
   auto* speech = c.mutable_speech();
   (*speech->mutable_engines())["espeak"].set_kind(v1::SpeechEngineConfig::ESPEAK);
@@ -596,6 +621,7 @@ absl::Status Validate(const Config& c) {
     }
   }
   RETURN_IF_ERROR(ValidateSpeech(c));
+  RETURN_IF_ERROR(ValidateGateway(c));
   return absl::OkStatus();
 }
 

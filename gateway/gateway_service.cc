@@ -1,13 +1,16 @@
 #include "gateway/gateway_service.h"
 
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/server/not_built.h"
+#include "gateway/config/bootstrap.h"
+#include "gateway/gateway.h"
 #include "montage/gateway/v1/batch.grpc.pb.h"
 
 namespace montage::gateway {
 namespace {
 
-constexpr absl::string_view kWhy =
-    "the gateway (REST/JSON, gRPC-Web, fan-out) arrives with issue #3";
+constexpr absl::string_view kWhy = "fan-out (Batch, StreamBatch) is still to come in issue #3";
 
 class BatchServiceStub final : public v1::BatchService::CallbackService {
  public:
@@ -21,11 +24,65 @@ class BatchServiceStub final : public v1::BatchService::CallbackService {
   }
 };
 
+// Owns the gateway. The listeners open once the process's gRPC server serves (the embedded
+// default routes to it), and close before the server drains.
+class GatewayModule final : public ServiceModule {
+ public:
+  GatewayModule(const montage::config::v1::GatewayConfig& config,
+                std::optional<config::Bootstrap> bootstrap)
+      : config_(config), bootstrap_(std::move(bootstrap)) {}
+
+  std::vector<grpc::Service*> GrpcServices() override { return {&batch_}; }
+  std::vector<std::string> HealthNames() const override {
+    return {std::string(v1::BatchService::service_full_name())};
+  }
+
+  absl::Status OnServing(absl::string_view grpc_address,
+                         std::vector<std::pair<std::string, std::string>>& endpoints) override {
+    config::Bootstrap bootstrap =
+        bootstrap_.has_value() ? *bootstrap_
+                               : DefaultBootstrap(config_.listen(), std::string(grpc_address));
+    GatewayOptions options;
+    options.worker_threads = config_.worker_threads();
+    options.proxy.max_message_bytes = config_.max_request_message_bytes();
+    absl::StatusOr<std::unique_ptr<Gateway>> gateway =
+        Gateway::Start(std::move(bootstrap), options);
+    if (!gateway.ok()) {
+      return absl::Status(gateway.status().code(),
+                          absl::StrCat("gateway: ", gateway.status().message()));
+    }
+    gateway_ = *std::move(gateway);
+    const std::vector<std::string> addresses = gateway_->listener_addresses();
+    for (size_t i = 0; i < addresses.size(); ++i) {
+      endpoints.emplace_back(i == 0 ? "gateway" : absl::StrCat("gateway_", i), addresses[i]);
+      LogInfo("gateway listening",
+              {{"listener", gateway_->bootstrap().listeners[i].name}, {"address", addresses[i]}});
+    }
+    return absl::OkStatus();
+  }
+
+  void OnDraining() override { gateway_.reset(); }
+  void Stop() override { gateway_.reset(); }
+
+ private:
+  const montage::config::v1::GatewayConfig config_;
+  const std::optional<config::Bootstrap> bootstrap_;
+  BatchServiceStub batch_;
+  std::unique_ptr<Gateway> gateway_;
+};
+
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<ServiceModule>> NewGatewayModule(ServiceContext&) {
-  return MakeStubModule(std::make_unique<BatchServiceStub>(),
-                        std::string(v1::BatchService::service_full_name()));
+absl::StatusOr<std::unique_ptr<ServiceModule>> NewGatewayModule(ServiceContext& context) {
+  const montage::config::v1::GatewayConfig& config = context.config.gateway();
+  std::optional<config::Bootstrap> bootstrap;
+  if (!config.envoy_bootstrap().empty()) {
+    // Read at start so that a bad file stops the daemon before anything listens.
+    absl::StatusOr<config::Bootstrap> loaded = config::LoadBootstrapFile(config.envoy_bootstrap());
+    if (!loaded.ok()) return loaded.status();
+    bootstrap = *std::move(loaded);
+  }
+  return std::make_unique<GatewayModule>(config, std::move(bootstrap));
 }
 
 }  // namespace montage::gateway

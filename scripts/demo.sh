@@ -26,14 +26,15 @@ ports=out/demo-ports.json
 rm -f "$ports"
 step "starting montaged all"
 ./build/cmd/montaged/montaged all --listen=127.0.0.1:0 --admin_listen=127.0.0.1:0 \
-  --port_file="$ports" 2>out/montaged.log &
+  --set gateway.listen=127.0.0.1:0 --port_file="$ports" 2>out/montaged.log &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 500); do [[ -s "$ports" ]] && break; sleep 0.02; done
 [[ -s "$ports" ]] || { echo "montaged did not start; log:"; cat out/montaged.log; exit 1; }
 grpc=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["grpc"])' "$ports")
 admin=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$ports")
-echo "gRPC on $grpc, admin on http://$admin (log: out/montaged.log)"
+gateway=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["gateway"])' "$ports")
+echo "gRPC on $grpc, gateway on $gateway, admin on http://$admin (log: out/montaged.log)"
 export MONTAGE_ADDR=$grpc
 cli=./build/cmd/montage/montage
 

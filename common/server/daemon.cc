@@ -45,10 +45,12 @@ LogLevel ToLogLevel(config::v1::LoggingConfig::Level level) {
 }
 
 absl::Status WritePortFile(const std::string& path, const std::string& grpc_address,
-                           const std::string& admin_address) {
+                           const std::string& admin_address,
+                           const std::vector<std::pair<std::string, std::string>>& endpoints) {
   nlohmann::json j;
   j["grpc"] = grpc_address;
   j["admin"] = admin_address;
+  for (const auto& [name, address] : endpoints) j[name] = address;
   j["pid"] = static_cast<int64_t>(getpid());
   const std::string tmp = path + ".tmp";
   {
@@ -207,8 +209,20 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
   health->SetServingStatus(true);
 
   const std::string grpc_address = BoundAddress(config.server().listen(), grpc_port);
+  std::vector<std::pair<std::string, std::string>> endpoints;
+  for (auto& module : modules) {
+    if (absl::Status s = module->OnServing(grpc_address, endpoints); !s.ok()) {
+      LogError("service failed to start", {{"error", std::string(s.message())}});
+      server->Shutdown(absl::ToChronoTime(absl::Now()));
+      server->Wait();
+      for (auto& m : modules) m->Stop();
+      (*admin)->Stop();
+      return 1;
+    }
+  }
   if (!options.port_file.empty()) {
-    if (absl::Status s = WritePortFile(options.port_file, grpc_address, (*admin)->address());
+    if (absl::Status s =
+            WritePortFile(options.port_file, grpc_address, (*admin)->address(), endpoints);
         !s.ok()) {
       LogError("cannot write the port file", {{"error", std::string(s.message())}});
       (*admin)->Stop();

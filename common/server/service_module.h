@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -38,6 +39,13 @@ class ServiceModule {
   // Called on the admin thread just before /metrics is rendered, so gauges read from the engine
   // are exact at scrape time. Must be quick and thread-safe.
   virtual void RefreshMetrics() {}
+  // The gRPC server is serving at `grpc_address` (host:port). A module that opens listeners of
+  // its own (the gateway) starts them here and adds "name" → "host:port" to `endpoints`, which
+  // the port file reports. An error stops the daemon.
+  virtual absl::Status OnServing(absl::string_view grpc_address,
+                                 std::vector<std::pair<std::string, std::string>>& endpoints) {
+    return absl::OkStatus();
+  }
   // SIGTERM arrived: the server stops taking calls next. Wake anything waiting on a long timer.
   virtual void OnDraining() {}
   // After the gRPC server has stopped: stop background tasks, persist state.

@@ -1,4 +1,4 @@
-// The gateway's reading of Envoy's v3 bootstrap YAML: a documented subset (docs/gateway.md),
+// The gateway's reading of Envoy's v3 bootstrap YAML: a documented subset (docs/gateway-config.md),
 // parsed strictly. A field outside the subset is an error naming the field's path and its line,
 // never silently ignored, so the same file drives montage's gateway and real Envoy unchanged.
 //
@@ -26,6 +26,8 @@ struct SourceLocation {
 
 struct SocketAddress {
   std::string address;  // an IP literal or (STRICT_DNS clusters) a host name
+  // 1..65535 for cluster endpoints; a listener or admin address may say 0 (any free port, as in
+  // Envoy), which tests use.
   uint32_t port_value = 0;
 };
 
@@ -165,6 +167,8 @@ struct Listener {
 struct HealthCheck {
   absl::Duration timeout;   // required
   absl::Duration interval;  // required
+  // Unset means Envoy's rule: no_traffic_interval 60s, unhealthy_interval = interval,
+  // unhealthy_edge_interval = unhealthy_interval, healthy_edge_interval = interval.
   std::optional<absl::Duration> no_traffic_interval;
   std::optional<absl::Duration> unhealthy_interval;
   std::optional<absl::Duration> healthy_edge_interval;
@@ -172,8 +176,8 @@ struct HealthCheck {
   uint32_t unhealthy_threshold = 0;  // required
   uint32_t healthy_threshold = 0;    // required
   // grpc_health_check (the only checker in the subset)
-  std::string grpc_service_name;
-  std::string grpc_authority;
+  std::string grpc_service_name;  // empty: the whole server
+  std::string grpc_authority;     // defaults to the cluster's name, as in Envoy
 };
 
 struct CircuitBreakerThresholds {
@@ -204,11 +208,14 @@ struct OutlierDetection {
 struct Cluster {
   enum class Type { kStatic, kStrictDns };
   enum class LbPolicy { kRoundRobin, kLeastRequest };
+  // dns_lookup_family (STRICT_DNS): which address families a host name resolves to.
+  enum class DnsLookupFamily { kAuto, kV4Only, kV6Only, kV4Preferred, kAll };
   std::string name;
   Type type = Type::kStatic;
   LbPolicy lb_policy = LbPolicy::kRoundRobin;
   absl::Duration connect_timeout = absl::Seconds(5);
   absl::Duration dns_refresh_rate = absl::Seconds(5);
+  DnsLookupFamily dns_lookup_family = DnsLookupFamily::kAuto;
   // HTTP/2 to the upstream (typed_extension_protocol_options
   // envoy.extensions.upstreams.http.v3.HttpProtocolOptions explicit_http_config
   // http2_protocol_options, or the deprecated cluster-level http2_protocol_options).

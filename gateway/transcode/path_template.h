@@ -58,9 +58,18 @@ class PathTemplate {
   std::string ToString() const;
 
  private:
+  friend class PathMatcher;
+  // A request path split and percent-decoded once, then matched against many templates.
+  struct RequestPath;
+  std::optional<std::vector<VariableBinding>> MatchRequest(const RequestPath& request) const;
+
   std::vector<Segment> segments_;
   std::vector<Variable> variables_;
   std::string verb_;
+  // The decoded bytes of each literal ("" for wildcards) and of the verb: a request matches a
+  // literal when its decoded segment is equal, however either side spelled its escapes.
+  std::vector<std::string> decoded_literals_;
+  std::string decoded_verb_;
 };
 
 // Many templates, each under an HTTP method, mapping to caller-chosen ids. Lookup picks the most

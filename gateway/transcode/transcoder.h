@@ -21,16 +21,17 @@
 #include "absl/strings/string_view.h"
 #include "gateway/transcode/path_template.h"
 #include "google/protobuf/descriptor.h"
+#include "google/protobuf/dynamic_message.h"
 
 namespace montage::gateway::transcode {
 
 // One HTTP binding of a method.
 struct HttpBinding {
   const google::protobuf::MethodDescriptor* method = nullptr;
-  std::string grpc_path;    // "/montage.cache.v1.CacheService/Get"
-  std::string http_method;  // "GET", "POST", ..., or a custom verb's method name
-  std::string path;         // the template as written
-  std::string body;         // "" (no body), "*" (whole message) or a top-level field name
+  std::string grpc_path;      // "/montage.cache.v1.CacheService/Get"
+  std::string http_method;    // "GET", "POST", ..., or a custom verb's method name
+  std::string path;           // the template as written
+  std::string body;           // "" (no body), "*" (whole message) or a top-level field name
   std::string response_body;  // "" or a top-level field name
 };
 
@@ -45,10 +46,19 @@ class TranscodingTable {
   // at least one google.api.http rule. With `auto_mapping`, every method of those services is
   // also reachable as POST /<package>.<Service>/<Method> with the whole message as the body.
   // INVALID_ARGUMENT for a bad template, a body/response_body naming no field, a path variable
-  // bound to a repeated or message field, or a listed service missing from the pool.
+  // bound to a repeated or message field (wrappers, Timestamp, Duration and FieldMask are written
+  // as one string, so they count as scalars), two bindings of one HTTP method whose templates
+  // match the same paths, or a listed service missing from the pool.
+  //
+  // A DescriptorPool cannot list its own files, so "every service in the pool" needs the second
+  // form, which searches `files` (names as in the descriptor set: "pkg/api.proto") when
+  // `services` is empty; the first form answers INVALID_ARGUMENT for an empty `services`.
   static absl::StatusOr<std::unique_ptr<TranscodingTable>> Build(
       const google::protobuf::DescriptorPool& pool, const std::vector<std::string>& services,
       bool auto_mapping);
+  static absl::StatusOr<std::unique_ptr<TranscodingTable>> Build(
+      const google::protobuf::DescriptorPool& pool, const std::vector<std::string>& services,
+      bool auto_mapping, const std::vector<std::string>& files);
 
   std::optional<RouteMatch> Match(absl::string_view http_method, absl::string_view path) const;
   bool PathMatchesAnyMethod(absl::string_view path) const;
@@ -76,11 +86,17 @@ struct RequestOptions {
   // INVALID_ARGUMENT instead of being dropped.
   bool reject_unknown_fields = false;
   // Envoy's request_validation_options.reject_unknown_query_parameters, and
-  // ignore_unknown_query_parameters / ignored_query_parameters.
+  // ignore_unknown_query_parameters / ignored_query_parameters (which win over it, as in Envoy).
+  // A query parameter naming no field is INVALID_ARGUMENT unless ignored: Envoy's default
+  // passes such a request upstream untranscoded, which montage cannot do for a REST call, so
+  // the default and reject_unknown_query_parameters answer alike.
   bool reject_unknown_query_parameters = false;
   bool ignore_unknown_query_parameters = false;
   std::vector<std::string> ignored_query_parameters;
   bool case_insensitive_enum_parsing = false;
+  // Path variables and query parameters are applied on top of the body, so they win over it
+  // (Envoy lets the body win). With this, a binding whose value differs from what the body set
+  // for the same field is INVALID_ARGUMENT instead, as in Envoy.
   bool reject_binding_body_field_collisions = false;
 };
 
@@ -99,6 +115,7 @@ struct HttpResponseParts {
 class Transcoder {
  public:
   explicit Transcoder(const google::protobuf::DescriptorPool& pool);
+  ~Transcoder();
 
   // The serialized request message. INVALID_ARGUMENT with a message that says what to fix
   // (bad JSON and where, an unknown field when rejected, a query parameter naming no field, a
@@ -136,6 +153,8 @@ class Transcoder {
 
  private:
   const google::protobuf::DescriptorPool& pool_;
+  // Builds the messages of pool_'s types; its GetPrototype() is thread-safe.
+  std::unique_ptr<google::protobuf::DynamicMessageFactory> factory_;
 };
 
 // Framing of a server stream as one HTTP body.
@@ -144,6 +163,8 @@ enum class StreamFraming {
   kNdjson,     // m1 "\n" m2 "\n"
   kSse,        // "data: " m1 "\n\n" ...; an error is "event: error\ndata: {...}\n\n"
 };
+// kNdjson and kSse need each message on one line: print stream messages without
+// add_whitespace. (StreamClose takes the line breaks out of the error itself.)
 // What to send before message `index` (0-based) in the stream's body.
 std::string StreamMessagePrefix(StreamFraming framing, size_t index);
 // What to send after the message.

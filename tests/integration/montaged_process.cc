@@ -79,6 +79,8 @@ absl::StatusOr<std::unique_ptr<MontagedProcess>> MontagedProcess::Start(
   argv.push_back("--listen=127.0.0.1:0");
   argv.push_back("--admin_listen=127.0.0.1:0");
   argv.push_back("--port_file=" + port_file);
+  // The gateway (in `all` and `gateway`) also listens on a free port; harmless for the others.
+  argv.push_back("--set=gateway.listen=127.0.0.1:0");
   p->pid_ = Spawn(argv, p->dir_ + "/stdout", p->dir_ + "/stderr", "");
   // Bounded polling for the port file (written only once everything serves).
   for (int i = 0; i < 3000; ++i) {
@@ -88,6 +90,9 @@ absl::StatusOr<std::unique_ptr<MontagedProcess>> MontagedProcess::Start(
       if (!j.is_discarded()) {
         p->grpc_address_ = j.value("grpc", "");
         p->admin_address_ = j.value("admin", "");
+        for (auto it = j.begin(); it != j.end(); ++it) {
+          if (it.value().is_string()) p->endpoints_[it.key()] = it.value().get<std::string>();
+        }
         p->channel_ = grpc::CreateChannel(p->grpc_address_, grpc::InsecureChannelCredentials());
         return p;
       }

@@ -6,6 +6,7 @@
 
 #include <sys/types.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,6 +35,11 @@ class MontagedProcess {
   const std::string& grpc_address() const { return grpc_address_; }
   const std::string& admin_address() const { return admin_address_; }
   pid_t pid() const { return pid_; }
+  // Any address the port file names ("gateway"), or "" when it names none.
+  std::string endpoint(const std::string& name) const {
+    auto it = endpoints_.find(name);
+    return it == endpoints_.end() ? "" : it->second;
+  }
   std::shared_ptr<grpc::Channel> channel() const { return channel_; }
   // What the process wrote to stderr so far (its log).
   std::string log() const;
@@ -50,6 +56,7 @@ class MontagedProcess {
   std::string dir_;
   std::string grpc_address_;
   std::string admin_address_;
+  std::map<std::string, std::string> endpoints_;
   std::shared_ptr<grpc::Channel> channel_;
   bool reaped_ = false;
   ProcessResult result_;

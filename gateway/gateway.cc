@@ -1,0 +1,365 @@
+#include "gateway/gateway.h"
+
+#include <atomic>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/random/random.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "gateway/proxy/router.h"
+#include "gateway/proxy/upstream.h"
+#include "gateway/server/event_loop.h"
+#include "gateway/server/listener.h"
+
+namespace montage::gateway {
+namespace {
+
+// Request headers that never become upstream gRPC metadata: hop-by-hop fields, what gRPC sets
+// itself, and gRPC-Web's own.
+bool IsDroppedRequestHeader(absl::string_view name) {
+  return name == "connection" || name == "keep-alive" || name == "te" ||
+         name == "transfer-encoding" || name == "upgrade" || name == "proxy-connection" ||
+         name == "content-type" || name == "content-length" || name == "user-agent" ||
+         name == "host" || name == "accept-encoding" || name == "grpc-timeout" ||
+         name == "grpc-encoding" || name == "grpc-accept-encoding" || name == "x-grpc-web" ||
+         name == "x-user-agent" || absl::StartsWith(name, "x-envoy-");
+}
+
+// What gRPC accepts as metadata (anything else makes it fail the call): keys of [0-9a-z-_.],
+// and printable ASCII values unless the key ends in "-bin".
+bool IsLegalMetadataKey(absl::string_view key) {
+  if (key.empty()) return false;
+  for (char c : key) {
+    if (!(absl::ascii_isdigit(c) || (c >= 'a' && c <= 'z') || c == '-' || c == '_' || c == '.')) {
+      return false;
+    }
+  }
+  return true;
+}
+bool IsLegalMetadataValue(absl::string_view value) {
+  for (char c : value) {
+    if (c < 0x20 || c > 0x7e) return false;
+  }
+  return true;
+}
+
+std::string NewRequestId() {
+  static thread_local absl::BitGen gen;
+  const uint64_t hi = absl::Uniform<uint64_t>(gen);
+  const uint64_t lo = absl::Uniform<uint64_t>(gen);
+  // A version-4 UUID.
+  return absl::StrFormat("%08x-%04x-4%03x-%04x-%012x", hi >> 32, (hi >> 16) & 0xffff, hi & 0x0fff,
+                         ((lo >> 48) & 0x3fff) | 0x8000, lo & 0xffffffffffffULL);
+}
+
+absl::string_view PathWithoutQuery(absl::string_view path) {
+  const size_t q = path.find('?');
+  return q == absl::string_view::npos ? path : path.substr(0, q);
+}
+
+}  // namespace
+
+std::optional<absl::Duration> ParseGrpcTimeout(absl::string_view value) {
+  if (value.size() < 2 || value.size() > 9) return std::nullopt;
+  int64_t amount = 0;
+  if (!absl::SimpleAtoi(value.substr(0, value.size() - 1), &amount) || amount < 0) {
+    return std::nullopt;
+  }
+  for (char c : value.substr(0, value.size() - 1)) {
+    if (!absl::ascii_isdigit(c)) return std::nullopt;
+  }
+  switch (value.back()) {
+    case 'H':
+      return absl::Hours(amount);
+    case 'M':
+      return absl::Minutes(amount);
+    case 'S':
+      return absl::Seconds(amount);
+    case 'm':
+      return absl::Milliseconds(amount);
+    case 'u':
+      return absl::Microseconds(amount);
+    case 'n':
+      return absl::Nanoseconds(amount);
+    default:
+      return std::nullopt;
+  }
+}
+
+config::Bootstrap DefaultBootstrap(const std::string& listen, const std::string& upstream) {
+  config::Bootstrap b;
+  config::Cluster local;
+  local.name = "local";
+  local.type = config::Cluster::Type::kStatic;
+  local.http2 = true;
+  const size_t colon = upstream.rfind(':');
+  std::string host = upstream.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  if (host.empty() || host == "0.0.0.0") host = "127.0.0.1";
+  if (host == "::") host = "::1";
+  uint32_t port = 0;
+  (void)absl::SimpleAtoi(upstream.substr(colon + 1), &port);
+  local.endpoints.push_back({host, port});
+  b.clusters.push_back(local);
+
+  config::Listener listener;
+  listener.name = "montage";
+  const size_t lc = listen.rfind(':');
+  listener.address.address = listen.substr(0, lc);
+  (void)absl::SimpleAtoi(listen.substr(lc + 1), &listener.address.port_value);
+  listener.http.stat_prefix = "montage";
+  config::VirtualHost vh;
+  vh.name = "montage";
+  vh.domains = {"*"};
+  config::Route route;
+  route.name = "everything";
+  route.match.kind = config::RouteMatch::Kind::kPrefix;
+  route.match.value = "/";
+  route.route.cluster = "local";
+  route.route.timeout = absl::ZeroDuration();
+  vh.routes.push_back(route);
+  listener.http.route_config.name = "montage";
+  listener.http.route_config.virtual_hosts.push_back(vh);
+  config::HttpFilter grpc_web;
+  grpc_web.name = "envoy.filters.http.grpc_web";
+  grpc_web.type = config::HttpFilter::Type::kGrpcWeb;
+  config::HttpFilter router;
+  router.name = "envoy.filters.http.router";
+  router.type = config::HttpFilter::Type::kRouter;
+  listener.http.http_filters = {grpc_web, router};
+  b.listeners.push_back(listener);
+  return b;
+}
+
+// Routes the requests of one listener.
+class ListenerDispatcher final : public StreamDispatcher {
+ public:
+  ListenerDispatcher(const config::Listener& config, std::unique_ptr<Router> router,
+                     const absl::flat_hash_map<EventLoop*, size_t>& worker_index,
+                     const GatewayOptions& options, std::atomic<int64_t>& live_calls)
+      : live_calls_(live_calls),
+        config_(config),
+        router_(std::move(router)),
+        worker_index_(worker_index),
+        options_(options) {
+    for (const config::HttpFilter& f : config.http.http_filters) {
+      if (f.type == config::HttpFilter::Type::kGrpcWeb) grpc_web_ = true;
+    }
+  }
+
+  std::unique_ptr<StreamHandler> Dispatch(ServerStream& stream) override {
+    const RequestHead& head = stream.head();
+    const std::string* content_type = FindHeader(head.headers, "content-type");
+    std::optional<GrpcWireMode> mode =
+        content_type != nullptr ? GrpcWireModeOf(*content_type) : std::nullopt;
+    const absl::string_view path = PathWithoutQuery(head.path);
+    if (!mode.has_value()) {
+      // REST/JSON transcoding is the next piece of issue #3.
+      stream.SendHeaders(404, {{"content-type", "text/plain"}}, false);
+      stream.SendData(absl::StrCat("no route for ", head.method, " ", path,
+                                   " (this gateway serves gRPC and gRPC-Web so far)\n"),
+                      true);
+      return nullptr;
+    }
+    const GrpcWireMode wire = *mode;
+    if (wire != GrpcWireMode::kNative && !grpc_web_) {
+      SendLocalGrpcStatus(stream, wire, grpc::StatusCode::UNIMPLEMENTED,
+                          "gRPC-Web is not enabled on this listener (add the grpc_web filter)");
+      return nullptr;
+    }
+    if (wire == GrpcWireMode::kNative && !head.http2) {
+      SendLocalGrpcStatus(stream, wire, grpc::StatusCode::UNIMPLEMENTED,
+                          "native gRPC needs HTTP/2; use gRPC-Web over HTTP/1.1");
+      return nullptr;
+    }
+    if (head.method != "POST") {
+      SendLocalGrpcStatus(stream, wire, grpc::StatusCode::UNIMPLEMENTED,
+                          absl::StrCat("gRPC requests are POSTs, not ", head.method));
+      return nullptr;
+    }
+    const RouteEntry* route = router_->Match(head, path, /*grpc=*/true);
+    if (route == nullptr) {
+      SendLocalGrpcStatus(stream, wire, grpc::StatusCode::UNIMPLEMENTED,
+                          absl::StrCat("no route for ", path));
+      return nullptr;
+    }
+    UpstreamHost* host = route->cluster->PickHost();
+    if (host == nullptr) {
+      SendLocalGrpcStatus(stream, wire, grpc::StatusCode::UNAVAILABLE,
+                          absl::StrCat("no healthy upstream in cluster ", route->cluster->name()));
+      return nullptr;
+    }
+
+    // The deadline: the earlier of the route's timeout and the caller's grpc-timeout.
+    absl::Time deadline = absl::InfiniteFuture();
+    const absl::Time now = absl::Now();
+    const absl::Duration route_timeout = route->route->route.timeout;
+    if (route_timeout > absl::ZeroDuration()) deadline = now + route_timeout;
+    if (const std::string* t = FindHeader(head.headers, "grpc-timeout")) {
+      std::optional<absl::Duration> parsed = ParseGrpcTimeout(*t);
+      if (!parsed.has_value()) {
+        SendLocalGrpcStatus(stream, wire, grpc::StatusCode::INVALID_ARGUMENT,
+                            absl::StrCat("grpc-timeout '", *t,
+                                         "' is not 1-8 digits followed by H, M, S, m, u or n"));
+        return nullptr;
+      }
+      absl::Duration caller = *parsed;
+      if (route->route->route.grpc_timeout_header_max.has_value() &&
+          *route->route->route.grpc_timeout_header_max > absl::ZeroDuration()) {
+        caller = std::min(caller, *route->route->route.grpc_timeout_header_max);
+      }
+      deadline = std::min(deadline, now + caller);
+    }
+
+    UpstreamCallParams params;
+    auto worker = worker_index_.find(&stream.loop());
+    params.stub = &host->stub(worker == worker_index_.end() ? 0 : worker->second);
+    params.method = std::string(path);
+    params.deadline = deadline;
+    params.live_calls = &live_calls_;
+    std::string request_id;
+    std::string forwarded_for;
+    for (const auto& [name, value] : head.headers) {
+      if (IsDroppedRequestHeader(name) || !IsLegalMetadataKey(name)) continue;
+      if (!absl::EndsWith(name, "-bin") && !IsLegalMetadataValue(value)) continue;
+      if (name == "x-request-id") {
+        request_id = value;
+        continue;
+      }
+      if (name == "x-forwarded-for") {
+        forwarded_for = value;
+        continue;
+      }
+      if (absl::EndsWith(name, "-bin")) {
+        std::string binary;
+        if (!absl::Base64Unescape(value, &binary)) continue;  // not valid base64: dropped
+        params.metadata.emplace_back(name, std::move(binary));
+        continue;
+      }
+      params.metadata.emplace_back(name, value);
+    }
+    if (request_id.empty()) request_id = NewRequestId();
+    params.metadata.emplace_back("x-request-id", request_id);
+    params.metadata.emplace_back(
+        "x-forwarded-for",
+        forwarded_for.empty() ? head.peer_ip : absl::StrCat(forwarded_for, ", ", head.peer_ip));
+    if (deadline != absl::InfiniteFuture()) {
+      params.metadata.emplace_back(
+          "x-envoy-expected-rq-timeout-ms",
+          std::to_string(std::max<int64_t>(0, absl::ToInt64Milliseconds(deadline - now))));
+    }
+
+    HostStats* stats = &host->stats();
+    stats->rq_total.fetch_add(1, std::memory_order_relaxed);
+    stats->rq_active.fetch_add(1, std::memory_order_relaxed);
+    HeaderList response_headers = {{"x-request-id", request_id}};
+    return NewGrpcProxyHandler(
+        stream, wire, std::move(params), options_.proxy, std::move(response_headers),
+        [stats](const GrpcProxyResult& result) {
+          stats->rq_active.fetch_sub(1, std::memory_order_relaxed);
+          if (result.status.ok()) {
+            stats->rq_success.fetch_add(1, std::memory_order_relaxed);
+          } else {
+            stats->rq_error.fetch_add(1, std::memory_order_relaxed);
+            if (result.status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+              stats->rq_timeout.fetch_add(1, std::memory_order_relaxed);
+            }
+          }
+        });
+  }
+
+ private:
+  std::atomic<int64_t>& live_calls_;
+  const config::Listener& config_;
+  std::unique_ptr<Router> router_;
+  const absl::flat_hash_map<EventLoop*, size_t>& worker_index_;
+  const GatewayOptions& options_;
+  bool grpc_web_ = false;
+};
+
+class Gateway::Impl {
+ public:
+  config::Bootstrap bootstrap;
+  GatewayOptions options;
+  std::vector<std::unique_ptr<EventLoop>> loops;
+  absl::flat_hash_map<EventLoop*, size_t> worker_index;
+  std::unique_ptr<ClusterManager> clusters;
+  std::vector<std::unique_ptr<ListenerDispatcher>> dispatchers;
+  std::vector<std::unique_ptr<Listener>> listeners;
+  std::atomic<int64_t> live_calls{0};
+
+  ~Impl() {
+    listeners.clear();  // closes connections on their loops; handlers cancel upstream calls
+    // Cancelled calls still report to their loops (OnDone posts there): keep the loops running
+    // until every call is gone, bounded in case an upstream never answers a cancel.
+    const absl::Time limit = absl::Now() + absl::Seconds(10);
+    while (live_calls.load() > 0 && absl::Now() < limit) absl::SleepFor(absl::Milliseconds(5));
+    dispatchers.clear();
+    loops.clear();  // joins the loops; posted upstream completions are dropped
+    clusters.reset();
+  }
+};
+
+Gateway::Gateway(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Gateway::~Gateway() = default;
+
+absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootstrap,
+                                                        GatewayOptions options) {
+  auto impl = std::make_unique<Impl>();
+  impl->bootstrap = std::move(bootstrap);
+  impl->options = options;
+  const size_t workers = std::max<size_t>(1, options.worker_threads);
+  for (size_t i = 0; i < workers; ++i) {
+    absl::StatusOr<std::unique_ptr<EventLoop>> loop =
+        EventLoop::Start(absl::StrCat("gw-worker-", i));
+    if (!loop.ok()) return loop.status();
+    impl->worker_index[loop->get()] = i;
+    impl->loops.push_back(*std::move(loop));
+  }
+  absl::StatusOr<std::unique_ptr<ClusterManager>> clusters =
+      ClusterManager::Create(impl->bootstrap.clusters, workers);
+  if (!clusters.ok()) return clusters.status();
+  impl->clusters = *std::move(clusters);
+  std::vector<EventLoop*> worker_ptrs;
+  for (auto& loop : impl->loops) worker_ptrs.push_back(loop.get());
+  for (const config::Listener& l : impl->bootstrap.listeners) {
+    absl::StatusOr<std::unique_ptr<Router>> router =
+        Router::Create(l.http.route_config, *impl->clusters);
+    if (!router.ok()) return router.status();
+    impl->dispatchers.push_back(std::make_unique<ListenerDispatcher>(
+        l, *std::move(router), impl->worker_index, impl->options, impl->live_calls));
+    CodecOptions codec;
+    if (l.http.http2_protocol_options.max_concurrent_streams.has_value()) {
+      codec.max_concurrent_streams = *l.http.http2_protocol_options.max_concurrent_streams;
+    }
+    if (l.http.http2_protocol_options.initial_stream_window_size.has_value()) {
+      codec.initial_stream_window = *l.http.http2_protocol_options.initial_stream_window_size;
+    }
+    codec.max_request_headers_bytes = size_t{l.http.max_request_headers_kb} << 10;
+    const bool v6 = l.address.address.find(':') != std::string::npos;
+    const std::string address =
+        v6 ? absl::StrCat("[", l.address.address, "]:", l.address.port_value)
+           : absl::StrCat(l.address.address, ":", l.address.port_value);
+    absl::StatusOr<std::unique_ptr<Listener>> listener =
+        Listener::Start(address, worker_ptrs, *impl->dispatchers.back(), codec);
+    if (!listener.ok()) return listener.status();
+    impl->listeners.push_back(*std::move(listener));
+  }
+  return std::unique_ptr<Gateway>(new Gateway(std::move(impl)));
+}
+
+std::vector<std::string> Gateway::listener_addresses() const {
+  std::vector<std::string> out;
+  for (const auto& l : impl_->listeners) out.push_back(l->address());
+  return out;
+}
+
+const config::Bootstrap& Gateway::bootstrap() const { return impl_->bootstrap; }
+
+}  // namespace montage::gateway

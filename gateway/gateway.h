@@ -1,0 +1,54 @@
+// The gateway: worker loops, the upstream clusters and, for each listener of the Envoy bootstrap,
+// a Listener whose dispatcher routes every request. Built from a parsed bootstrap plus montage's
+// own options; knows the services only through config (and, for REST, descriptors).
+//
+// Start and destroy from a control thread. Requests run on the worker loops.
+#ifndef MONTAGE_GATEWAY_GATEWAY_H_
+#define MONTAGE_GATEWAY_GATEWAY_H_
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "gateway/config/bootstrap.h"
+#include "gateway/proxy/grpc_proxy.h"
+
+namespace montage::gateway {
+
+struct GatewayOptions {
+  // Worker event loops for downstream connections (each also gets its own upstream connection
+  // to every host).
+  size_t worker_threads = 2;
+  GrpcProxyOptions proxy;
+};
+
+class Gateway {
+ public:
+  static absl::StatusOr<std::unique_ptr<Gateway>> Start(config::Bootstrap bootstrap,
+                                                        GatewayOptions options);
+  // Closes the listeners and every connection, then stops the loops.
+  ~Gateway();
+
+  // The bound address ("host:port") of each listener, in bootstrap order.
+  std::vector<std::string> listener_addresses() const;
+  const config::Bootstrap& bootstrap() const;
+
+ private:
+  class Impl;
+  explicit Gateway(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Parses a grpc-timeout value ("100m", "5S", up to 8 digits and one of H M S m u n).
+std::optional<absl::Duration> ParseGrpcTimeout(absl::string_view value);
+
+// The embedded default: one listener on `listen` whose routes send every path to one HTTP/2
+// cluster "local" at `upstream` (host:port), with the route timeout disabled (LLM calls and
+// streams last minutes; callers' deadlines still apply).
+config::Bootstrap DefaultBootstrap(const std::string& listen, const std::string& upstream);
+
+}  // namespace montage::gateway
+
+#endif  // MONTAGE_GATEWAY_GATEWAY_H_

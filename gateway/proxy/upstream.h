@@ -1,0 +1,83 @@
+// Upstream clusters: the hosts of each cluster from the Envoy bootstrap, a gRPC channel per host
+// (gRPC keeps the HTTP/2 connections, multiplexes and reconnects with back-off), load balancing
+// and per-host request counters.
+//
+// Today: STATIC hosts by IP, STRICT_DNS hosts by name (gRPC's DNS resolver re-resolves them),
+// ROUND_ROBIN and LEAST_REQUEST. Health checks, outlier ejection and circuit breakers are not
+// built yet (issue #3 notes say what is left).
+#ifndef MONTAGE_GATEWAY_PROXY_UPSTREAM_H_
+#define MONTAGE_GATEWAY_PROXY_UPSTREAM_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "gateway/config/bootstrap.h"
+#include "grpcpp/channel.h"
+#include "grpcpp/generic/generic_stub.h"
+
+namespace montage::gateway {
+
+// Per-host counters (Envoy's /clusters names). Thread-safe.
+struct HostStats {
+  std::atomic<uint64_t> rq_total{0};
+  std::atomic<uint64_t> rq_success{0};
+  std::atomic<uint64_t> rq_error{0};
+  std::atomic<uint64_t> rq_timeout{0};
+  std::atomic<int64_t> rq_active{0};
+};
+
+// One endpoint. Thread-safe.
+class UpstreamHost {
+ public:
+  UpstreamHost(std::string address, std::vector<std::unique_ptr<grpc::GenericStub>> stubs,
+               std::vector<std::shared_ptr<grpc::Channel>> channels)
+      : address_(std::move(address)), stubs_(std::move(stubs)), channels_(std::move(channels)) {}
+  const std::string& address() const { return address_; }
+  // A stub for the caller's worker loop (each loop has its own connection to the host).
+  grpc::GenericStub& stub(size_t worker) { return *stubs_[worker % stubs_.size()]; }
+  HostStats& stats() { return stats_; }
+
+ private:
+  std::string address_;
+  std::vector<std::unique_ptr<grpc::GenericStub>> stubs_;
+  std::vector<std::shared_ptr<grpc::Channel>> channels_;
+  HostStats stats_;
+};
+
+// Thread-safe.
+class Cluster {
+ public:
+  // `connections_per_host`: channels (HTTP/2 connections) to each host, one per worker loop.
+  static absl::StatusOr<std::unique_ptr<Cluster>> Create(const config::Cluster& config,
+                                                         size_t connections_per_host);
+  const std::string& name() const { return config_.name; }
+  const config::Cluster& config() const { return config_; }
+  // The next host by the cluster's policy; nullptr when the cluster has none.
+  UpstreamHost* PickHost();
+  const std::vector<std::unique_ptr<UpstreamHost>>& hosts() const { return hosts_; }
+
+ private:
+  explicit Cluster(config::Cluster config) : config_(std::move(config)) {}
+  config::Cluster config_;
+  std::vector<std::unique_ptr<UpstreamHost>> hosts_;
+  std::atomic<uint64_t> next_{0};
+};
+
+class ClusterManager {
+ public:
+  static absl::StatusOr<std::unique_ptr<ClusterManager>> Create(
+      const std::vector<config::Cluster>& clusters, size_t connections_per_host);
+  Cluster* Find(absl::string_view name) const;
+
+ private:
+  absl::flat_hash_map<std::string, std::unique_ptr<Cluster>> clusters_;
+};
+
+}  // namespace montage::gateway
+
+#endif  // MONTAGE_GATEWAY_PROXY_UPSTREAM_H_

@@ -1,0 +1,224 @@
+#include "gateway/proxy/upstream_call.h"
+
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
+
+namespace montage::gateway {
+namespace {
+
+// Metadata gRPC manages itself or that must not cross the proxy as is.
+bool IsReservedMetadata(absl::string_view key) {
+  return absl::StartsWith(key, "grpc-") || key == "content-type" || key == "te" ||
+         key == "user-agent" || key == "content-length";
+}
+
+HeaderList ToHeaderList(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) {
+  HeaderList out;
+  out.reserve(metadata.size());
+  for (const auto& [key, value] : metadata) {
+    absl::string_view k(key.data(), key.size());
+    if (IsReservedMetadata(k)) continue;
+    absl::string_view v(value.data(), value.size());
+    // Binary values travel base64-encoded on the wire (gRPC hands them over decoded).
+    out.emplace_back(std::string(k),
+                     absl::EndsWith(k, "-bin") ? absl::Base64Escape(v) : std::string(v));
+  }
+  return out;
+}
+
+}  // namespace
+
+std::shared_ptr<UpstreamCall> UpstreamCall::Start(EventLoop& loop, UpstreamCallParams params,
+                                                  UpstreamCallObserver* observer) {
+  std::shared_ptr<UpstreamCall> call(new UpstreamCall(loop, observer));
+  call->self_ = call;
+  call->live_calls_ = params.live_calls;
+  if (call->live_calls_ != nullptr) call->live_calls_->fetch_add(1);
+  if (params.deadline != absl::InfiniteFuture()) {
+    call->context_.set_deadline(absl::ToChronoTime(params.deadline));
+  }
+  for (auto& [key, value] : params.metadata) call->context_.AddMetadata(key, value);
+  params.stub->PrepareBidiStreamingCall(&call->context_, params.method, grpc::StubOptions(),
+                                        call.get());
+  call->AddHold();
+  call->StartRead(&call->read_buf_);
+  call->read_in_flight_ = true;
+  call->StartCall();
+  return call;
+}
+
+UpstreamCall::~UpstreamCall() {
+  if (live_calls_ != nullptr) live_calls_->fetch_sub(1);
+}
+
+void UpstreamCall::Write(grpc::ByteBuffer message) {
+  if (cancelled_ || writes_done_requested_ || writes_finished_) return;
+  queued_bytes_ += message.Length();
+  write_queue_.push_back(std::move(message));
+  StartNextWrite();
+}
+
+void UpstreamCall::WritesDone() {
+  if (writes_done_requested_) return;
+  writes_done_requested_ = true;
+  StartNextWrite();
+}
+
+void UpstreamCall::StartNextWrite() {
+  if (write_in_flight_ || writes_finished_ || cancelled_) return;
+  if (!write_queue_.empty()) {
+    write_buf_ = std::move(write_queue_.front());
+    write_queue_.pop_front();
+    queued_bytes_ -= write_buf_.Length();
+    write_in_flight_ = true;
+    StartWrite(&write_buf_);
+    return;
+  }
+  if (writes_done_requested_) {
+    writes_finished_ = true;
+    StartWritesDone();
+    MaybeRemoveHold();
+  }
+}
+
+void UpstreamCall::RequestNextMessage() {
+  if (read_in_flight_ || reads_finished_ || cancelled_ || hold_released_) return;
+  read_in_flight_ = true;
+  StartRead(&read_buf_);
+}
+
+void UpstreamCall::CancelAndDetach() {
+  observer_ = nullptr;
+  if (done_ || cancelled_) return;
+  cancelled_ = true;
+  context_.TryCancel();
+  MaybeRemoveHold();
+}
+
+void UpstreamCall::MaybeRemoveHold() {
+  if (hold_released_) return;
+  const bool writes_over = writes_finished_ || cancelled_;
+  const bool reads_over = (reads_finished_ && !read_in_flight_) || cancelled_;
+  if (writes_over && reads_over) {
+    hold_released_ = true;
+    RemoveHold();
+  }
+}
+
+void UpstreamCall::OnReadInitialMetadataDone(bool ok) {
+  // ok=false is a trailers-only answer: OnDone reports it. Either way a message that overtook
+  // this reaction (reactions may run concurrently) is delivered only after the headers.
+  loop_.Post([self = shared_from_this(), ok] {
+    self->metadata_done_ = true;
+    if (ok) self->ReportHeaders();
+    if (self->early_message_.has_value()) {
+      grpc::ByteBuffer message = std::move(*self->early_message_);
+      self->early_message_.reset();
+      self->DeliverMessage(std::move(message));
+    }
+  });
+}
+
+void UpstreamCall::ReportHeaders() {
+  if (headers_reported_) return;
+  headers_reported_ = true;
+  if (observer_ != nullptr) {
+    observer_->OnUpstreamHeaders(ToHeaderList(context_.GetServerInitialMetadata()));
+  }
+}
+
+void UpstreamCall::DeliverMessage(grpc::ByteBuffer message) {
+  if (observer_ != nullptr) observer_->OnUpstreamMessage(message);
+}
+
+void UpstreamCall::OnReadDone(bool ok) {
+  grpc::ByteBuffer message;
+  if (ok) message.Swap(&read_buf_);
+  loop_.Post([self = shared_from_this(), ok, message = std::move(message)]() mutable {
+    self->read_in_flight_ = false;
+    if (!ok) {
+      // The upstream has ended the call: nothing more will be written either, so the hold can
+      // go (a write still in flight keeps OnDone waiting on its own).
+      self->reads_finished_ = true;
+      self->writes_finished_ = true;
+      self->write_queue_.clear();
+      self->queued_bytes_ = 0;
+      self->MaybeRemoveHold();
+      return;
+    }
+    if (!self->metadata_done_) {
+      self->early_message_ = std::move(message);
+      return;
+    }
+    self->DeliverMessage(std::move(message));
+  });
+}
+
+void UpstreamCall::OnWriteDone(bool ok) {
+  loop_.Post([self = shared_from_this(), ok] {
+    self->write_in_flight_ = false;
+    self->write_buf_.Clear();
+    if (!ok) {
+      // The call is over (the upstream answered or failed); what is queued will not be sent.
+      self->writes_finished_ = true;
+      self->write_queue_.clear();
+      self->queued_bytes_ = 0;
+      self->MaybeRemoveHold();
+      return;
+    }
+    self->StartNextWrite();
+    if (self->write_queue_.empty() && self->observer_ != nullptr) {
+      self->observer_->OnUpstreamWriteQueueDrained();
+    }
+  });
+}
+
+void UpstreamCall::OnWritesDoneDone(bool) {}
+
+void UpstreamCall::OnDone(const grpc::Status& status) {
+  loop_.Post([self = shared_from_this(), status] {
+    self->done_ = true;
+    if (self->observer_ != nullptr) {
+      UpstreamCallObserver* observer = self->observer_;
+      self->observer_ = nullptr;
+      observer->OnUpstreamFinished(status,
+                                   ToHeaderList(self->context_.GetServerTrailingMetadata()));
+    }
+    self->self_.reset();
+  });
+}
+
+std::string PercentEncodeGrpcMessage(absl::string_view message) {
+  std::string out;
+  out.reserve(message.size());
+  for (unsigned char c : message) {
+    if (c >= 0x20 && c <= 0x7e && c != '%') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      absl::StrAppendFormat(&out, "%%%02X", c);
+    }
+  }
+  return out;
+}
+
+std::string PercentDecodeGrpcMessage(absl::string_view message) {
+  std::string out;
+  out.reserve(message.size());
+  for (size_t i = 0; i < message.size(); ++i) {
+    if (message[i] == '%' && i + 2 < message.size() && absl::ascii_isxdigit(message[i + 1]) &&
+        absl::ascii_isxdigit(message[i + 2])) {
+      out.push_back(
+          static_cast<char>(std::stoi(std::string(message.substr(i + 1, 2)), nullptr, 16)));
+      i += 2;
+    } else {
+      out.push_back(message[i]);
+    }
+  }
+  return out;
+}
+
+}  // namespace montage::gateway

@@ -1,0 +1,77 @@
+// Downstream connections: the listener accepts on one loop and hands each connection to a worker
+// loop, where the first bytes decide the codec (the HTTP/2 client preface → nghttp2, anything
+// else → HTTP/1.1). Connections are owned by their loop's ConnectionSet.
+#ifndef MONTAGE_GATEWAY_SERVER_CONNECTION_H_
+#define MONTAGE_GATEWAY_SERVER_CONNECTION_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/container/flat_hash_map.h"
+#include "gateway/server/http_stream.h"
+
+struct bufferevent;
+struct event;
+
+namespace montage::gateway {
+
+class EventLoop;
+
+// Limits and settings every codec applies.
+struct CodecOptions {
+  uint32_t max_concurrent_streams = 10000;   // HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
+  uint32_t initial_stream_window = 1 << 20;  // HTTP/2 per-stream receive window
+  size_t max_request_headers_bytes = 60 << 10;
+};
+
+class ConnectionSet;
+
+// One accepted connection. Loop thread only.
+class Connection {
+ public:
+  virtual ~Connection() = default;
+  // Starts reading (the input buffer may already hold bytes). False: close it now.
+  virtual bool Start() = 0;
+  // Closes the connection: every open stream's handler learns it was not completed.
+  virtual void Close() = 0;
+};
+
+// The connections of one loop. Loop thread only (created and destroyed there).
+class ConnectionSet {
+ public:
+  ConnectionSet(EventLoop& loop, StreamDispatcher& dispatcher, CodecOptions options);
+  ~ConnectionSet();
+  // Takes the accepted socket: sniffs the protocol and starts the matching codec.
+  void Adopt(int fd, std::string peer_ip);
+  // Called by a connection that has closed; it is deleted from the loop shortly after.
+  void Remove(Connection* connection);
+  size_t size() const { return connections_.size(); }
+
+ private:
+  class Sniffer;
+  void Sniffed(Sniffer* sniffer, bool http2);
+  void Reap();
+
+  EventLoop& loop_;
+  StreamDispatcher& dispatcher_;
+  const CodecOptions options_;
+  absl::flat_hash_map<Sniffer*, std::unique_ptr<Sniffer>> sniffing_;
+  absl::flat_hash_map<Connection*, std::unique_ptr<Connection>> connections_;
+  std::vector<std::unique_ptr<Connection>> dead_;
+  event* reaper_ = nullptr;
+};
+
+// Codec factories (h2_connection.cc, h1_connection.cc). Both take ownership of `bev`.
+std::unique_ptr<Connection> NewHttp2Connection(EventLoop& loop, ConnectionSet& owner,
+                                               bufferevent* bev, std::string peer_ip,
+                                               StreamDispatcher& dispatcher,
+                                               const CodecOptions& options);
+std::unique_ptr<Connection> NewHttp1Connection(EventLoop& loop, ConnectionSet& owner,
+                                               bufferevent* bev, std::string peer_ip,
+                                               StreamDispatcher& dispatcher,
+                                               const CodecOptions& options);
+
+}  // namespace montage::gateway
+
+#endif  // MONTAGE_GATEWAY_SERVER_CONNECTION_H_

@@ -1,0 +1,473 @@
+// A real `montaged gateway` in front of the echo backend: native gRPC in all four shapes,
+// statuses, deadlines, cancellation, metadata, gRPC-Web, a backend that goes away and returns.
+#include <curl/curl.h>
+
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/security/credentials.h"
+#include "gtest/gtest.h"
+#include "montage/testing/v1/echo.grpc.pb.h"
+#include "tests/gateway/echo_backend.h"
+#include "tests/integration/montaged_process.h"
+
+namespace montage::testing {
+namespace {
+
+using ::testing::Contains;
+using ::testing::HasSubstr;
+using v1::EchoRequest;
+using v1::EchoResponse;
+
+// Bounded polling: true once `done` holds (checked every 10 ms, at most `limit`).
+template <typename F>
+bool Eventually(F done, absl::Duration limit = absl::Seconds(10)) {
+  const absl::Time end = absl::Now() + limit;
+  while (absl::Now() < end) {
+    if (done()) return true;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return done();
+}
+
+std::string Bootstrap(int backend_port) {
+  return absl::StrCat(R"(static_resources:
+  listeners:
+  - name: edge
+    address:
+      socket_address: { address: 127.0.0.1, port_value: 0 }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: edge
+          route_config:
+            name: routes
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/montage.testing.v1.EchoService/" }
+                route: { cluster: echo, timeout: 30s }
+          http_filters:
+          - name: envoy.filters.http.grpc_web
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: echo
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {}
+    load_assignment:
+      cluster_name: echo
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: { address: 127.0.0.1, port_value: )",
+                      backend_port, R"( }
+)");
+}
+
+class GatewayTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto backend = EchoBackend::Start();
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    backend_ = *std::move(backend);
+    const std::string dir = MakeTempDir();
+    bootstrap_path_ = dir + "/envoy.yaml";
+    std::ofstream(bootstrap_path_) << Bootstrap(backend_->port());
+    auto gateway = MontagedProcess::Start(
+        {"gateway", absl::StrCat("--set=gateway.envoy_bootstrap=", bootstrap_path_)});
+    ASSERT_TRUE(gateway.ok()) << gateway.status();
+    gateway_ = *std::move(gateway);
+    address_ = gateway_->endpoint("gateway");
+    ASSERT_FALSE(address_.empty()) << "the port file names no gateway";
+    stub_ =
+        v1::EchoService::NewStub(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()));
+  }
+  void TearDown() override {
+    stub_.reset();
+    if (gateway_ != nullptr) {
+      ProcessResult r = gateway_->Stop();
+      EXPECT_TRUE(r.exited && r.exit_code == 0) << gateway_->log();
+    }
+  }
+
+  std::unique_ptr<EchoBackend> backend_;
+  std::unique_ptr<MontagedProcess> gateway_;
+  std::string bootstrap_path_;
+  std::string address_;
+  std::unique_ptr<v1::EchoService::Stub> stub_;
+};
+
+TEST_F(GatewayTest, UnaryPassesMessageAndHeadersBothWays) {
+  grpc::ClientContext ctx;
+  WithDeadline(ctx, absl::Seconds(10));
+  ctx.AddMetadata("x-custom", "hello");
+  ctx.AddMetadata("x-blob-bin", std::string("\x00\x01\xff", 3));
+  EchoRequest req;
+  req.set_message("ping");
+  EchoResponse resp;
+  grpc::Status s = stub_->Unary(&ctx, req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_code() << " " << s.error_message();
+  EXPECT_EQ(resp.message(), "ping");
+  EXPECT_THAT(resp.metadata(), Contains("x-custom=hello"));
+  EXPECT_THAT(resp.metadata(), Contains("x-blob-bin=AAH/"));
+  EXPECT_THAT(resp.metadata(), Contains("x-forwarded-for=127.0.0.1"));
+  bool has_request_id = false;
+  for (const auto& m : resp.metadata()) has_request_id |= absl::StartsWith(m, "x-request-id=");
+  EXPECT_TRUE(has_request_id);
+  // The route's 30 s timeout became the upstream deadline (the caller's 10 s is earlier).
+  EXPECT_GT(resp.deadline_ms(), 0);
+  EXPECT_LE(resp.deadline_ms(), 10000);
+  const auto& initial = ctx.GetServerInitialMetadata();
+  EXPECT_EQ(initial.count("x-envoy-upstream-service-time"), 1u);
+  EXPECT_EQ(initial.count("x-request-id"), 1u);
+}
+
+TEST_F(GatewayTest, ServerStreamingDeliversEveryMessageInOrder) {
+  grpc::ClientContext ctx;
+  WithDeadline(ctx);
+  EchoRequest req;
+  req.set_message("s");
+  req.set_repeat(50);
+  req.set_payload_bytes(1000);
+  auto reader = stub_->ServerStream(&ctx, req);
+  EchoResponse resp;
+  int n = 0;
+  while (reader->Read(&resp)) {
+    EXPECT_EQ(resp.index(), n);
+    EXPECT_EQ(resp.payload().size(), 1000u);
+    ++n;
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(n, 50);
+}
+
+TEST_F(GatewayTest, ClientStreamingAndBidi) {
+  {
+    grpc::ClientContext ctx;
+    WithDeadline(ctx);
+    EchoResponse resp;
+    auto writer = stub_->ClientStream(&ctx, &resp);
+    for (const char* m : {"a", "b", "c"}) {
+      EchoRequest req;
+      req.set_message(m);
+      ASSERT_TRUE(writer->Write(req));
+    }
+    writer->WritesDone();
+    grpc::Status s = writer->Finish();
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_EQ(resp.message(), "a,b,c");
+    EXPECT_EQ(resp.index(), 3);
+  }
+  {
+    grpc::ClientContext ctx;
+    WithDeadline(ctx);
+    auto stream = stub_->Bidi(&ctx);
+    for (int i = 0; i < 4; ++i) {
+      EchoRequest req;
+      req.set_message(absl::StrCat("m", i));
+      ASSERT_TRUE(stream->Write(req));
+      EchoResponse resp;
+      ASSERT_TRUE(stream->Read(&resp));
+      EXPECT_EQ(resp.message(), absl::StrCat("m", i));
+      EXPECT_EQ(resp.index(), i);
+    }
+    stream->WritesDone();
+    EXPECT_TRUE(stream->Finish().ok());
+  }
+}
+
+TEST_F(GatewayTest, StatusesPassThroughIncludingMidStream) {
+  {
+    grpc::ClientContext ctx;
+    WithDeadline(ctx);
+    EchoRequest req;
+    req.set_fail_code(grpc::StatusCode::NOT_FOUND);
+    req.set_fail_message("no such thing: 100% gone\nreally");
+    EchoResponse resp;
+    grpc::Status s = stub_->Unary(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(s.error_message(), "no such thing: 100% gone\nreally");
+  }
+  {
+    grpc::ClientContext ctx;
+    WithDeadline(ctx);
+    EchoRequest req;
+    req.set_repeat(5);
+    req.set_fail_code(grpc::StatusCode::RESOURCE_EXHAUSTED);
+    req.set_fail_message("quota");
+    req.set_fail_after(2);
+    auto reader = stub_->ServerStream(&ctx, req);
+    EchoResponse resp;
+    int n = 0;
+    while (reader->Read(&resp)) ++n;
+    grpc::Status s = reader->Finish();
+    EXPECT_EQ(n, 2);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_EQ(s.error_message(), "quota");
+  }
+}
+
+TEST_F(GatewayTest, DeadlinePassesThroughAndCancelsTheBackend) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+  EchoRequest req;
+  req.mutable_delay()->set_seconds(20);
+  EchoResponse resp;
+  grpc::Status s = stub_->Unary(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(Eventually([&] { return backend_->cancellations() >= 1; }));
+  EXPECT_TRUE(Eventually([&] { return backend_->in_flight() == 0; }));
+}
+
+TEST_F(GatewayTest, ClientCancellationReachesTheBackend) {
+  grpc::ClientContext ctx;
+  WithDeadline(ctx, absl::Seconds(30));
+  EchoRequest req;
+  req.set_repeat(2);
+  req.mutable_delay()->set_seconds(20);
+  auto reader = stub_->ServerStream(&ctx, req);
+  ASSERT_TRUE(Eventually([&] { return backend_->in_flight() == 1; }));
+  ctx.TryCancel();
+  EchoResponse resp;
+  EXPECT_FALSE(reader->Read(&resp));
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(Eventually([&] { return backend_->cancellations() == 1; }));
+  EXPECT_TRUE(Eventually([&] { return backend_->in_flight() == 0; }));
+}
+
+TEST_F(GatewayTest, UnknownRouteIsUnimplemented) {
+  auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
+  grpc::GenericStub generic(channel);
+  grpc::ClientContext ctx;
+  WithDeadline(ctx);
+  grpc::ByteBuffer request, response;
+  grpc::Slice empty("", 0);
+  request = grpc::ByteBuffer(&empty, 1);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status status;
+  generic.UnaryCall(&ctx, "/montage.nowhere.v1.Nothing/Call", grpc::StubOptions(), &request,
+                    &response, [&](grpc::Status s) {
+                      std::lock_guard<std::mutex> lock(mu);
+                      status = s;
+                      done = true;
+                      cv.notify_all();
+                    });
+  std::unique_lock<std::mutex> lock(mu);
+  ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(20), [&] { return done; }));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_THAT(status.error_message(), HasSubstr("no route"));
+}
+
+TEST_F(GatewayTest, BackendGoneIsUnavailableAndRecoveryFollowsItsReturn) {
+  const int port = backend_->port();
+  backend_.reset();
+  grpc::Status s;
+  for (int i = 0; i < 3; ++i) {
+    grpc::ClientContext ctx;
+    WithDeadline(ctx, absl::Seconds(10));
+    EchoRequest req;
+    EchoResponse resp;
+    s = stub_->Unary(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  }
+  auto back = EchoBackend::Start(port);
+  ASSERT_TRUE(back.ok()) << back.status();
+  backend_ = *std::move(back);
+  EXPECT_TRUE(Eventually(
+      [&] {
+        grpc::ClientContext ctx;
+        WithDeadline(ctx, absl::Seconds(5));
+        EchoRequest req;
+        req.set_message("back");
+        EchoResponse resp;
+        return stub_->Unary(&ctx, req, &resp).ok() && resp.message() == "back";
+      },
+      absl::Seconds(20)));
+}
+
+// gRPC-Web over HTTP/2 with prior knowledge (curl), binary and base64 text.
+struct WebAnswer {
+  long status = 0;
+  std::string content_type;
+  std::string body;
+};
+
+size_t Collect(char* data, size_t size, size_t n, void* out) {
+  static_cast<std::string*>(out)->append(data, size * n);
+  return size * n;
+}
+
+WebAnswer PostGrpcWeb(const std::string& address, const std::string& path,
+                      const std::string& content_type, const std::string& body,
+                      const std::vector<std::string>& extra_headers = {}) {
+  WebAnswer answer;
+  CURL* curl = curl_easy_init();
+  const std::string url = absl::StrCat("http://", address, path);
+  curl_slist* headers = nullptr;
+  headers = curl_slist_append(headers, absl::StrCat("content-type: ", content_type).c_str());
+  headers = curl_slist_append(headers, "x-grpc-web: 1");
+  for (const std::string& h : extra_headers) headers = curl_slist_append(headers, h.c_str());
+  curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(curl, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE);
+  curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+  curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body.data());
+  curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, static_cast<long>(body.size()));
+  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, &Collect);
+  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &answer.body);
+  curl_easy_setopt(curl, CURLOPT_TIMEOUT, 20L);
+  if (curl_easy_perform(curl) == CURLE_OK) {
+    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &answer.status);
+    char* ct = nullptr;
+    curl_easy_getinfo(curl, CURLINFO_CONTENT_TYPE, &ct);
+    if (ct != nullptr) answer.content_type = ct;
+  }
+  curl_slist_free_all(headers);
+  curl_easy_cleanup(curl);
+  return answer;
+}
+
+std::string Frame(uint8_t flags, const std::string& payload) {
+  std::string out(5, '\0');
+  out[0] = static_cast<char>(flags);
+  const uint32_t n = payload.size();
+  out[1] = static_cast<char>(n >> 24);
+  out[2] = static_cast<char>(n >> 16);
+  out[3] = static_cast<char>(n >> 8);
+  out[4] = static_cast<char>(n);
+  return out + payload;
+}
+
+// Splits a gRPC-Web body into (flags, payload) frames.
+std::vector<std::pair<uint8_t, std::string>> Frames(const std::string& body) {
+  std::vector<std::pair<uint8_t, std::string>> out;
+  size_t at = 0;
+  while (body.size() - at >= 5) {
+    const auto* p = reinterpret_cast<const unsigned char*>(body.data() + at);
+    const size_t n = (size_t{p[1]} << 24) | (size_t{p[2]} << 16) | (size_t{p[3]} << 8) | p[4];
+    if (body.size() - at - 5 < n) break;
+    out.emplace_back(p[0], body.substr(at + 5, n));
+    at += 5 + n;
+  }
+  EXPECT_EQ(at, body.size()) << "trailing bytes after the last frame";
+  return out;
+}
+
+TEST_F(GatewayTest, GrpcWebBinaryAndTextCarryMessagesAndTrailerFrame) {
+  EchoRequest req;
+  req.set_message("web");
+  req.set_repeat(3);
+  const std::string body = Frame(0, req.SerializeAsString());
+
+  WebAnswer binary = PostGrpcWeb(address_, "/montage.testing.v1.EchoService/ServerStream",
+                                 "application/grpc-web+proto", body);
+  ASSERT_EQ(binary.status, 200);
+  EXPECT_EQ(binary.content_type, "application/grpc-web+proto");
+  auto frames = Frames(binary.body);
+  ASSERT_EQ(frames.size(), 4u);
+  for (int i = 0; i < 3; ++i) {
+    EchoResponse resp;
+    ASSERT_TRUE(resp.ParseFromString(frames[i].second));
+    EXPECT_EQ(frames[i].first, 0);
+    EXPECT_EQ(resp.message(), "web");
+    EXPECT_EQ(resp.index(), i);
+  }
+  EXPECT_EQ(frames[3].first, 0x80);
+  EXPECT_THAT(frames[3].second, HasSubstr("grpc-status:0\r\n"));
+
+  WebAnswer text = PostGrpcWeb(address_, "/montage.testing.v1.EchoService/ServerStream",
+                               "application/grpc-web-text", absl::Base64Escape(body));
+  ASSERT_EQ(text.status, 200);
+  EXPECT_EQ(text.content_type, "application/grpc-web-text+proto");
+  // Each frame is base64 on its own; decode piece by piece at the padding.
+  std::string decoded;
+  size_t start = 0;
+  while (start < text.body.size()) {
+    size_t end = start;
+    while (end < text.body.size()) {
+      end += 4;
+      if (text.body[end - 1] == '=') break;
+    }
+    std::string piece;
+    ASSERT_TRUE(absl::Base64Unescape(text.body.substr(start, end - start), &piece));
+    decoded += piece;
+    start = end;
+  }
+  auto text_frames = Frames(decoded);
+  ASSERT_EQ(text_frames.size(), 4u);
+  EXPECT_EQ(text_frames[3].first, 0x80);
+
+  // An error arrives in the trailer frame.
+  EchoRequest failing;
+  failing.set_fail_code(grpc::StatusCode::PERMISSION_DENIED);
+  failing.set_fail_message("denied");
+  WebAnswer error =
+      PostGrpcWeb(address_, "/montage.testing.v1.EchoService/Unary", "application/grpc-web+proto",
+                  Frame(0, failing.SerializeAsString()));
+  ASSERT_EQ(error.status, 200);
+  auto error_frames = Frames(error.body);
+  ASSERT_EQ(error_frames.size(), 1u);
+  EXPECT_THAT(error_frames[0].second, HasSubstr("grpc-status:7\r\n"));
+  EXPECT_THAT(error_frames[0].second, HasSubstr("grpc-message:denied\r\n"));
+}
+
+TEST_F(GatewayTest, HeadersGrpcCannotCarryAreDroppedNotFatal) {
+  EchoRequest req;
+  req.set_message("still here");
+  WebAnswer answer = PostGrpcWeb(address_, "/montage.testing.v1.EchoService/Unary",
+                                 "application/grpc-web+proto", Frame(0, req.SerializeAsString()),
+                                 {"x-name: caf\xc3\xa9", "x-tab: a\tb", "x-ok: fine"});
+  ASSERT_EQ(answer.status, 200);
+  auto frames = Frames(answer.body);
+  ASSERT_EQ(frames.size(), 2u);
+  EchoResponse resp;
+  ASSERT_TRUE(resp.ParseFromString(frames[0].second));
+  EXPECT_EQ(resp.message(), "still here");
+  EXPECT_THAT(resp.metadata(), Contains("x-ok=fine"));
+  for (const auto& m : resp.metadata()) {
+    EXPECT_FALSE(absl::StartsWith(m, "x-name=")) << m;
+    EXPECT_FALSE(absl::StartsWith(m, "x-tab=")) << m;
+  }
+  EXPECT_THAT(frames[1].second, HasSubstr("grpc-status:0\r\n"));
+}
+
+// The upstream ends a bidi call while the client still has its side open: the client gets the
+// status at once (the proxy must not wait for the client to finish writing).
+TEST_F(GatewayTest, UpstreamEndingFirstReachesAnIdleClient) {
+  grpc::ClientContext ctx;
+  WithDeadline(ctx, absl::Seconds(20));
+  auto stream = stub_->Bidi(&ctx);
+  EchoRequest req;
+  req.set_fail_code(grpc::StatusCode::FAILED_PRECONDITION);
+  req.set_fail_message("stop here");
+  ASSERT_TRUE(stream->Write(req));
+  EchoResponse resp;
+  EXPECT_FALSE(stream->Read(&resp));
+  grpc::Status s = stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_EQ(s.error_message(), "stop here");
+}
+
+}  // namespace
+}  // namespace montage::testing
