@@ -27,7 +27,7 @@ BUILD_PACKAGES=(
   clang-14 libclang-rt-14-dev
   # tests and benchmarks
   googletest libgtest-dev libgmock-dev libbenchmark-dev
-  nghttp2-client nghttp2-server redis-server redis-tools util-linux procps curl python3
+  nghttp2-client nghttp2-server nginx-light redis-server redis-tools util-linux procps curl python3
   espeak-ng
   # deployment checks
   docker-compose
