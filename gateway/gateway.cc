@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "gateway/proxy/rest_handler.h"
 #include "gateway/proxy/router.h"
 #include "gateway/proxy/upstream.h"
 #include "gateway/server/event_loop.h"
@@ -92,7 +93,8 @@ std::optional<absl::Duration> ParseGrpcTimeout(absl::string_view value) {
   }
 }
 
-config::Bootstrap DefaultBootstrap(const std::string& listen, const std::string& upstream) {
+config::Bootstrap DefaultBootstrap(const std::string& listen, const std::string& upstream,
+                                   const std::string& descriptor_set) {
   config::Bootstrap b;
   config::Cluster local;
   local.name = "local";
@@ -132,7 +134,18 @@ config::Bootstrap DefaultBootstrap(const std::string& listen, const std::string&
   config::HttpFilter router;
   router.name = "envoy.filters.http.router";
   router.type = config::HttpFilter::Type::kRouter;
-  listener.http.http_filters = {grpc_web, router};
+  listener.http.http_filters = {grpc_web};
+  if (!descriptor_set.empty()) {
+    config::HttpFilter transcoder;
+    transcoder.name = "envoy.filters.http.grpc_json_transcoder";
+    transcoder.type = config::HttpFilter::Type::kGrpcJsonTranscoder;
+    transcoder.transcoder.proto_descriptor = descriptor_set;
+    transcoder.transcoder.convert_grpc_status = true;
+    transcoder.transcoder.request_validation_options.reject_unknown_method = true;
+    transcoder.transcoder.request_validation_options.reject_unknown_query_parameters = true;
+    listener.http.http_filters.push_back(transcoder);
+  }
+  listener.http.http_filters.push_back(router);
   b.listeners.push_back(listener);
   return b;
 }
@@ -141,11 +154,13 @@ config::Bootstrap DefaultBootstrap(const std::string& listen, const std::string&
 class ListenerDispatcher final : public StreamDispatcher {
  public:
   ListenerDispatcher(const config::Listener& config, std::unique_ptr<Router> router,
+                     std::unique_ptr<RestSettings> rest,
                      const absl::flat_hash_map<EventLoop*, size_t>& worker_index,
                      const GatewayOptions& options, std::atomic<int64_t>& live_calls)
       : live_calls_(live_calls),
         config_(config),
         router_(std::move(router)),
+        rest_(std::move(rest)),
         worker_index_(worker_index),
         options_(options) {
     for (const config::HttpFilter& f : config.http.http_filters) {
@@ -158,16 +173,102 @@ class ListenerDispatcher final : public StreamDispatcher {
     const std::string* content_type = FindHeader(head.headers, "content-type");
     std::optional<GrpcWireMode> mode =
         content_type != nullptr ? GrpcWireModeOf(*content_type) : std::nullopt;
-    const absl::string_view path = PathWithoutQuery(head.path);
-    if (!mode.has_value()) {
-      // REST/JSON transcoding is the next piece of issue #3.
-      stream.SendHeaders(404, {{"content-type", "text/plain"}}, false);
-      stream.SendData(absl::StrCat("no route for ", head.method, " ", path,
-                                   " (this gateway serves gRPC and gRPC-Web so far)\n"),
-                      true);
-      return nullptr;
+    if (!mode.has_value()) return DispatchRest(stream);
+    return DispatchGrpc(stream, *mode);
+  }
+
+ private:
+  // What every upstream call needs, or an answer already sent (nullopt).
+  struct Prepared {
+    UpstreamCallParams params;
+    HostStats* stats = nullptr;
+    std::string request_id;
+  };
+
+  std::optional<Prepared> Prepare(ServerStream& stream, const RouteEntry& route,
+                                  absl::string_view grpc_path,
+                                  std::optional<absl::Duration> caller_timeout,
+                                  const std::function<void(grpc::StatusCode, std::string)>& fail) {
+    const RequestHead& head = stream.head();
+    UpstreamHost* host = route.cluster->PickHost();
+    if (host == nullptr) {
+      fail(grpc::StatusCode::UNAVAILABLE,
+           absl::StrCat("no healthy upstream in cluster ", route.cluster->name()));
+      return std::nullopt;
     }
-    const GrpcWireMode wire = *mode;
+    // The deadline: the earlier of the route's timeout and the caller's.
+    absl::Time deadline = absl::InfiniteFuture();
+    const absl::Time now = absl::Now();
+    const absl::Duration route_timeout = route.route->route.timeout;
+    if (route_timeout > absl::ZeroDuration()) deadline = now + route_timeout;
+    if (caller_timeout.has_value()) {
+      absl::Duration caller = *caller_timeout;
+      if (route.route->route.grpc_timeout_header_max.has_value() &&
+          *route.route->route.grpc_timeout_header_max > absl::ZeroDuration()) {
+        caller = std::min(caller, *route.route->route.grpc_timeout_header_max);
+      }
+      deadline = std::min(deadline, now + caller);
+    }
+    Prepared p;
+    UpstreamCallParams& params = p.params;
+    auto worker = worker_index_.find(&stream.loop());
+    params.stub = &host->stub(worker == worker_index_.end() ? 0 : worker->second);
+    params.method = std::string(grpc_path);
+    params.deadline = deadline;
+    params.live_calls = &live_calls_;
+    std::string forwarded_for;
+    for (const auto& [name, value] : head.headers) {
+      if (IsDroppedRequestHeader(name) || !IsLegalMetadataKey(name)) continue;
+      if (!absl::EndsWith(name, "-bin") && !IsLegalMetadataValue(value)) continue;
+      if (name == "x-request-id") {
+        p.request_id = value;
+        continue;
+      }
+      if (name == "x-forwarded-for") {
+        forwarded_for = value;
+        continue;
+      }
+      if (absl::EndsWith(name, "-bin")) {
+        std::string binary;
+        if (!absl::Base64Unescape(value, &binary)) continue;  // not valid base64: dropped
+        params.metadata.emplace_back(name, std::move(binary));
+        continue;
+      }
+      params.metadata.emplace_back(name, value);
+    }
+    if (p.request_id.empty()) p.request_id = NewRequestId();
+    params.metadata.emplace_back("x-request-id", p.request_id);
+    params.metadata.emplace_back(
+        "x-forwarded-for",
+        forwarded_for.empty() ? head.peer_ip : absl::StrCat(forwarded_for, ", ", head.peer_ip));
+    if (deadline != absl::InfiniteFuture()) {
+      params.metadata.emplace_back(
+          "x-envoy-expected-rq-timeout-ms",
+          std::to_string(std::max<int64_t>(0, absl::ToInt64Milliseconds(deadline - now))));
+    }
+    p.stats = &host->stats();
+    p.stats->rq_total.fetch_add(1, std::memory_order_relaxed);
+    p.stats->rq_active.fetch_add(1, std::memory_order_relaxed);
+    return p;
+  }
+
+  static std::function<void(const GrpcProxyResult&)> CountResult(HostStats* stats) {
+    return [stats](const GrpcProxyResult& result) {
+      stats->rq_active.fetch_sub(1, std::memory_order_relaxed);
+      if (result.status.ok()) {
+        stats->rq_success.fetch_add(1, std::memory_order_relaxed);
+      } else {
+        stats->rq_error.fetch_add(1, std::memory_order_relaxed);
+        if (result.status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+          stats->rq_timeout.fetch_add(1, std::memory_order_relaxed);
+        }
+      }
+    };
+  }
+
+  std::unique_ptr<StreamHandler> DispatchGrpc(ServerStream& stream, GrpcWireMode wire) {
+    const RequestHead& head = stream.head();
+    const absl::string_view path = PathWithoutQuery(head.path);
     if (wire != GrpcWireMode::kNative && !grpc_web_) {
       SendLocalGrpcStatus(stream, wire, grpc::StatusCode::UNIMPLEMENTED,
                           "gRPC-Web is not enabled on this listener (add the grpc_web filter)");
@@ -189,95 +290,73 @@ class ListenerDispatcher final : public StreamDispatcher {
                           absl::StrCat("no route for ", path));
       return nullptr;
     }
-    UpstreamHost* host = route->cluster->PickHost();
-    if (host == nullptr) {
-      SendLocalGrpcStatus(stream, wire, grpc::StatusCode::UNAVAILABLE,
-                          absl::StrCat("no healthy upstream in cluster ", route->cluster->name()));
-      return nullptr;
-    }
-
-    // The deadline: the earlier of the route's timeout and the caller's grpc-timeout.
-    absl::Time deadline = absl::InfiniteFuture();
-    const absl::Time now = absl::Now();
-    const absl::Duration route_timeout = route->route->route.timeout;
-    if (route_timeout > absl::ZeroDuration()) deadline = now + route_timeout;
+    std::optional<absl::Duration> caller_timeout;
     if (const std::string* t = FindHeader(head.headers, "grpc-timeout")) {
-      std::optional<absl::Duration> parsed = ParseGrpcTimeout(*t);
-      if (!parsed.has_value()) {
+      caller_timeout = ParseGrpcTimeout(*t);
+      if (!caller_timeout.has_value()) {
         SendLocalGrpcStatus(stream, wire, grpc::StatusCode::INVALID_ARGUMENT,
                             absl::StrCat("grpc-timeout '", *t,
                                          "' is not 1-8 digits followed by H, M, S, m, u or n"));
         return nullptr;
       }
-      absl::Duration caller = *parsed;
-      if (route->route->route.grpc_timeout_header_max.has_value() &&
-          *route->route->route.grpc_timeout_header_max > absl::ZeroDuration()) {
-        caller = std::min(caller, *route->route->route.grpc_timeout_header_max);
-      }
-      deadline = std::min(deadline, now + caller);
     }
-
-    UpstreamCallParams params;
-    auto worker = worker_index_.find(&stream.loop());
-    params.stub = &host->stub(worker == worker_index_.end() ? 0 : worker->second);
-    params.method = std::string(path);
-    params.deadline = deadline;
-    params.live_calls = &live_calls_;
-    std::string request_id;
-    std::string forwarded_for;
-    for (const auto& [name, value] : head.headers) {
-      if (IsDroppedRequestHeader(name) || !IsLegalMetadataKey(name)) continue;
-      if (!absl::EndsWith(name, "-bin") && !IsLegalMetadataValue(value)) continue;
-      if (name == "x-request-id") {
-        request_id = value;
-        continue;
-      }
-      if (name == "x-forwarded-for") {
-        forwarded_for = value;
-        continue;
-      }
-      if (absl::EndsWith(name, "-bin")) {
-        std::string binary;
-        if (!absl::Base64Unescape(value, &binary)) continue;  // not valid base64: dropped
-        params.metadata.emplace_back(name, std::move(binary));
-        continue;
-      }
-      params.metadata.emplace_back(name, value);
-    }
-    if (request_id.empty()) request_id = NewRequestId();
-    params.metadata.emplace_back("x-request-id", request_id);
-    params.metadata.emplace_back(
-        "x-forwarded-for",
-        forwarded_for.empty() ? head.peer_ip : absl::StrCat(forwarded_for, ", ", head.peer_ip));
-    if (deadline != absl::InfiniteFuture()) {
-      params.metadata.emplace_back(
-          "x-envoy-expected-rq-timeout-ms",
-          std::to_string(std::max<int64_t>(0, absl::ToInt64Milliseconds(deadline - now))));
-    }
-
-    HostStats* stats = &host->stats();
-    stats->rq_total.fetch_add(1, std::memory_order_relaxed);
-    stats->rq_active.fetch_add(1, std::memory_order_relaxed);
-    HeaderList response_headers = {{"x-request-id", request_id}};
-    return NewGrpcProxyHandler(
-        stream, wire, std::move(params), options_.proxy, std::move(response_headers),
-        [stats](const GrpcProxyResult& result) {
-          stats->rq_active.fetch_sub(1, std::memory_order_relaxed);
-          if (result.status.ok()) {
-            stats->rq_success.fetch_add(1, std::memory_order_relaxed);
-          } else {
-            stats->rq_error.fetch_add(1, std::memory_order_relaxed);
-            if (result.status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
-              stats->rq_timeout.fetch_add(1, std::memory_order_relaxed);
-            }
-          }
+    std::optional<Prepared> p =
+        Prepare(stream, *route, path, caller_timeout, [&](grpc::StatusCode code, std::string msg) {
+          SendLocalGrpcStatus(stream, wire, code, msg);
         });
+    if (!p.has_value()) return nullptr;
+    return NewGrpcProxyHandler(stream, wire, std::move(p->params), options_.proxy,
+                               {{"x-request-id", p->request_id}}, CountResult(p->stats));
   }
 
- private:
+  std::unique_ptr<StreamHandler> DispatchRest(ServerStream& stream) {
+    const RequestHead& head = stream.head();
+    const absl::string_view path = PathWithoutQuery(head.path);
+    if (rest_ == nullptr) {
+      SendLocalText(stream, 404,
+                    absl::StrCat("no route for ", head.method, " ", path,
+                                 " (this listener has no grpc_json_transcoder filter)\n"));
+      return nullptr;
+    }
+    std::optional<transcode::RouteMatch> match = rest_->table->Match(head.method, path);
+    if (!match.has_value()) {
+      // Envoy answers a known path with the wrong method 404 too, not 405.
+      SendLocalText(stream, 404, absl::StrCat("no REST method for ", head.method, " ", path, "\n"));
+      return nullptr;
+    }
+    if (const std::string* length = FindHeader(head.headers, "content-length")) {
+      uint64_t n = 0;
+      if (absl::SimpleAtoi(*length, &n) && n > rest_->max_request_body_bytes) {
+        SendLocalText(stream, 413,
+                      absl::StrCat("request body of ", n, " bytes is over the gateway's limit of ",
+                                   rest_->max_request_body_bytes, " bytes\n"));
+        return nullptr;
+      }
+    }
+    const std::string& grpc_path = match->binding->grpc_path;
+    // Envoy routes a transcoded request by its gRPC path unless told to keep the original.
+    const RouteEntry* route = rest_->match_incoming_request_route
+                                  ? router_->Match(head, path, /*grpc=*/false)
+                                  : router_->Match(head, grpc_path, /*grpc=*/true);
+    if (route == nullptr) {
+      SendLocalText(stream, 404, absl::StrCat("no route for ", grpc_path, "\n"));
+      return nullptr;
+    }
+    std::optional<Prepared> p = Prepare(
+        stream, *route, grpc_path, std::nullopt, [&](grpc::StatusCode code, std::string msg) {
+          SendLocalText(stream, HttpStatusForGrpc(static_cast<int>(code)), msg + "\n");
+        });
+    if (!p.has_value()) return nullptr;
+    p->params.metadata.emplace_back("x-envoy-original-path", head.path);
+    p->params.metadata.emplace_back("x-envoy-original-method", head.method);
+    return NewRestHandler(stream, *rest_, *match, std::move(p->params), options_.proxy,
+                          {{"x-request-id", p->request_id}}, CountResult(p->stats));
+  }
+
   std::atomic<int64_t>& live_calls_;
   const config::Listener& config_;
   std::unique_ptr<Router> router_;
+  std::unique_ptr<RestSettings> rest_;
   const absl::flat_hash_map<EventLoop*, size_t>& worker_index_;
   const GatewayOptions& options_;
   bool grpc_web_ = false;
@@ -332,8 +411,20 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
     absl::StatusOr<std::unique_ptr<Router>> router =
         Router::Create(l.http.route_config, *impl->clusters);
     if (!router.ok()) return router.status();
-    impl->dispatchers.push_back(std::make_unique<ListenerDispatcher>(
-        l, *std::move(router), impl->worker_index, impl->options, impl->live_calls));
+    std::unique_ptr<RestSettings> rest;
+    for (const config::HttpFilter& f : l.http.http_filters) {
+      if (f.type != config::HttpFilter::Type::kGrpcJsonTranscoder) continue;
+      absl::StatusOr<std::unique_ptr<RestSettings>> loaded = RestSettings::Load(
+          f.transcoder, options.reject_unknown_fields, options.max_request_body_bytes);
+      if (!loaded.ok()) {
+        return absl::Status(loaded.status().code(),
+                            absl::StrCat("listener '", l.name, "': ", loaded.status().message()));
+      }
+      rest = *std::move(loaded);
+    }
+    impl->dispatchers.push_back(
+        std::make_unique<ListenerDispatcher>(l, *std::move(router), std::move(rest),
+                                             impl->worker_index, impl->options, impl->live_calls));
     CodecOptions codec;
     if (l.http.http2_protocol_options.max_concurrent_streams.has_value()) {
       codec.max_concurrent_streams = *l.http.http2_protocol_options.max_concurrent_streams;

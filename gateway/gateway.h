@@ -22,6 +22,10 @@ struct GatewayOptions {
   // to every host).
   size_t worker_threads = 2;
   GrpcProxyOptions proxy;
+  // REST/JSON: reject JSON body fields unknown to the message (montage's option; Envoy drops
+  // them), and the body limit when the transcoder filter sets none.
+  bool reject_unknown_fields = false;
+  size_t max_request_body_bytes = 64 << 20;
 };
 
 class Gateway {
@@ -46,8 +50,10 @@ std::optional<absl::Duration> ParseGrpcTimeout(absl::string_view value);
 
 // The embedded default: one listener on `listen` whose routes send every path to one HTTP/2
 // cluster "local" at `upstream` (host:port), with the route timeout disabled (LLM calls and
-// streams last minutes; callers' deadlines still apply).
-config::Bootstrap DefaultBootstrap(const std::string& listen, const std::string& upstream);
+// streams last minutes; callers' deadlines still apply); gRPC-Web, and REST/JSON for every
+// service of `descriptor_set` when it is not empty.
+config::Bootstrap DefaultBootstrap(const std::string& listen, const std::string& upstream,
+                                   const std::string& descriptor_set);
 
 }  // namespace montage::gateway
 

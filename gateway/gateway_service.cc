@@ -1,5 +1,7 @@
 #include "gateway/gateway_service.h"
 
+#include <unistd.h>
+
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/server/not_built.h"
@@ -40,11 +42,14 @@ class GatewayModule final : public ServiceModule {
   absl::Status OnServing(absl::string_view grpc_address,
                          std::vector<std::pair<std::string, std::string>>& endpoints) override {
     config::Bootstrap bootstrap =
-        bootstrap_.has_value() ? *bootstrap_
-                               : DefaultBootstrap(config_.listen(), std::string(grpc_address));
+        bootstrap_.has_value()
+            ? *bootstrap_
+            : DefaultBootstrap(config_.listen(), std::string(grpc_address), DescriptorSet());
     GatewayOptions options;
     options.worker_threads = config_.worker_threads();
     options.proxy.max_message_bytes = config_.max_request_message_bytes();
+    options.reject_unknown_fields = config_.reject_unknown_fields();
+    options.max_request_body_bytes = config_.max_request_message_bytes();
     absl::StatusOr<std::unique_ptr<Gateway>> gateway =
         Gateway::Start(std::move(bootstrap), options);
     if (!gateway.ok()) {
@@ -65,6 +70,17 @@ class GatewayModule final : public ServiceModule {
   void Stop() override { gateway_.reset(); }
 
  private:
+  // REST/JSON for the embedded default: the configured descriptor set, else the one this build
+  // wrote (or installed), when it exists.
+  std::string DescriptorSet() const {
+    if (!config_.descriptor_set().empty()) return config_.descriptor_set();
+    for (const char* candidate : {MONTAGE_BUILD_DESCRIPTOR_SET, MONTAGE_INSTALLED_DESCRIPTOR_SET}) {
+      if (access(candidate, R_OK) == 0) return candidate;
+    }
+    LogWarning("gateway: no descriptor set found; REST/JSON is off (set gateway.descriptor_set)");
+    return "";
+  }
+
   const montage::config::v1::GatewayConfig config_;
   const std::optional<config::Bootstrap> bootstrap_;
   BatchServiceStub batch_;
