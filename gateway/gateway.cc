@@ -1,5 +1,7 @@
 #include "gateway/gateway.h"
 
+#include <signal.h>
+
 #include <atomic>
 
 #include "absl/container/flat_hash_map.h"
@@ -390,6 +392,8 @@ Gateway::~Gateway() = default;
 
 absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootstrap,
                                                         GatewayOptions options) {
+  // libevent writes with write(2): a client that closes first must not end the process.
+  signal(SIGPIPE, SIG_IGN);
   auto impl = std::make_unique<Impl>();
   impl->bootstrap = std::move(bootstrap);
   impl->options = options;

@@ -81,6 +81,9 @@ int RunDaemon(const DaemonOptions& options, absl::Span<const ServiceRegistration
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // A peer that closes while we write (a client giving up on a big answer) must cost an EPIPE
+  // on that socket, not the process.
+  signal(SIGPIPE, SIG_IGN);
   // Debian's Abseil is built without NDEBUG, so every absl::Mutex lock would also do
   // deadlock-detection bookkeeping (~14k instructions per cache Get, measured with callgrind).
   // Unit tests keep the checks; the server does not pay for them.

@@ -28,7 +28,11 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Create(const config::Cluster& 
       // The proxy passes messages through; the backends enforce their own limits.
       args.SetMaxReceiveMessageSize(-1);
       args.SetMaxSendMessageSize(-1);
-      args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+      // gRPC gives a connection attempt at least the minimum reconnect back-off to finish: that
+      // is Envoy's connect_timeout. Retries of a failed connect start after 100 ms.
+      args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS,
+                  static_cast<int>(
+                      std::max<int64_t>(100, absl::ToInt64Milliseconds(config.connect_timeout))));
       args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
       args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
       args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);  // retries are the route's, not gRPC's

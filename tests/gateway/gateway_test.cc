@@ -2,6 +2,7 @@
 // statuses, deadlines, cancellation, metadata, gRPC-Web, a backend that goes away and returns.
 #include <curl/curl.h>
 
+#include <algorithm>
 #include <fstream>
 #include <thread>
 
@@ -61,6 +62,16 @@ std::string Bootstrap(int backend_port) {
           - name: envoy.filters.http.grpc_web
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb
+          - name: envoy.filters.http.grpc_json_transcoder
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
+              proto_descriptor: ")",
+                      ECHO_DESCRIPTORS, R"("
+              services: [montage.testing.v1.EchoService]
+              convert_grpc_status: true
+              max_request_body_size: 65536
+              request_validation_options:
+                reject_unknown_method: true
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -106,7 +117,7 @@ class GatewayTest : public ::testing::Test {
     stub_.reset();
     if (gateway_ != nullptr) {
       ProcessResult r = gateway_->Stop();
-      EXPECT_TRUE(r.exited && r.exit_code == 0) << gateway_->log();
+      EXPECT_TRUE(r.exited && r.exit_code == 0) << "signal " << r.signal << "\n" << gateway_->log();
     }
   }
 
@@ -467,6 +478,147 @@ TEST_F(GatewayTest, UpstreamEndingFirstReachesAnIdleClient) {
   grpc::Status s = stream->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
   EXPECT_EQ(s.error_message(), "stop here");
+}
+
+// A REST call with libcurl (HTTP/2 prior knowledge, or HTTP/1.1).
+struct RestAnswer {
+  long status = 0;
+  std::string content_type;
+  std::string body;
+};
+
+RestAnswer Rest(const std::string& address, const std::string& method, const std::string& path,
+                const std::string& body = "", std::vector<std::string> headers = {},
+                bool http2 = true) {
+  RestAnswer answer;
+  CURL* curl = curl_easy_init();
+  const std::string url = absl::StrCat("http://", address, path);
+  curl_slist* list = nullptr;
+  if (!body.empty()) headers.push_back("content-type: application/json");
+  for (const std::string& h : headers) list = curl_slist_append(list, h.c_str());
+  curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(curl, CURLOPT_HTTP_VERSION,
+                   http2 ? CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE : CURL_HTTP_VERSION_1_1);
+  curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, method.c_str());
+  curl_easy_setopt(curl, CURLOPT_HTTPHEADER, list);
+  if (!body.empty()) {
+    curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body.data());
+    curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, static_cast<long>(body.size()));
+  }
+  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, &Collect);
+  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &answer.body);
+  curl_easy_setopt(curl, CURLOPT_TIMEOUT, 20L);
+  if (curl_easy_perform(curl) == CURLE_OK) {
+    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &answer.status);
+    char* ct = nullptr;
+    curl_easy_getinfo(curl, CURLINFO_CONTENT_TYPE, &ct);
+    if (ct != nullptr) answer.content_type = ct;
+  }
+  curl_slist_free_all(list);
+  curl_easy_cleanup(curl);
+  return answer;
+}
+
+TEST_F(GatewayTest, RestUnaryByBodyAndByPath) {
+  RestAnswer post = Rest(address_, "POST", "/v1/echo", R"({"message":"from json"})");
+  ASSERT_EQ(post.status, 200) << post.body;
+  EXPECT_EQ(post.content_type, "application/json");
+  EXPECT_THAT(post.body, HasSubstr(R"("message":"from json")"));
+  EXPECT_THAT(post.body, HasSubstr("x-envoy-original-path=/v1/echo"));
+
+  RestAnswer get = Rest(address_, "GET", "/v1/echo/hello%20there?repeat=3");
+  ASSERT_EQ(get.status, 200) << get.body;
+  EXPECT_THAT(get.body, HasSubstr(R"("message":"hello there")"));
+}
+
+TEST_F(GatewayTest, RestErrorsFollowEnvoysStatusTable) {
+  RestAnswer missing = Rest(address_, "POST", "/v1/echo", R"({"failCode":5,"failMessage":"gone"})");
+  EXPECT_EQ(missing.status, 404);
+  EXPECT_EQ(missing.content_type, "application/json");
+  EXPECT_THAT(missing.body, HasSubstr(R"("code":5)"));
+  EXPECT_THAT(missing.body, HasSubstr(R"("message":"gone")"));
+
+  RestAnswer busy = Rest(address_, "POST", "/v1/echo", R"({"failCode":14})");
+  EXPECT_EQ(busy.status, 503);
+
+  RestAnswer bad_json = Rest(address_, "POST", "/v1/echo", R"({"message": )");
+  EXPECT_EQ(bad_json.status, 400);
+  EXPECT_EQ(bad_json.content_type, "text/plain");
+
+  RestAnswer unknown_method = Rest(address_, "DELETE", "/v1/echo");
+  EXPECT_EQ(unknown_method.status, 404);
+
+  RestAnswer unknown_query = Rest(address_, "GET", "/v1/echo/x?nope=1");
+  EXPECT_EQ(unknown_query.status, 400);
+  EXPECT_THAT(unknown_query.body, HasSubstr("nope"));
+
+  const std::string big = absl::StrCat(R"({"message":")", std::string(70000, 'a'), R"("})");
+  RestAnswer too_big = Rest(address_, "POST", "/v1/echo", big);
+  EXPECT_EQ(too_big.status, 413);
+  EXPECT_EQ(backend_->calls(), 2);  // only the two answered by the backend reached it
+}
+
+TEST_F(GatewayTest, RestServerStreamAsArrayNdjsonAndSse) {
+  const std::string body = R"({"message":"s","repeat":3})";
+  RestAnswer array = Rest(address_, "POST", "/v1/echo:stream", body);
+  ASSERT_EQ(array.status, 200) << array.body;
+  EXPECT_EQ(array.content_type, "application/json");
+  ASSERT_FALSE(array.body.empty());
+  EXPECT_EQ(array.body.front(), '[');
+  EXPECT_EQ(array.body.back(), ']');
+  EXPECT_THAT(array.body, HasSubstr(R"("index":2)"));
+
+  RestAnswer ndjson =
+      Rest(address_, "POST", "/v1/echo:stream", body, {"accept: application/x-ndjson"});
+  ASSERT_EQ(ndjson.status, 200);
+  EXPECT_EQ(ndjson.content_type, "application/x-ndjson");
+  EXPECT_EQ(std::count(ndjson.body.begin(), ndjson.body.end(), '\n'), 3);
+
+  RestAnswer sse = Rest(address_, "POST", "/v1/echo:stream", body, {"accept: text/event-stream"});
+  ASSERT_EQ(sse.status, 200);
+  EXPECT_EQ(sse.content_type, "text/event-stream");
+  EXPECT_THAT(sse.body, HasSubstr("data: {"));
+}
+
+TEST_F(GatewayTest, RestMidStreamErrorIsTheLastElementNotATruncation) {
+  const std::string body =
+      R"({"message":"s","repeat":5,"failCode":8,"failMessage":"quota","failAfter":2})";
+  RestAnswer array = Rest(address_, "POST", "/v1/echo:stream", body);
+  ASSERT_EQ(array.status, 200);
+  EXPECT_THAT(array.body, HasSubstr(R"({"error":{"code":8,"message":"quota")"));
+  EXPECT_EQ(array.body.back(), ']');
+
+  RestAnswer sse = Rest(address_, "POST", "/v1/echo:stream", body, {"accept: text/event-stream"});
+  EXPECT_THAT(sse.body, HasSubstr("event: error\n"));
+
+  // An error before the first message is an ordinary error answer.
+  RestAnswer early =
+      Rest(address_, "POST", "/v1/echo:stream", R"({"repeat":5,"failCode":7,"failMessage":"no"})");
+  EXPECT_EQ(early.status, 403);
+  EXPECT_THAT(early.body, HasSubstr(R"("code":7)"));
+}
+
+TEST_F(GatewayTest, RestClientDisconnectCancelsTheBackendCall) {
+  std::thread client([&] {
+    CURL* curl = curl_easy_init();
+    const std::string url = absl::StrCat("http://", address_, "/v1/echo");
+    const std::string body = R"({"message":"slow","delay":"20s"})";
+    curl_slist* list = curl_slist_append(nullptr, "content-type: application/json");
+    std::string sink;
+    curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+    curl_easy_setopt(curl, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE);
+    curl_easy_setopt(curl, CURLOPT_HTTPHEADER, list);
+    curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body.c_str());
+    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, &Collect);
+    curl_easy_setopt(curl, CURLOPT_WRITEDATA, &sink);
+    curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, 500L);  // the client gives up and disconnects
+    curl_easy_perform(curl);
+    curl_slist_free_all(list);
+    curl_easy_cleanup(curl);
+  });
+  client.join();
+  EXPECT_TRUE(Eventually([&] { return backend_->cancellations() == 1; }));
+  EXPECT_TRUE(Eventually([&] { return backend_->in_flight() == 0; }));
 }
 
 }  // namespace
