@@ -95,3 +95,57 @@ def h2load_grpc(port, method_path, body_path, requests, conns, streams, log_path
     latencies.sort()
     return {"rps": rps, "done": int(done.group(1)), "http_ok": int(done.group(2)),
             "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
+
+
+def child_pids(pid):
+    """The pids whose parent is `pid` (e.g. nginx's workers under its master)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[1]) == pid:  # ppid is field 4 of the full line (2 after the command)
+            children.append(int(entry))
+    return children
+
+
+def h2load(url, body_path, headers, requests, conns, streams, log_path, timeout=600, taskset=None):
+    """One h2load run of `requests` POSTs (-t 1); the per-request figures come from its log file.
+
+    Returns req/s, h2load's done/succeeded/failed/errored counts, how many logged requests had
+    each HTTP status (a dict) and p50/p99 in ms. h2load's "succeeded" means a 2xx; gRPC errors
+    arrive in trailers it does not read, so gRPC callers must check grpc-status elsewhere (e.g.
+    the server's own counter). `taskset`: a CPU list to pin h2load to (e.g. "1").
+    """
+    cmd = (["taskset", "-c", taskset] if taskset is not None else []) + [
+        "h2load", "-n", str(requests), "-c", str(conns), "-m", str(streams), "-t", "1", "-d",
+        body_path, "--log-file", log_path]
+    for h in headers:
+        cmd += ["-H", h]
+    cmd.append(url)
+    open(log_path, "w").close()  # h2load appends to an existing log
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    out = run.stdout
+    finished = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    counts = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, "
+                       r"(\d+) failed, (\d+) errored", out)
+    if finished is None or counts is None:
+        raise RuntimeError(f"h2load gave no figures (exit {run.returncode}): {out[-500:]} "
+                           f"{run.stderr[-500:]}")
+    statuses = {}
+    latencies = []
+    with open(log_path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3:
+                statuses[int(parts[1])] = statuses.get(int(parts[1]), 0) + 1
+                latencies.append(int(parts[2]) / 1000.0)  # µs → ms
+    latencies.sort()
+    return {"rps": float(finished.group(1)), "done": int(counts.group(1)),
+            "succeeded": int(counts.group(2)), "failed": int(counts.group(3)),
+            "errored": int(counts.group(4)), "statuses": statuses, "logged": len(latencies),
+            "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
