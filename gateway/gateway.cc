@@ -307,7 +307,12 @@ class ListenerDispatcher final : public StreamDispatcher {
           SendLocalGrpcStatus(stream, wire, code, msg);
         });
     if (!p.has_value()) return nullptr;
-    return NewGrpcProxyHandler(stream, wire, std::move(p->params), options_.proxy,
+    bool unary = false;
+    if (rest_ != nullptr) {
+      const google::protobuf::MethodDescriptor* method = rest_->table->FindMethod(path);
+      unary = method != nullptr && !method->client_streaming() && !method->server_streaming();
+    }
+    return NewGrpcProxyHandler(stream, wire, unary, std::move(p->params), options_.proxy,
                                {{"x-request-id", p->request_id}}, CountResult(p->stats));
   }
 

@@ -73,27 +73,33 @@ void SendStatusOnly(ServerStream& stream, GrpcWireMode mode, HeaderList trailers
 
 class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver {
  public:
-  GrpcProxyHandler(ServerStream& stream, GrpcWireMode mode, GrpcProxyOptions options,
+  GrpcProxyHandler(ServerStream& stream, GrpcWireMode mode, bool unary, GrpcProxyOptions options,
                    HeaderList extra_response_headers,
                    std::function<void(const GrpcProxyResult&)> on_done)
       : stream_(&stream),
         mode_(mode),
+        unary_(unary),
         options_(options),
         extra_headers_(std::move(extra_response_headers)),
         on_done_(std::move(on_done)) {}
 
   ~GrpcProxyHandler() override {
     if (call_ != nullptr) call_->CancelAndDetach();
+    if (unary_call_ != nullptr) unary_call_->Cancel();
   }
 
   void Begin(UpstreamCallParams params) {
+    if (unary_) {
+      unary_params_ = std::move(params);  // the call starts once the request is complete
+      return;
+    }
     call_ = UpstreamCall::Start(stream_->loop(), std::move(params), this);
   }
 
   // StreamHandler
   void OnRequestData(absl::string_view data, bool end_stream) override {
     if (stream_ == nullptr) return;
-    if (finished_ || call_ == nullptr) {
+    if (finished_ || (call_ == nullptr && !unary_)) {
       stream_->ConsumeRequestData(data.size());
       return;
     }
@@ -111,7 +117,7 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
       unconsumed_ = 0;
       return;
     }
-    if (call_->queued_write_bytes() <= options_.write_buffer_limit) {
+    if (unary_ || call_->queued_write_bytes() <= options_.write_buffer_limit) {
       stream_->ConsumeRequestData(wire_bytes);
     } else {
       unconsumed_ += wire_bytes;
@@ -122,7 +128,11 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
                     "the request ended inside a gRPC frame (incomplete length-prefixed message)");
         return;
       }
-      call_->WritesDone();
+      if (unary_) {
+        StartUnary();
+      } else {
+        call_->WritesDone();
+      }
     }
   }
 
@@ -139,6 +149,7 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
       // The client went away first: the upstream call is cancelled now, not left running.
       finished_ = true;
       if (call_ != nullptr) call_->CancelAndDetach();
+      if (unary_call_ != nullptr) unary_call_->Cancel();
       Report(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
     }
   }
@@ -161,6 +172,15 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
 
   void OnUpstreamMessage(const grpc::ByteBuffer& message) override {
     if (stream_ == nullptr) return;
+    SendMessage(message);
+    if (stream_->PendingSendBytes() <= options_.send_buffer_limit) {
+      call_->RequestNextMessage();
+    } else {
+      waiting_for_drain_ = true;  // a slow reader: resume when its queue has drained
+    }
+  }
+
+  void SendMessage(const grpc::ByteBuffer& message) {
     std::vector<grpc::Slice> slices;
     (void)message.Dump(&slices);
     std::string frame;
@@ -171,11 +191,6 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
     }
     if (mode_ == GrpcWireMode::kWebText) frame = absl::Base64Escape(frame);
     stream_->SendData(frame, /*end_stream=*/false);
-    if (stream_->PendingSendBytes() <= options_.send_buffer_limit) {
-      call_->RequestNextMessage();
-    } else {
-      waiting_for_drain_ = true;  // a slow reader: resume when its queue has drained
-    }
   }
 
   void OnUpstreamWriteQueueDrained() override {
@@ -210,8 +225,13 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
   }
 
  private:
+  absl::Time CallStarted() const {
+    if (call_ != nullptr) return call_->started();
+    if (unary_call_ != nullptr) return unary_call_->started();
+    return absl::Now();
+  }
   std::string ServiceTimeMs() const {
-    return std::to_string(absl::ToInt64Milliseconds(absl::Now() - call_->started()));
+    return std::to_string(absl::ToInt64Milliseconds(absl::Now() - CallStarted()));
   }
 
   // Base64 arrives in any chunking, possibly as padded pieces one after another.
@@ -262,16 +282,42 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
       }
       if (in_.size() - offset - kFrameHeader < length) break;
       grpc::Slice slice(in_.data() + offset + kFrameHeader, length);
-      call_->Write(grpc::ByteBuffer(&slice, 1));
       offset += kFrameHeader + length;
+      if (unary_) {
+        if (unary_request_.has_value()) {
+          FailLocally(grpc::StatusCode::INTERNAL,
+                      "a unary method takes exactly one request message; this call sent more");
+          return false;
+        }
+        unary_request_.emplace(&slice, 1);
+        continue;
+      }
+      call_->Write(grpc::ByteBuffer(&slice, 1));
     }
     in_.erase(0, offset);
     return true;
   }
 
+  void StartUnary() {
+    if (!unary_request_.has_value()) {
+      FailLocally(grpc::StatusCode::INTERNAL,
+                  "a unary method takes exactly one request message; this call sent none");
+      return;
+    }
+    unary_call_ = UnaryUpstreamCall::Start(
+        stream_->loop(), std::move(unary_params_), std::move(*unary_request_),
+        [this](UnaryUpstreamCall::Result& result) {
+          OnUpstreamHeaders(result.initial_metadata);
+          if (result.status.ok() && stream_ != nullptr) SendMessage(result.response);
+          OnUpstreamFinished(result.status, result.trailing_metadata);
+        });
+    unary_request_.reset();
+  }
+
   void FailLocally(grpc::StatusCode code, const std::string& message) {
     finished_ = true;
     if (call_ != nullptr) call_->CancelAndDetach();
+    if (unary_call_ != nullptr) unary_call_->Cancel();
     grpc::Status status(code, message);
     Report(status);
     if (stream_ == nullptr) return;
@@ -293,13 +339,17 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
     reported_ = true;
     GrpcProxyResult result;
     result.status = status;
-    result.upstream_started = call_ != nullptr;
-    if (call_ != nullptr) result.upstream_time = absl::Now() - call_->started();
+    result.upstream_started = call_ != nullptr || unary_call_ != nullptr;
+    if (result.upstream_started) result.upstream_time = absl::Now() - CallStarted();
     on_done_(result);
   }
 
   ServerStream* stream_;
   const GrpcWireMode mode_;
+  const bool unary_;
+  UpstreamCallParams unary_params_;
+  std::optional<grpc::ByteBuffer> unary_request_;
+  std::shared_ptr<UnaryUpstreamCall> unary_call_;
   const GrpcProxyOptions options_;
   const HeaderList extra_headers_;
   std::function<void(const GrpcProxyResult&)> on_done_;
@@ -316,10 +366,11 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
 }  // namespace
 
 std::unique_ptr<StreamHandler> NewGrpcProxyHandler(
-    ServerStream& stream, GrpcWireMode mode, UpstreamCallParams params, GrpcProxyOptions options,
-    HeaderList extra_response_headers, std::function<void(const GrpcProxyResult&)> on_done) {
+    ServerStream& stream, GrpcWireMode mode, bool unary, UpstreamCallParams params,
+    GrpcProxyOptions options, HeaderList extra_response_headers,
+    std::function<void(const GrpcProxyResult&)> on_done) {
   auto handler = std::make_unique<GrpcProxyHandler>(
-      stream, mode, options, std::move(extra_response_headers), std::move(on_done));
+      stream, mode, unary, options, std::move(extra_response_headers), std::move(on_done));
   handler->Begin(std::move(params));
   return handler;
 }

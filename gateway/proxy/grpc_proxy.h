@@ -37,9 +37,12 @@ struct GrpcProxyResult {
   absl::Duration upstream_time;
 };
 
+// `unary`: the method is known (from descriptors) to take and return one message, so the call
+// runs as one gRPC unary call once the request is complete (cheaper than a stream).
 std::unique_ptr<StreamHandler> NewGrpcProxyHandler(
-    ServerStream& stream, GrpcWireMode mode, UpstreamCallParams params, GrpcProxyOptions options,
-    HeaderList extra_response_headers, std::function<void(const GrpcProxyResult&)> on_done);
+    ServerStream& stream, GrpcWireMode mode, bool unary, UpstreamCallParams params,
+    GrpcProxyOptions options, HeaderList extra_response_headers,
+    std::function<void(const GrpcProxyResult&)> on_done);
 
 // A gRPC answer made by the gateway itself (no upstream): trailers-only for native gRPC, the
 // trailer frame for gRPC-Web.

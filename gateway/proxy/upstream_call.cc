@@ -192,6 +192,47 @@ void UpstreamCall::OnDone(const grpc::Status& status) {
   });
 }
 
+std::shared_ptr<UnaryUpstreamCall> UnaryUpstreamCall::Start(EventLoop& loop,
+                                                            UpstreamCallParams params,
+                                                            grpc::ByteBuffer request,
+                                                            std::function<void(Result&)> done) {
+  std::shared_ptr<UnaryUpstreamCall> call(new UnaryUpstreamCall(loop));
+  call->live_calls_ = params.live_calls;
+  if (call->live_calls_ != nullptr) call->live_calls_->fetch_add(1);
+  call->done_ = std::move(done);
+  call->request_ = std::move(request);
+  if (params.deadline != absl::InfiniteFuture()) {
+    call->context_.set_deadline(absl::ToChronoTime(params.deadline));
+  }
+  for (auto& [key, value] : params.metadata) call->context_.AddMetadata(key, value);
+  params.stub->UnaryCall(
+      &call->context_, params.method, grpc::StubOptions(), &call->request_, &call->response_,
+      [self = call](grpc::Status status) {
+        // gRPC's thread: the call is complete, so its metadata can be read here.
+        auto result = std::make_shared<Result>();
+        result->status = std::move(status);
+        result->initial_metadata = ToHeaderList(self->context_.GetServerInitialMetadata());
+        result->trailing_metadata = ToHeaderList(self->context_.GetServerTrailingMetadata());
+        if (result->status.ok()) result->response.Swap(&self->response_);
+        self->loop_.Post([self, result] {
+          if (!self->cancelled_ && self->done_ != nullptr) self->done_(*result);
+          self->done_ = nullptr;
+        });
+      });
+  return call;
+}
+
+UnaryUpstreamCall::~UnaryUpstreamCall() {
+  if (live_calls_ != nullptr) live_calls_->fetch_sub(1);
+}
+
+void UnaryUpstreamCall::Cancel() {
+  if (cancelled_) return;
+  cancelled_ = true;
+  done_ = nullptr;
+  context_.TryCancel();
+}
+
 std::string PercentEncodeGrpcMessage(absl::string_view message) {
   std::string out;
   out.reserve(message.size());

@@ -102,6 +102,37 @@ class UpstreamCall : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byte
   bool done_ = false;
 };
 
+// A unary call in one piece (the method is known to be unary from its descriptor): the request
+// is complete before the call starts and the whole answer comes back in one report, so a call
+// costs one hop from gRPC's threads to the loop instead of one per event. Loop thread only.
+class UnaryUpstreamCall : public std::enable_shared_from_this<UnaryUpstreamCall> {
+ public:
+  struct Result {
+    grpc::Status status;
+    HeaderList initial_metadata;
+    HeaderList trailing_metadata;
+    grpc::ByteBuffer response;
+  };
+  // `done` runs on the loop unless Cancel() came first.
+  static std::shared_ptr<UnaryUpstreamCall> Start(EventLoop& loop, UpstreamCallParams params,
+                                                  grpc::ByteBuffer request,
+                                                  std::function<void(Result&)> done);
+  ~UnaryUpstreamCall();
+  void Cancel();
+  absl::Time started() const { return started_; }
+
+ private:
+  explicit UnaryUpstreamCall(EventLoop& loop) : loop_(loop), started_(absl::Now()) {}
+  EventLoop& loop_;
+  grpc::ClientContext context_;
+  grpc::ByteBuffer request_;
+  grpc::ByteBuffer response_;
+  std::function<void(Result&)> done_;
+  const absl::Time started_;
+  bool cancelled_ = false;
+  std::atomic<int64_t>* live_calls_ = nullptr;
+};
+
 // Percent-encodes a grpc-message value as the gRPC HTTP/2 spec asks.
 std::string PercentEncodeGrpcMessage(absl::string_view message);
 // The reverse (invalid escapes are kept as they are).

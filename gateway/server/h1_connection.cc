@@ -326,7 +326,7 @@ class H1Connection final : public Connection {
     H1Stream* s = c->stream_.get();
     s->request_complete_ = true;
     // Whatever follows is the next request: it waits until this one has been answered.
-    // MUTATION http_parser_pause(parser, 1);
+    http_parser_pause(parser, 1);
     if (s->handler_ != nullptr && !s->reset_) s->handler_->OnRequestData({}, /*end_stream=*/true);
     return 0;
   }
@@ -412,7 +412,8 @@ class H1Connection final : public Connection {
         if (s->request_complete_ || s->reset_) return;
         limit = SIZE_MAX;
         if (s->handler_ != nullptr) {
-          // MUTATION
+          if (s->unconsumed_ >= window_) return;
+          limit = window_ - s->unconsumed_;
         }
       }
       evbuffer_iovec chunk;
@@ -528,7 +529,10 @@ class H1Connection final : public Connection {
       if (evbuffer_get_length(output()) == 0) Close();
       return;
     }
-
+    if (stream_ != nullptr && (!stream_->response_ended_ || stream_->reset_)) {
+      Close();
+      return;
+    }
     if (stream_ != nullptr) FinishStream(/*completed=*/true);
     BeginClosing();
   }

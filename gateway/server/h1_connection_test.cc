@@ -653,7 +653,9 @@ TEST_F(H1ConnectionTest, PipelinedRequestsAreServedOneAfterTheOtherInOrder) {
   EXPECT_THAT(log_.events(), ElementsAre("dispatch /hold/a", "end /hold/a"));
 
   OnLoop([&] {
-    ServerStream* s = Handler("/hold/a")->stream();
+    TestHandler* h = Handler("/hold/a");
+    ASSERT_NE(h, nullptr);
+    ServerStream* s = h->stream();
     s->SendHeaders(200, {{"content-length", "1"}}, false);
     s->SendData("a", true);
   });
@@ -802,7 +804,11 @@ TEST_F(H1ConnectionTest, RequestBodyBackpressure) {
   EXPECT_LE(log_.max_unconsumed(), kWindow);
 
   // Consuming lets the rest in.
-  OnLoop([&] { Handler("/sink")->ConsumeFromNowOn(); });
+  OnLoop([&] {
+    TestHandler* h = Handler("/sink");
+    ASSERT_NE(h, nullptr);
+    h->ConsumeFromNowOn();
+  });
   const std::string rest(kBody - sent, 'b');
   ASSERT_TRUE(client.Send(rest));
   std::optional<Response> r = client.Read();
@@ -1002,7 +1008,9 @@ TEST_F(H1ConnectionTest, AnswerBeforeTheBodyEndsClosesAfterTheResponse) {
   ASSERT_TRUE(client.Send("POST /hold/early HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nab"));
   ASSERT_TRUE(log_.AwaitEvent("dispatch /hold/early"));
   OnLoop([&] {
-    ServerStream* s = Handler("/hold/early")->stream();
+    TestHandler* h = Handler("/hold/early");
+    ASSERT_NE(h, nullptr);
+    ServerStream* s = h->stream();
     s->SendHeaders(413, {{"content-length", "4"}}, false);
     s->SendData("big\n", true);
   });
