@@ -184,6 +184,7 @@ class ListenerDispatcher final : public StreamDispatcher {
   struct Prepared {
     UpstreamCallParams params;
     HostStats* stats = nullptr;
+    ClusterStats* cluster_stats = nullptr;
     std::string request_id;
   };
 
@@ -251,11 +252,31 @@ class ListenerDispatcher final : public StreamDispatcher {
     p.stats = &host->stats();
     p.stats->rq_total.fetch_add(1, std::memory_order_relaxed);
     p.stats->rq_active.fetch_add(1, std::memory_order_relaxed);
+    p.cluster_stats = &route.cluster->stats();
+    p.cluster_stats->upstream_rq_total.fetch_add(1, std::memory_order_relaxed);
+    p.cluster_stats->upstream_rq_active.fetch_add(1, std::memory_order_relaxed);
     return p;
   }
 
-  static std::function<void(const GrpcProxyResult&)> CountResult(HostStats* stats) {
-    return [stats](const GrpcProxyResult& result) {
+  // Counts an ended call. The HTTP code is what Envoy would count for a gRPC upstream: 200 when
+  // the upstream answered (gRPC errors travel in trailers), 503/504 when it could not be reached
+  // or did not answer in time; a call the client abandoned first counts no code.
+  static std::function<void(const GrpcProxyResult&)> CountResult(const Prepared& p) {
+    return [stats = p.stats, cluster = p.cluster_stats](const GrpcProxyResult& result) {
+      cluster->upstream_rq_active.fetch_sub(1, std::memory_order_relaxed);
+      const grpc::StatusCode code = result.status.error_code();
+      if (result.upstream_started) {
+        int http = 0;
+        if (result.upstream_answered) {
+          http = 200;
+        } else if (code == grpc::StatusCode::DEADLINE_EXCEEDED) {
+          http = 504;
+          cluster->upstream_rq_timeout.fetch_add(1, std::memory_order_relaxed);
+        } else if (code == grpc::StatusCode::UNAVAILABLE) {
+          http = 503;
+        }
+        if (http != 0) cluster->RecordResponse(http, result.upstream_time);
+      }
       stats->rq_active.fetch_sub(1, std::memory_order_relaxed);
       if (result.status.ok()) {
         stats->rq_success.fetch_add(1, std::memory_order_relaxed);
@@ -313,7 +334,7 @@ class ListenerDispatcher final : public StreamDispatcher {
       unary = method != nullptr && !method->client_streaming() && !method->server_streaming();
     }
     return NewGrpcProxyHandler(stream, wire, unary, std::move(p->params), options_.proxy,
-                               {{"x-request-id", p->request_id}}, CountResult(p->stats));
+                               {{"x-request-id", p->request_id}}, CountResult(*p));
   }
 
   std::unique_ptr<StreamHandler> DispatchRest(ServerStream& stream) {
@@ -357,7 +378,7 @@ class ListenerDispatcher final : public StreamDispatcher {
     p->params.metadata.emplace_back("x-envoy-original-path", head.path);
     p->params.metadata.emplace_back("x-envoy-original-method", head.method);
     return NewRestHandler(stream, *rest_, *match, std::move(p->params), options_.proxy,
-                          {{"x-request-id", p->request_id}}, CountResult(p->stats));
+                          {{"x-request-id", p->request_id}}, CountResult(*p));
   }
 
   std::atomic<int64_t>& live_calls_;
@@ -461,5 +482,6 @@ std::vector<std::string> Gateway::listener_addresses() const {
 }
 
 const config::Bootstrap& Gateway::bootstrap() const { return impl_->bootstrap; }
+const ClusterManager& Gateway::clusters() const { return *impl_->clusters; }
 
 }  // namespace montage::gateway

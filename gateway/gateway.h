@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "gateway/config/bootstrap.h"
 #include "gateway/proxy/grpc_proxy.h"
+#include "gateway/proxy/upstream.h"
 
 namespace montage::gateway {
 
@@ -38,6 +39,7 @@ class Gateway {
   // The bound address ("host:port") of each listener, in bootstrap order.
   std::vector<std::string> listener_addresses() const;
   const config::Bootstrap& bootstrap() const;
+  const ClusterManager& clusters() const;
 
  private:
   class Impl;

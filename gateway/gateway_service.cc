@@ -3,8 +3,10 @@
 #include <unistd.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 #include "common/server/not_built.h"
+#include "gateway/admin_pages.h"
 #include "gateway/config/bootstrap.h"
 #include "gateway/gateway.h"
 #include "montage/gateway/v1/batch.grpc.pb.h"
@@ -31,8 +33,11 @@ class BatchServiceStub final : public v1::BatchService::CallbackService {
 class GatewayModule final : public ServiceModule {
  public:
   GatewayModule(const montage::config::v1::GatewayConfig& config,
-                std::optional<config::Bootstrap> bootstrap)
-      : config_(config), bootstrap_(std::move(bootstrap)) {}
+                std::optional<config::Bootstrap> bootstrap, AdminServer& admin)
+      : config_(config), bootstrap_(std::move(bootstrap)) {
+    RegisterAdminPages(
+        admin, [this] { return Current(); }, [] { return std::string("LIVE"); });
+  }
 
   std::vector<grpc::Service*> GrpcServices() override { return {&batch_}; }
   std::vector<std::string> HealthNames() const override {
@@ -56,20 +61,61 @@ class GatewayModule final : public ServiceModule {
       return absl::Status(gateway.status().code(),
                           absl::StrCat("gateway: ", gateway.status().message()));
     }
-    gateway_ = *std::move(gateway);
-    const std::vector<std::string> addresses = gateway_->listener_addresses();
+    std::shared_ptr<Gateway> running = *std::move(gateway);
+    {
+      absl::MutexLock lock(&mu_);
+      gateway_ = running;
+    }
+    const std::vector<std::string> addresses = running->listener_addresses();
     for (size_t i = 0; i < addresses.size(); ++i) {
       endpoints.emplace_back(i == 0 ? "gateway" : absl::StrCat("gateway_", i), addresses[i]);
       LogInfo("gateway listening",
               {{"listener", gateway_->bootstrap().listeners[i].name}, {"address", addresses[i]}});
     }
+    // Envoy's admin.address: the gateway's pages on a port of their own too.
+    if (running->bootstrap().admin.has_value()) {
+      const config::SocketAddress& a = running->bootstrap().admin->address;
+      const bool v6 = a.address.find(':') != std::string::npos;
+      absl::StatusOr<std::unique_ptr<AdminServer>> admin =
+          AdminServer::Start(v6 ? absl::StrCat("[", a.address, "]:", a.port_value)
+                                : absl::StrCat(a.address, ":", a.port_value));
+      if (!admin.ok()) {
+        return absl::Status(admin.status().code(),
+                            absl::StrCat("gateway admin: ", admin.status().message()));
+      }
+      envoy_admin_ = *std::move(admin);
+      RegisterAdminPages(
+          *envoy_admin_, [this] { return Current(); }, [] { return std::string("LIVE"); });
+      envoy_admin_->Handle("/ready", [this](const AdminRequest&) {
+        return Current() != nullptr ? AdminResponse{200, "text/plain", "LIVE\n"}
+                                    : AdminResponse{503, "text/plain", "DRAINING\n"};
+      });
+      endpoints.emplace_back("gateway_admin", envoy_admin_->address());
+    }
     return absl::OkStatus();
   }
 
-  void OnDraining() override { gateway_.reset(); }
-  void Stop() override { gateway_.reset(); }
+  // New calls stop at once; the listeners close before the gRPC server drains.
+  void OnDraining() override { Release(); }
+  void Stop() override {
+    Release();
+    if (envoy_admin_ != nullptr) envoy_admin_->Stop();
+  }
 
  private:
+  std::shared_ptr<const Gateway> Current() {
+    absl::MutexLock lock(&mu_);
+    return gateway_;
+  }
+  void Release() {
+    std::shared_ptr<Gateway> gateway;
+    {
+      absl::MutexLock lock(&mu_);
+      gateway.swap(gateway_);
+    }
+    gateway.reset();  // joins the gateway's threads (an admin page may hold it a moment longer)
+  }
+
   // REST/JSON for the embedded default: the configured descriptor set, else the one this build
   // wrote (or installed), when it exists.
   std::string DescriptorSet() const {
@@ -84,7 +130,9 @@ class GatewayModule final : public ServiceModule {
   const montage::config::v1::GatewayConfig config_;
   const std::optional<config::Bootstrap> bootstrap_;
   BatchServiceStub batch_;
-  std::unique_ptr<Gateway> gateway_;
+  absl::Mutex mu_;
+  std::shared_ptr<Gateway> gateway_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<AdminServer> envoy_admin_;
 };
 
 }  // namespace
@@ -98,7 +146,7 @@ absl::StatusOr<std::unique_ptr<ServiceModule>> NewGatewayModule(ServiceContext& 
     if (!loaded.ok()) return loaded.status();
     bootstrap = *std::move(loaded);
   }
-  return std::make_unique<GatewayModule>(config, std::move(bootstrap));
+  return std::make_unique<GatewayModule>(config, std::move(bootstrap), context.admin);
 }
 
 }  // namespace montage::gateway

@@ -156,6 +156,7 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
 
   // UpstreamCallObserver
   void OnUpstreamHeaders(const HeaderList& metadata) override {
+    upstream_answered_ = true;
     if (stream_ == nullptr || headers_sent_) return;
     headers_sent_ = true;
     HeaderList headers;
@@ -339,6 +340,7 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
     reported_ = true;
     GrpcProxyResult result;
     result.status = status;
+    result.upstream_answered = upstream_answered_;
     result.upstream_started = call_ != nullptr || unary_call_ != nullptr;
     if (result.upstream_started) result.upstream_time = absl::Now() - CallStarted();
     on_done_(result);
@@ -361,6 +363,7 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
   bool waiting_for_drain_ = false;
   bool finished_ = false;
   bool reported_ = false;
+  bool upstream_answered_ = false;
 };
 
 }  // namespace

@@ -34,6 +34,8 @@ struct GrpcProxyOptions {
 struct GrpcProxyResult {
   grpc::Status status;
   bool upstream_started = false;
+  // The upstream answered (sent response headers or a status of its own).
+  bool upstream_answered = false;
   absl::Duration upstream_time;
 };
 

@@ -85,7 +85,10 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
   }
 
   // UpstreamCallObserver
-  void OnUpstreamHeaders(const HeaderList& metadata) override { upstream_headers_ = metadata; }
+  void OnUpstreamHeaders(const HeaderList& metadata) override {
+    upstream_answered_ = true;
+    upstream_headers_ = metadata;
+  }
 
   void OnUpstreamMessage(const grpc::ByteBuffer& message) override {
     if (stream_ == nullptr || finished_) return;
@@ -292,6 +295,7 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
     reported_ = true;
     GrpcProxyResult result;
     result.status = status;
+    result.upstream_answered = upstream_answered_;
     result.upstream_started = call_ != nullptr;
     if (call_ != nullptr) result.upstream_time = absl::Now() - call_->started();
     on_done_(result);
@@ -319,6 +323,7 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
   bool waiting_for_drain_ = false;
   bool finished_ = false;
   bool reported_ = false;
+  bool upstream_answered_ = false;
 };
 
 }  // namespace

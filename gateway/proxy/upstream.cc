@@ -57,6 +57,35 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Create(const config::Cluster& 
   return cluster;
 }
 
+void ClusterStats::RecordResponse(int http_code, absl::Duration time) {
+  upstream_rq_completed.fetch_add(1, std::memory_order_relaxed);
+  if (http_code >= 100 && http_code < 600) {
+    by_code[http_code - 100].fetch_add(1, std::memory_order_relaxed);
+  }
+  const double ms = absl::ToDoubleMilliseconds(time);
+  size_t bucket = 0;
+  while (bucket < kBuckets && ms > kTimeBucketsMs[bucket]) ++bucket;
+  time_buckets[bucket].fetch_add(1, std::memory_order_relaxed);
+  time_count.fetch_add(1, std::memory_order_relaxed);
+  time_sum_us.fetch_add(
+      static_cast<uint64_t>(std::max<int64_t>(0, absl::ToInt64Microseconds(time))),
+      std::memory_order_relaxed);
+}
+
+int64_t UpstreamHost::ActiveConnections() const {
+  int64_t n = 0;
+  for (const auto& channel : channels_) {
+    if (channel->GetState(/*try_to_connect=*/false) == GRPC_CHANNEL_READY) ++n;
+  }
+  return n;
+}
+
+int64_t Cluster::ActiveConnections() const {
+  int64_t n = 0;
+  for (const auto& host : hosts_) n += host->ActiveConnections();
+  return n;
+}
+
 UpstreamHost* Cluster::PickHost() {
   if (hosts_.empty()) return nullptr;
   if (hosts_.size() == 1) return hosts_[0].get();
@@ -76,6 +105,7 @@ absl::StatusOr<std::unique_ptr<ClusterManager>> ClusterManager::Create(
   for (const config::Cluster& c : clusters) {
     absl::StatusOr<std::unique_ptr<Cluster>> cluster = Cluster::Create(c, connections_per_host);
     if (!cluster.ok()) return cluster.status();
+    manager->ordered_.push_back(cluster->get());
     manager->clusters_[c.name] = *std::move(cluster);
   }
   return manager;

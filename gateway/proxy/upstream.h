@@ -16,6 +16,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "gateway/config/bootstrap.h"
 #include "grpcpp/channel.h"
 #include "grpcpp/generic/generic_stub.h"
@@ -31,6 +32,33 @@ struct HostStats {
   std::atomic<int64_t> rq_active{0};
 };
 
+// Per-cluster counters under Envoy's names (cluster.<name>.upstream_rq_total, ...). Thread-safe.
+struct ClusterStats {
+  // upstream_rq_time buckets, in milliseconds (as Envoy's default histogram buckets).
+  static constexpr double kTimeBucketsMs[] = {0.5,   1,      5,      10,      25,     50,    100,
+                                              250,   500,    1000,   2500,    5000,   10000, 30000,
+                                              60000, 300000, 600000, 1800000, 3600000};
+  static constexpr size_t kBuckets = sizeof(kTimeBucketsMs) / sizeof(kTimeBucketsMs[0]);
+
+  std::atomic<uint64_t> upstream_rq_total{0};
+  std::atomic<int64_t> upstream_rq_active{0};
+  std::atomic<uint64_t> upstream_rq_completed{0};
+  std::atomic<uint64_t> upstream_rq_timeout{0};
+  std::atomic<uint64_t> upstream_rq_per_try_timeout{0};
+  std::atomic<uint64_t> upstream_rq_retry{0};
+  std::atomic<uint64_t> upstream_rq_retry_success{0};
+  std::atomic<uint64_t> upstream_rq_retry_overflow{0};
+  std::atomic<uint64_t> upstream_rq_pending_overflow{0};
+  std::atomic<uint64_t> upstream_cx_connect_fail{0};
+  // By HTTP status 100..599 (index code - 100).
+  std::atomic<uint64_t> by_code[500] = {};
+  std::atomic<uint64_t> time_buckets[kBuckets + 1] = {};  // the last is +Inf
+  std::atomic<uint64_t> time_count{0};
+  std::atomic<uint64_t> time_sum_us{0};
+
+  void RecordResponse(int http_code, absl::Duration time);
+};
+
 // One endpoint. Thread-safe.
 class UpstreamHost {
  public:
@@ -41,6 +69,8 @@ class UpstreamHost {
   // A stub for the caller's worker loop (each loop has its own connection to the host).
   grpc::GenericStub& stub(size_t worker) { return *stubs_[worker % stubs_.size()]; }
   HostStats& stats() { return stats_; }
+  // Channels to this host whose connection is up.
+  int64_t ActiveConnections() const;
 
  private:
   std::string address_;
@@ -57,6 +87,9 @@ class Cluster {
                                                          size_t connections_per_host);
   const std::string& name() const { return config_.name; }
   const config::Cluster& config() const { return config_; }
+  ClusterStats& stats() { return stats_; }
+  // Upstream connections that are up now (channels in READY), across hosts.
+  int64_t ActiveConnections() const;
   // The next host by the cluster's policy; nullptr when the cluster has none.
   UpstreamHost* PickHost();
   const std::vector<std::unique_ptr<UpstreamHost>>& hosts() const { return hosts_; }
@@ -66,6 +99,7 @@ class Cluster {
   config::Cluster config_;
   std::vector<std::unique_ptr<UpstreamHost>> hosts_;
   std::atomic<uint64_t> next_{0};
+  ClusterStats stats_;
 };
 
 class ClusterManager {
@@ -73,9 +107,12 @@ class ClusterManager {
   static absl::StatusOr<std::unique_ptr<ClusterManager>> Create(
       const std::vector<config::Cluster>& clusters, size_t connections_per_host);
   Cluster* Find(absl::string_view name) const;
+  // In bootstrap order.
+  const std::vector<Cluster*>& clusters() const { return ordered_; }
 
  private:
   absl::flat_hash_map<std::string, std::unique_ptr<Cluster>> clusters_;
+  std::vector<Cluster*> ordered_;
 };
 
 }  // namespace montage::gateway

@@ -621,5 +621,46 @@ TEST_F(GatewayTest, RestClientDisconnectCancelsTheBackendCall) {
   EXPECT_TRUE(Eventually([&] { return backend_->in_flight() == 0; }));
 }
 
+TEST_F(GatewayTest, AdminPagesUseEnvoysNames) {
+  for (int i = 0; i < 3; ++i) {
+    grpc::ClientContext ctx;
+    WithDeadline(ctx);
+    EchoRequest req;
+    EchoResponse resp;
+    ASSERT_TRUE(stub_->Unary(&ctx, req, &resp).ok());
+  }
+  auto [status, stats] =
+      HttpGet(gateway_->admin_address(), "/stats?filter=cluster.echo.upstream_rq");
+  ASSERT_EQ(status, 200);
+  EXPECT_THAT(stats, HasSubstr("cluster.echo.upstream_rq_total: 3\n"));
+  EXPECT_THAT(stats, HasSubstr("cluster.echo.upstream_rq_200: 3\n"));
+  EXPECT_THAT(stats, HasSubstr("cluster.echo.upstream_rq_2xx: 3\n"));
+  EXPECT_THAT(stats, ::testing::Not(HasSubstr("membership")));  // the filter applies
+
+  auto [jstatus, json] = HttpGet(gateway_->admin_address(), "/stats?format=json");
+  ASSERT_EQ(jstatus, 200);
+  EXPECT_THAT(json, HasSubstr(R"("name": "cluster.echo.upstream_rq_total")"));
+
+  auto [pstatus, prom] = HttpGet(gateway_->admin_address(), "/stats/prometheus");
+  ASSERT_EQ(pstatus, 200);
+  EXPECT_THAT(prom, HasSubstr(R"(envoy_cluster_upstream_rq_total{envoy_cluster_name="echo"} 3)"));
+  EXPECT_THAT(
+      prom,
+      HasSubstr(
+          R"(envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="echo"} 3)"));
+  EXPECT_THAT(prom,
+              HasSubstr(R"(envoy_cluster_upstream_rq_time_count{envoy_cluster_name="echo"} 3)"));
+
+  auto [cstatus, clusters] = HttpGet(gateway_->admin_address(), "/clusters");
+  ASSERT_EQ(cstatus, 200);
+  EXPECT_THAT(clusters, HasSubstr(absl::StrCat("echo::", backend_->address(), "::rq_total::3\n")));
+  EXPECT_THAT(clusters,
+              HasSubstr(absl::StrCat("echo::", backend_->address(), "::rq_success::3\n")));
+  EXPECT_THAT(clusters, HasSubstr("::health_flags::healthy"));
+
+  auto [bad, text] = HttpGet(gateway_->admin_address(), "/stats?filter=(");
+  EXPECT_EQ(bad, 400);
+}
+
 }  // namespace
 }  // namespace montage::testing
