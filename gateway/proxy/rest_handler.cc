@@ -52,6 +52,7 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
 
   ~RestHandler() override {
     if (call_ != nullptr) call_->CancelAndDetach();
+    if (unary_call_ != nullptr) unary_call_->Cancel();
   }
 
   // StreamHandler
@@ -80,6 +81,7 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
     if (!finished_) {
       finished_ = true;
       if (call_ != nullptr) call_->CancelAndDetach();
+      if (unary_call_ != nullptr) unary_call_->Cancel();
       Report(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
     }
   }
@@ -216,10 +218,35 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
     }
     body_.clear();
     body_.shrink_to_fit();
-    call_ = UpstreamCall::Start(stream_->loop(), std::move(params_), this);
     grpc::Slice slice(message->data(), message->size());
+    if (!streaming_ && !binding_.method->client_streaming()) {
+      // One request, one answer: a unary gRPC call, reported back in one piece.
+      unary_call_ = UnaryUpstreamCall::Start(
+          stream_->loop(), std::move(params_), grpc::ByteBuffer(&slice, 1),
+          [this](UnaryUpstreamCall::Result& result) {
+            OnUpstreamHeaders(result.initial_metadata);
+            if (result.status.ok()) {
+              std::vector<grpc::Slice> slices;
+              (void)result.response.Dump(&slices);
+              unary_response_.clear();
+              for (const grpc::Slice& s : slices) {
+                unary_response_.append(reinterpret_cast<const char*>(s.begin()), s.size());
+              }
+              have_unary_response_ = true;
+            }
+            OnUpstreamFinished(result.status, result.trailing_metadata);
+          });
+      return;
+    }
+    call_ = UpstreamCall::Start(stream_->loop(), std::move(params_), this);
     call_->Write(grpc::ByteBuffer(&slice, 1));
     call_->WritesDone();
+  }
+
+  absl::Time CallStarted() const {
+    if (call_ != nullptr) return call_->started();
+    if (unary_call_ != nullptr) return unary_call_->started();
+    return absl::Now();
   }
 
   std::string StreamContentType() const {
@@ -236,10 +263,9 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
   HeaderList BaseHeaders(const std::string& content_type) {
     HeaderList headers;
     headers.emplace_back("content-type", content_type);
-    if (call_ != nullptr) {
-      headers.emplace_back(
-          "x-envoy-upstream-service-time",
-          std::to_string(absl::ToInt64Milliseconds(absl::Now() - call_->started())));
+    if (call_ != nullptr || unary_call_ != nullptr) {
+      headers.emplace_back("x-envoy-upstream-service-time",
+                           std::to_string(absl::ToInt64Milliseconds(absl::Now() - CallStarted())));
     }
     for (const auto& h : upstream_headers_) {
       if (h.first != "content-type" && h.first != "content-length") headers.push_back(h);
@@ -296,8 +322,8 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
     GrpcProxyResult result;
     result.status = status;
     result.upstream_answered = upstream_answered_;
-    result.upstream_started = call_ != nullptr;
-    if (call_ != nullptr) result.upstream_time = absl::Now() - call_->started();
+    result.upstream_started = call_ != nullptr || unary_call_ != nullptr;
+    if (result.upstream_started) result.upstream_time = absl::Now() - CallStarted();
     on_done_(result);
   }
 
@@ -310,6 +336,7 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
   const HeaderList extra_headers_;
   std::function<void(const GrpcProxyResult&)> on_done_;
   std::shared_ptr<UpstreamCall> call_;
+  std::shared_ptr<UnaryUpstreamCall> unary_call_;
   std::string body_;
   HeaderList upstream_headers_;
   bool streaming_ = false;
