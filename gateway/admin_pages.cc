@@ -31,7 +31,13 @@ std::map<std::string, int64_t> CollectStats(const Gateway& gateway) {
     out[p + "upstream_cx_connect_fail"] = s.upstream_cx_connect_fail.load();
     out[p + "upstream_cx_active"] = cluster->ActiveConnections();
     out[p + "membership_total"] = static_cast<int64_t>(cluster->hosts().size());
-    out[p + "membership_healthy"] = static_cast<int64_t>(cluster->hosts().size());
+    out[p + "membership_healthy"] = cluster->healthy_hosts();
+    out[p + "upstream_rq_overflow"] = s.upstream_rq_overflow.load();
+    out[p + "outlier_detection.ejections_enforced_total"] =
+        s.outlier_detection_ejections_enforced_total.load();
+    out[p + "health_check.attempt"] = s.health_check_attempt.load();
+    out[p + "health_check.success"] = s.health_check_success.load();
+    out[p + "health_check.failure"] = s.health_check_failure.load();
     int64_t by_class[6] = {0, 0, 0, 0, 0, 0};
     for (int code = 100; code < 600; ++code) {
       const int64_t n = s.by_code[code - 100].load();
@@ -82,7 +88,10 @@ std::string ClustersText(const Gateway& gateway) {
       absl::StrAppend(&out, p, "rq_success::", s.rq_success.load(), "\n");
       absl::StrAppend(&out, p, "rq_timeout::", s.rq_timeout.load(), "\n");
       absl::StrAppend(&out, p, "rq_total::", s.rq_total.load(), "\n");
-      absl::StrAppend(&out, p, "health_flags::healthy\n");
+      std::string flags;
+      if (host->failed_active_hc()) flags = "/failed_active_hc";
+      if (host->Ejected(absl::Now())) absl::StrAppend(&flags, "/failed_outlier_check");
+      absl::StrAppend(&out, p, "health_flags::", flags.empty() ? "healthy" : flags, "\n");
     }
   }
   return out;
@@ -175,7 +184,7 @@ std::string StatsPrometheus(const Gateway& gateway) {
   family("membership_healthy", "gauge");
   for (Cluster* cluster : clusters) {
     absl::StrAppend(&out, "envoy_cluster_membership_healthy{envoy_cluster_name=\"", cluster->name(),
-                    "\"} ", cluster->hosts().size(), "\n");
+                    "\"} ", cluster->healthy_hosts(), "\n");
   }
   family("membership_total", "gauge");
   for (Cluster* cluster : clusters) {

@@ -14,6 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "gateway/proxy/health_checker.h"
 #include "gateway/proxy/rest_handler.h"
 #include "gateway/proxy/router.h"
 #include "gateway/proxy/upstream.h"
@@ -185,6 +186,8 @@ class ListenerDispatcher final : public StreamDispatcher {
     UpstreamCallParams params;
     HostStats* stats = nullptr;
     ClusterStats* cluster_stats = nullptr;
+    Cluster* cluster = nullptr;
+    UpstreamHost* host = nullptr;
     std::string request_id;
   };
 
@@ -197,6 +200,13 @@ class ListenerDispatcher final : public StreamDispatcher {
     if (host == nullptr) {
       fail(grpc::StatusCode::UNAVAILABLE,
            absl::StrCat("no healthy upstream in cluster ", route.cluster->name()));
+      return std::nullopt;
+    }
+    if (!route.cluster->TryStartRequest()) {
+      fail(grpc::StatusCode::UNAVAILABLE,
+           absl::StrCat("cluster ", route.cluster->name(), " is at its max_requests limit (",
+                        route.cluster->config().circuit_breakers.max_requests,
+                        " active requests); try again later"));
       return std::nullopt;
     }
     // The deadline: the earlier of the route's timeout and the caller's.
@@ -253,6 +263,8 @@ class ListenerDispatcher final : public StreamDispatcher {
     p.stats->rq_total.fetch_add(1, std::memory_order_relaxed);
     p.stats->rq_active.fetch_add(1, std::memory_order_relaxed);
     p.cluster_stats = &route.cluster->stats();
+    p.cluster = route.cluster;
+    p.host = host;
     p.cluster_stats->upstream_rq_total.fetch_add(1, std::memory_order_relaxed);
     p.cluster_stats->upstream_rq_active.fetch_add(1, std::memory_order_relaxed);
     return p;
@@ -262,8 +274,10 @@ class ListenerDispatcher final : public StreamDispatcher {
   // the upstream answered (gRPC errors travel in trailers), 503/504 when it could not be reached
   // or did not answer in time; a call the client abandoned first counts no code.
   static std::function<void(const GrpcProxyResult&)> CountResult(const Prepared& p) {
-    return [stats = p.stats, cluster = p.cluster_stats](const GrpcProxyResult& result) {
+    return [stats = p.stats, cluster = p.cluster_stats, owner = p.cluster,
+            host = p.host](const GrpcProxyResult& result) {
       cluster->upstream_rq_active.fetch_sub(1, std::memory_order_relaxed);
+      owner->FinishRequest();
       const grpc::StatusCode code = result.status.error_code();
       if (result.upstream_started) {
         int http = 0;
@@ -274,8 +288,14 @@ class ListenerDispatcher final : public StreamDispatcher {
           cluster->upstream_rq_timeout.fetch_add(1, std::memory_order_relaxed);
         } else if (code == grpc::StatusCode::UNAVAILABLE) {
           http = 503;
+          cluster->upstream_cx_connect_fail.fetch_add(1, std::memory_order_relaxed);
         }
         if (http != 0) cluster->RecordResponse(http, result.upstream_time);
+        // Outlier detection sees gRPC statuses through Envoy's HTTP table; a call the client
+        // abandoned says nothing about the host.
+        if (code != grpc::StatusCode::CANCELLED) {
+          owner->RecordHostResult(*host, HttpStatusForGrpc(static_cast<int>(code)));
+        }
       }
       stats->rq_active.fetch_sub(1, std::memory_order_relaxed);
       if (result.status.ok()) {
@@ -397,6 +417,7 @@ class Gateway::Impl {
   std::vector<std::unique_ptr<EventLoop>> loops;
   absl::flat_hash_map<EventLoop*, size_t> worker_index;
   std::unique_ptr<ClusterManager> clusters;
+  std::unique_ptr<HealthChecker> health;
   std::vector<std::unique_ptr<ListenerDispatcher>> dispatchers;
   std::vector<std::unique_ptr<Listener>> listeners;
   std::atomic<int64_t> live_calls{0};
@@ -409,6 +430,7 @@ class Gateway::Impl {
     while (live_calls.load() > 0 && absl::Now() < limit) absl::SleepFor(absl::Milliseconds(5));
     dispatchers.clear();
     loops.clear();  // joins the loops; posted upstream completions are dropped
+    health.reset();
     clusters.reset();
   }
 };
@@ -435,6 +457,9 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
       ClusterManager::Create(impl->bootstrap.clusters, workers);
   if (!clusters.ok()) return clusters.status();
   impl->clusters = *std::move(clusters);
+  absl::StatusOr<std::unique_ptr<HealthChecker>> health = HealthChecker::Start(*impl->clusters);
+  if (!health.ok()) return health.status();
+  impl->health = *std::move(health);
   std::vector<EventLoop*> worker_ptrs;
   for (auto& loop : impl->loops) worker_ptrs.push_back(loop.get());
   for (const config::Listener& l : impl->bootstrap.listeners) {
@@ -468,7 +493,7 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
         v6 ? absl::StrCat("[", l.address.address, "]:", l.address.port_value)
            : absl::StrCat(l.address.address, ":", l.address.port_value);
     absl::StatusOr<std::unique_ptr<Listener>> listener =
-        Listener::Start(address, worker_ptrs, *impl->dispatchers.back(), codec);
+        Listener::Start(address, worker_ptrs, *impl->dispatchers.back(), codec, l.tls);
     if (!listener.ok()) return listener.status();
     impl->listeners.push_back(*std::move(listener));
   }

@@ -1,6 +1,8 @@
 #include "gateway/proxy/upstream.h"
 
+#include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/channel_arguments.h"
@@ -53,6 +55,8 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Create(const config::Cluster& 
     }
     cluster->hosts_.push_back(
         std::make_unique<UpstreamHost>(host_port, std::move(stubs), std::move(channels)));
+    // With active health checks a host takes traffic only once a check has passed (as in Envoy).
+    if (!config.health_checks.empty()) cluster->hosts_.back()->set_failed_active_hc(true);
   }
   return cluster;
 }
@@ -86,18 +90,101 @@ int64_t Cluster::ActiveConnections() const {
   return n;
 }
 
-UpstreamHost* Cluster::PickHost() {
+UpstreamHost* Cluster::PickHost(const UpstreamHost* avoid) {
   if (hosts_.empty()) return nullptr;
-  if (hosts_.size() == 1) return hosts_[0].get();
-  const uint64_t n = next_.fetch_add(1, std::memory_order_relaxed);
-  if (config_.lb_policy == config::Cluster::LbPolicy::kLeastRequest) {
-    // Power of two choices, as Envoy's LEAST_REQUEST does by default.
-    UpstreamHost* a = hosts_[n % hosts_.size()].get();
-    UpstreamHost* b = hosts_[(n * 7 + 3) % hosts_.size()].get();
-    return a->stats().rq_active.load() <= b->stats().rq_active.load() ? a : b;
+  const absl::Time now = absl::Now();
+  const size_t n = hosts_.size();
+  const uint64_t start = next_.fetch_add(1, std::memory_order_relaxed);
+  UpstreamHost* fallback = nullptr;
+  UpstreamHost* best = nullptr;
+  // Round robin over the available hosts; LEAST_REQUEST takes the less busy of two of them
+  // (Envoy's power of two choices).
+  for (size_t i = 0; i < n; ++i) {
+    UpstreamHost* h = hosts_[(start + i) % n].get();
+    if (!h->Available(now)) continue;
+    if (h == avoid) {
+      fallback = h;
+      continue;
+    }
+    if (best == nullptr) {
+      best = h;
+      if (config_.lb_policy != config::Cluster::LbPolicy::kLeastRequest) break;
+      continue;
+    }
+    if (h->stats().rq_active.load() < best->stats().rq_active.load()) best = h;
+    break;
   }
-  return hosts_[n % hosts_.size()].get();
+  return best != nullptr ? best : fallback;
 }
+
+int64_t Cluster::healthy_hosts() const {
+  const absl::Time now = absl::Now();
+  int64_t n = 0;
+  for (const auto& h : hosts_) n += h->Available(now) ? 1 : 0;
+  return n;
+}
+
+void Cluster::RecordHostResult(UpstreamHost& host, int http_status) {
+  if (!config_.outlier_detection.has_value()) return;
+  const config::OutlierDetection& od = *config_.outlier_detection;
+  if (http_status < 500) {
+    host.consecutive_5xx_.store(0, std::memory_order_relaxed);
+    return;
+  }
+  const uint32_t run = host.consecutive_5xx_.fetch_add(1) + 1;
+  if (run < od.consecutive_5xx || od.consecutive_5xx == 0) return;
+  host.consecutive_5xx_.store(0);
+  // Enforcing is a percentage: 100 always ejects, 0 never.
+  if (od.enforcing_consecutive_5xx == 0) return;
+  if (od.enforcing_consecutive_5xx < 100 &&
+      absl::Uniform<uint32_t>(absl::BitGen(), 0, 100) >= od.enforcing_consecutive_5xx) {
+    return;
+  }
+  const absl::Time now = absl::Now();
+  int64_t ejected = 0;
+  for (const auto& h : hosts_) ejected += h->Ejected(now) ? 1 : 0;
+  // max_ejection_percent, but at least one host may always be ejected (as in Envoy).
+  if (ejected > 0 && (ejected + 1) * 100 > static_cast<int64_t>(od.max_ejection_percent) *
+                                               static_cast<int64_t>(hosts_.size())) {
+    return;
+  }
+  const uint32_t times = host.ejections_.fetch_add(1) + 1;
+  absl::Duration length = std::min(od.base_ejection_time * times,
+                                   std::max(od.max_ejection_time, od.base_ejection_time));
+  host.ejected_until_ns_.store(absl::ToUnixNanos(now + length));
+  stats_.outlier_detection_ejections_enforced_total.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool Cluster::TryStartRequest() {
+  const int64_t limit = config_.circuit_breakers.max_requests;
+  if (active_requests_.fetch_add(1) + 1 > limit) {
+    active_requests_.fetch_sub(1);
+    stats_.upstream_rq_overflow.fetch_add(1, std::memory_order_relaxed);
+    stats_.upstream_rq_pending_overflow.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  return true;
+}
+
+void Cluster::FinishRequest() { active_requests_.fetch_sub(1); }
+
+bool Cluster::TryStartRetry() {
+  const auto& cb = config_.circuit_breakers;
+  int64_t limit = cb.max_retries;
+  if (cb.retry_budget.has_value()) {
+    limit = std::max<int64_t>(cb.retry_budget->min_retry_concurrency,
+                              static_cast<int64_t>(cb.retry_budget->budget_percent / 100.0 *
+                                                   static_cast<double>(active_requests_.load())));
+  }
+  if (active_retries_.fetch_add(1) + 1 > limit) {
+    active_retries_.fetch_sub(1);
+    stats_.upstream_rq_retry_overflow.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  return true;
+}
+
+void Cluster::FinishRetry() { active_retries_.fetch_sub(1); }
 
 absl::StatusOr<std::unique_ptr<ClusterManager>> ClusterManager::Create(
     const std::vector<config::Cluster>& clusters, size_t connections_per_host) {

@@ -50,6 +50,11 @@ struct ClusterStats {
   std::atomic<uint64_t> upstream_rq_retry_overflow{0};
   std::atomic<uint64_t> upstream_rq_pending_overflow{0};
   std::atomic<uint64_t> upstream_cx_connect_fail{0};
+  std::atomic<uint64_t> upstream_rq_overflow{0};  // montage: refused by max_requests
+  std::atomic<uint64_t> outlier_detection_ejections_enforced_total{0};
+  std::atomic<uint64_t> health_check_attempt{0};
+  std::atomic<uint64_t> health_check_success{0};
+  std::atomic<uint64_t> health_check_failure{0};
   // By HTTP status 100..599 (index code - 100).
   std::atomic<uint64_t> by_code[500] = {};
   std::atomic<uint64_t> time_buckets[kBuckets + 1] = {};  // the last is +Inf
@@ -72,11 +77,25 @@ class UpstreamHost {
   // Channels to this host whose connection is up.
   int64_t ActiveConnections() const;
 
+  // Health as Envoy's /clusters shows it: failed_active_hc (the active gRPC health check says
+  // no) and failed_outlier_check (ejected by outlier detection until a time).
+  bool failed_active_hc() const { return failed_active_hc_.load(std::memory_order_relaxed); }
+  void set_failed_active_hc(bool failed) { failed_active_hc_.store(failed); }
+  bool Ejected(absl::Time now) const {
+    return absl::FromUnixNanos(ejected_until_ns_.load(std::memory_order_relaxed)) > now;
+  }
+  bool Available(absl::Time now) const { return !failed_active_hc() && !Ejected(now); }
+
  private:
+  friend class Cluster;
   std::string address_;
   std::vector<std::unique_ptr<grpc::GenericStub>> stubs_;
   std::vector<std::shared_ptr<grpc::Channel>> channels_;
   HostStats stats_;
+  std::atomic<bool> failed_active_hc_{false};
+  std::atomic<int64_t> ejected_until_ns_{0};
+  std::atomic<uint32_t> consecutive_5xx_{0};
+  std::atomic<uint32_t> ejections_{0};
 };
 
 // Thread-safe.
@@ -90,8 +109,20 @@ class Cluster {
   ClusterStats& stats() { return stats_; }
   // Upstream connections that are up now (channels in READY), across hosts.
   int64_t ActiveConnections() const;
-  // The next host by the cluster's policy; nullptr when the cluster has none.
-  UpstreamHost* PickHost();
+  // The next available host (healthy and not ejected) by the cluster's policy, avoiding
+  // `avoid` when another is available (retries go elsewhere); nullptr when none is available.
+  UpstreamHost* PickHost(const UpstreamHost* avoid = nullptr);
+  // Outlier detection's input: the result of one call to `host` as an HTTP status (gRPC statuses
+  // mapped by Envoy's table; 503 for a host that could not be reached). May eject the host.
+  void RecordHostResult(UpstreamHost& host, int http_status);
+  // Circuit breaker on active requests (max_requests). False: the caller answers 503 overflow.
+  bool TryStartRequest();
+  void FinishRequest();
+  // Retries admitted now: the retry budget when configured (budget_percent of active requests,
+  // at least min_retry_concurrency), else max_retries concurrent retries.
+  bool TryStartRetry();
+  void FinishRetry();
+  int64_t healthy_hosts() const;
   const std::vector<std::unique_ptr<UpstreamHost>>& hosts() const { return hosts_; }
 
  private:
@@ -100,6 +131,8 @@ class Cluster {
   std::vector<std::unique_ptr<UpstreamHost>> hosts_;
   std::atomic<uint64_t> next_{0};
   ClusterStats stats_;
+  std::atomic<int64_t> active_requests_{0};
+  std::atomic<int64_t> active_retries_{0};
 };
 
 class ClusterManager {

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
@@ -368,6 +369,7 @@ EchoBackend::EchoBackend(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 absl::StatusOr<std::unique_ptr<EchoBackend>> EchoBackend::Start(int port) {
   auto impl = std::make_unique<Impl>();
+  grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   builder.AddListeningPort(absl::StrCat("127.0.0.1:", port), grpc::InsecureServerCredentials(),
                            &impl->port);
@@ -387,6 +389,10 @@ void EchoBackend::Shutdown() {
     impl_->server->Wait();
     impl_->server.reset();
   }
+}
+
+void EchoBackend::SetServing(bool serving) {
+  if (impl_->server != nullptr) impl_->server->GetHealthCheckService()->SetServingStatus(serving);
 }
 
 int EchoBackend::port() const { return impl_->port; }

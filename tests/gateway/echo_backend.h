@@ -27,6 +27,8 @@ class EchoBackend {
   int64_t in_flight() const;
   // Stops serving (in-flight calls are cancelled); Start() again on the same port to return.
   void Shutdown();
+  // What grpc.health.v1 answers for the whole server (SERVING at start).
+  void SetServing(bool serving);
 
   class Impl;
 

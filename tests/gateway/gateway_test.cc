@@ -662,5 +662,185 @@ TEST_F(GatewayTest, AdminPagesUseEnvoysNames) {
   EXPECT_EQ(bad, 400);
 }
 
+// Several backends behind one cluster with health checks, outlier detection or circuit breakers.
+std::string ClusterBootstrap(const std::vector<int>& ports, const std::string& cluster_extra) {
+  std::string endpoints;
+  for (int port : ports) {
+    absl::StrAppend(&endpoints, R"(
+        - endpoint:
+            address:
+              socket_address: { address: 127.0.0.1, port_value: )",
+                    port, " }");
+  }
+  return absl::StrCat(R"(static_resources:
+  listeners:
+  - name: edge
+    address:
+      socket_address: { address: 127.0.0.1, port_value: 0 }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: edge
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: echo, timeout: 30s }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: echo
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {}
+)",
+                      cluster_extra, R"(    load_assignment:
+      cluster_name: echo
+      endpoints:
+      - lb_endpoints:)",
+                      endpoints, "\n");
+}
+
+class GatewayUpstreamTest : public ::testing::Test {
+ protected:
+  void StartBackends(int n) {
+    for (int i = 0; i < n; ++i) {
+      auto b = EchoBackend::Start();
+      ASSERT_TRUE(b.ok()) << b.status();
+      backends_.push_back(*std::move(b));
+    }
+  }
+  void StartGateway(const std::string& cluster_extra) {
+    std::vector<int> ports;
+    for (auto& b : backends_) ports.push_back(b->port());
+    const std::string path = MakeTempDir() + "/envoy.yaml";
+    std::ofstream(path) << ClusterBootstrap(ports, cluster_extra);
+    auto gateway =
+        MontagedProcess::Start({"gateway", absl::StrCat("--set=gateway.envoy_bootstrap=", path)});
+    ASSERT_TRUE(gateway.ok()) << gateway.status();
+    gateway_ = *std::move(gateway);
+    stub_ = v1::EchoService::NewStub(
+        grpc::CreateChannel(gateway_->endpoint("gateway"), grpc::InsecureChannelCredentials()));
+  }
+  void TearDown() override {
+    stub_.reset();
+    if (gateway_ != nullptr) {
+      ProcessResult r = gateway_->Stop();
+      EXPECT_TRUE(r.exited && r.exit_code == 0) << "signal " << r.signal << "\n" << gateway_->log();
+    }
+  }
+  grpc::Status Call(EchoRequest req = {}) {
+    grpc::ClientContext ctx;
+    WithDeadline(ctx, absl::Seconds(10));
+    EchoResponse resp;
+    return stub_->Unary(&ctx, req, &resp);
+  }
+  std::string Clusters() { return HttpGet(gateway_->admin_address(), "/clusters").second; }
+  std::string HostLine(int i, const std::string& what) {
+    return absl::StrCat("echo::", backends_[i]->address(), "::", what);
+  }
+
+  std::vector<std::unique_ptr<EchoBackend>> backends_;
+  std::unique_ptr<MontagedProcess> gateway_;
+  std::unique_ptr<v1::EchoService::Stub> stub_;
+};
+
+TEST_F(GatewayUpstreamTest, FailingHealthChecksTakeAHostOutOfRotationAndBack) {
+  StartBackends(2);
+  StartGateway(R"(    health_checks:
+    - timeout: 1s
+      interval: 0.05s
+      no_traffic_interval: 0.05s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      grpc_health_check: {}
+)");
+  // Hosts take traffic once a first check passed.
+  ASSERT_TRUE(Eventually([&] {
+    const std::string c = Clusters();
+    return absl::StrContains(c, HostLine(0, "health_flags::healthy")) &&
+           absl::StrContains(c, HostLine(1, "health_flags::healthy"));
+  })) << Clusters();
+  backends_[0]->SetServing(false);
+  ASSERT_TRUE(Eventually([&] {
+    return absl::StrContains(Clusters(), HostLine(0, "health_flags::/failed_active_hc"));
+  })) << Clusters();
+  const int64_t calls0 = backends_[0]->calls();
+  const int64_t calls1 = backends_[1]->calls();
+  for (int i = 0; i < 20; ++i) ASSERT_TRUE(Call().ok());
+  EXPECT_EQ(backends_[0]->calls(), calls0);
+  EXPECT_EQ(backends_[1]->calls(), calls1 + 20);
+  backends_[0]->SetServing(true);
+  EXPECT_TRUE(Eventually([&] {
+    return absl::StrContains(Clusters(), HostLine(0, "health_flags::healthy"));
+  })) << Clusters();
+}
+
+TEST_F(GatewayUpstreamTest, ConsecutiveFailuresEjectAHostUntilItsTimeIsUp) {
+  StartBackends(2);
+  StartGateway(R"(    outlier_detection:
+      consecutive_5xx: 3
+      interval: 0.1s
+      base_ejection_time: 3s
+      max_ejection_percent: 50
+)");
+  const int port0 = backends_[0]->port();
+  backends_[0]->Shutdown();  // every call sent there now fails with UNAVAILABLE
+  int failures = 0;
+  for (int i = 0; i < 30; ++i) failures += Call().ok() ? 0 : 1;
+  // Round robin sends every other call to the dead host until the third failure ejects it.
+  EXPECT_EQ(failures, 3);
+  EXPECT_THAT(Clusters(), HasSubstr(HostLine(0, "health_flags::/failed_outlier_check")));
+  auto stats = HttpGet(gateway_->admin_address(), "/stats?filter=outlier").second;
+  EXPECT_THAT(stats, HasSubstr("cluster.echo.outlier_detection.ejections_enforced_total: 1\n"));
+  // The ejection ends by itself; the host is back (and serving again) afterwards.
+  auto back = EchoBackend::Start(port0);
+  ASSERT_TRUE(back.ok());
+  backends_[0] = *std::move(back);
+  EXPECT_TRUE(Eventually(
+      [&] { return absl::StrContains(Clusters(), HostLine(0, "health_flags::healthy")); },
+      absl::Seconds(20)))
+      << Clusters();
+  EXPECT_TRUE(Eventually([&] {
+    Call();
+    return backends_[0]->calls() > 0;
+  }));
+}
+
+TEST_F(GatewayUpstreamTest, MaxRequestsRefusesTheOverflowAtOnce) {
+  StartBackends(1);
+  StartGateway(R"(    circuit_breakers:
+      thresholds:
+      - priority: DEFAULT
+        max_requests: 2
+)");
+  std::vector<std::thread> slow;
+  for (int i = 0; i < 2; ++i) {
+    slow.emplace_back([&] {
+      EchoRequest req;
+      req.mutable_delay()->set_seconds(3);
+      EXPECT_TRUE(Call(req).ok());
+    });
+  }
+  ASSERT_TRUE(Eventually([&] { return backends_[0]->in_flight() == 2; }));
+  grpc::Status s = Call();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(s.error_message(), HasSubstr("max_requests"));
+  for (auto& t : slow) t.join();
+  auto stats = HttpGet(gateway_->admin_address(), "/stats?filter=overflow").second;
+  EXPECT_THAT(stats, HasSubstr("cluster.echo.upstream_rq_pending_overflow: 1\n"));
+  EXPECT_TRUE(Call().ok());  // the limit counts active requests only
+}
+
 }  // namespace
 }  // namespace montage::testing
