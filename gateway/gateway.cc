@@ -1,5 +1,6 @@
 #include "gateway/gateway.h"
 
+#include <arpa/inet.h>
 #include <signal.h>
 
 #include <atomic>
@@ -51,6 +52,23 @@ bool IsLegalMetadataValue(absl::string_view value) {
     if (c < 0x20 || c > 0x7e) return false;
   }
   return true;
+}
+
+// An IPv4 or IPv6 literal, or an IPv4 CIDR ("10.0.0.0/8"), against the peer.
+bool MatchesCaller(absl::string_view rule, absl::string_view ip) {
+  const size_t slash = rule.find('/');
+  if (slash == absl::string_view::npos) return rule == ip;
+  int bits = 0;
+  in_addr net{}, peer{};
+  if (!absl::SimpleAtoi(rule.substr(slash + 1), &bits) || bits < 0 || bits > 32) return false;
+  const std::string net_text(rule.substr(0, slash));
+  const std::string peer_text(ip);
+  if (inet_pton(AF_INET, net_text.c_str(), &net) != 1 ||
+      inet_pton(AF_INET, peer_text.c_str(), &peer) != 1) {
+    return false;
+  }
+  const uint32_t mask = bits == 0 ? 0 : htonl(~uint32_t{0} << (32 - bits));
+  return (net.s_addr & mask) == (peer.s_addr & mask);
 }
 
 std::string NewRequestId() {
@@ -196,6 +214,10 @@ class ListenerDispatcher final : public StreamDispatcher {
                                   std::optional<absl::Duration> caller_timeout,
                                   const std::function<void(grpc::StatusCode, std::string)>& fail) {
     const RequestHead& head = stream.head();
+    bool trusted = false;
+    for (const std::string& rule : options_.trusted_callers) {
+      trusted = trusted || MatchesCaller(rule, head.peer_ip);
+    }
     UpstreamHost* host = route.cluster->PickHost();
     if (host == nullptr) {
       fail(grpc::StatusCode::UNAVAILABLE,
@@ -209,10 +231,40 @@ class ListenerDispatcher final : public StreamDispatcher {
                         " active requests); try again later"));
       return std::nullopt;
     }
-    // The deadline: the earlier of the route's timeout and the caller's.
+    // The deadline: the earlier of the route's timeout and the caller's. A trusted caller may
+    // replace the route's timeout and retry policy with Envoy's x-envoy-* headers.
     absl::Time deadline = absl::InfiniteFuture();
     const absl::Time now = absl::Now();
-    const absl::Duration route_timeout = route.route->route.timeout;
+    absl::Duration route_timeout = route.route->route.timeout;
+    std::shared_ptr<const RetrySettings> retry = route.retry;
+    if (trusted) {
+      int64_t ms = 0;
+      if (const std::string* t = FindHeader(head.headers, "x-envoy-upstream-rq-timeout-ms");
+          t != nullptr && absl::SimpleAtoi(*t, &ms) && ms >= 0) {
+        route_timeout = absl::Milliseconds(ms);
+      }
+      const std::string* max_retries = FindHeader(head.headers, "x-envoy-max-retries");
+      const std::string* retry_on = FindHeader(head.headers, "x-envoy-retry-on");
+      const std::string* grpc_on = FindHeader(head.headers, "x-envoy-retry-grpc-on");
+      const std::string* per_try =
+          FindHeader(head.headers, "x-envoy-upstream-rq-per-try-timeout-ms");
+      if (max_retries != nullptr || retry_on != nullptr || grpc_on != nullptr ||
+          per_try != nullptr) {
+        auto custom = std::make_shared<RetrySettings>(*retry);
+        uint32_t n = 0;
+        if (max_retries != nullptr && absl::SimpleAtoi(*max_retries, &n)) {
+          custom->num_retries = n;
+        } else if ((retry_on != nullptr || grpc_on != nullptr) && custom->num_retries == 0) {
+          custom->num_retries = 1;  // Envoy's default when the header asks for retries
+        }
+        if (retry_on != nullptr) custom->AddConditions(*retry_on);
+        if (grpc_on != nullptr) custom->AddConditions(*grpc_on);
+        if (per_try != nullptr && absl::SimpleAtoi(*per_try, &ms) && ms > 0) {
+          custom->per_try_timeout = absl::Milliseconds(ms);
+        }
+        retry = std::move(custom);
+      }
+    }
     if (route_timeout > absl::ZeroDuration()) deadline = now + route_timeout;
     if (caller_timeout.has_value()) {
       absl::Duration caller = *caller_timeout;
@@ -229,12 +281,16 @@ class ListenerDispatcher final : public StreamDispatcher {
     params.method = std::string(grpc_path);
     params.deadline = deadline;
     params.live_calls = &live_calls_;
+    params.cluster = route.cluster;
+    params.host = host;
+    params.worker = worker == worker_index_.end() ? 0 : worker->second;
+    params.retry = std::move(retry);
     std::string forwarded_for;
     for (const auto& [name, value] : head.headers) {
       if (IsDroppedRequestHeader(name) || !IsLegalMetadataKey(name)) continue;
       if (!absl::EndsWith(name, "-bin") && !IsLegalMetadataValue(value)) continue;
       if (name == "x-request-id") {
-        p.request_id = value;
+        if (trusted) p.request_id = value;  // generated at the edge otherwise
         continue;
       }
       if (name == "x-forwarded-for") {
@@ -294,7 +350,8 @@ class ListenerDispatcher final : public StreamDispatcher {
         // Outlier detection sees gRPC statuses through Envoy's HTTP table; a call the client
         // abandoned says nothing about the host.
         if (code != grpc::StatusCode::CANCELLED) {
-          owner->RecordHostResult(*host, HttpStatusForGrpc(static_cast<int>(code)));
+          owner->RecordHostResult(result.host != nullptr ? *result.host : *host,
+                                  HttpStatusForGrpc(static_cast<int>(code)));
         }
       }
       stats->rq_active.fetch_sub(1, std::memory_order_relaxed);

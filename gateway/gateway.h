@@ -27,6 +27,9 @@ struct GatewayOptions {
   // them), and the body limit when the transcoder filter sets none.
   bool reject_unknown_fields = false;
   size_t max_request_body_bytes = 64 << 20;
+  // Callers (IP literals or IPv4 CIDRs) whose x-request-id and x-envoy-* headers are honoured;
+  // everyone else's x-envoy-* headers are stripped.
+  std::vector<std::string> trusted_callers;
 };
 
 class Gateway {

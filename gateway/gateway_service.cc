@@ -54,6 +54,8 @@ class GatewayModule final : public ServiceModule {
     options.worker_threads = config_.worker_threads();
     options.proxy.max_message_bytes = config_.max_request_message_bytes();
     options.reject_unknown_fields = config_.reject_unknown_fields();
+    options.trusted_callers.assign(config_.trusted_callers().begin(),
+                                   config_.trusted_callers().end());
     options.max_request_body_bytes = config_.max_request_message_bytes();
     absl::StatusOr<std::unique_ptr<Gateway>> gateway =
         Gateway::Start(std::move(bootstrap), options);

@@ -6,6 +6,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "gateway/proxy/unary_exchange.h"
 #include "grpcpp/support/slice.h"
 
 namespace montage::gateway {
@@ -305,9 +306,18 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
                   "a unary method takes exactly one request message; this call sent none");
       return;
     }
-    unary_call_ = UnaryUpstreamCall::Start(
-        stream_->loop(), std::move(unary_params_), std::move(*unary_request_),
-        [this](UnaryUpstreamCall::Result& result) {
+    Cluster* cluster = unary_params_.cluster;
+    UpstreamHost* host = unary_params_.host;
+    const size_t worker = unary_params_.worker;
+    RetrySettings retry = unary_params_.retry != nullptr ? *unary_params_.retry : RetrySettings();
+    unary_call_ = UnaryExchange::Start(
+        stream_->loop(), *cluster, host, worker, std::move(unary_params_),
+        std::move(*unary_request_), std::move(retry), [this](UnaryExchange::Outcome& outcome) {
+          last_host_ = outcome.host;
+          if (outcome.attempts > 1) {
+            extra_headers_.emplace_back("x-envoy-attempt-count", std::to_string(outcome.attempts));
+          }
+          UnaryUpstreamCall::Result& result = outcome.result;
           OnUpstreamHeaders(result.initial_metadata);
           if (result.status.ok() && stream_ != nullptr) SendMessage(result.response);
           OnUpstreamFinished(result.status, result.trailing_metadata);
@@ -341,6 +351,7 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
     GrpcProxyResult result;
     result.status = status;
     result.upstream_answered = upstream_answered_;
+    result.host = last_host_;
     result.upstream_started = call_ != nullptr || unary_call_ != nullptr;
     if (result.upstream_started) result.upstream_time = absl::Now() - CallStarted();
     on_done_(result);
@@ -351,9 +362,10 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
   const bool unary_;
   UpstreamCallParams unary_params_;
   std::optional<grpc::ByteBuffer> unary_request_;
-  std::shared_ptr<UnaryUpstreamCall> unary_call_;
+  std::shared_ptr<UnaryExchange> unary_call_;
+  UpstreamHost* last_host_ = nullptr;
   const GrpcProxyOptions options_;
-  const HeaderList extra_headers_;
+  HeaderList extra_headers_;
   std::function<void(const GrpcProxyResult&)> on_done_;
   std::shared_ptr<UpstreamCall> call_;
   std::string in_;

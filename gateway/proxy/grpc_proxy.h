@@ -36,6 +36,8 @@ struct GrpcProxyResult {
   bool upstream_started = false;
   // The upstream answered (sent response headers or a status of its own).
   bool upstream_answered = false;
+  // The host of the last attempt, when the call made attempts of its own (retries).
+  UpstreamHost* host = nullptr;
   absl::Duration upstream_time;
 };
 

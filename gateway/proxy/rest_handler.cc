@@ -6,6 +6,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "gateway/proxy/unary_exchange.h"
 #include "google/protobuf/descriptor.pb.h"
 #include "grpcpp/support/slice.h"
 
@@ -221,9 +222,19 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
     grpc::Slice slice(message->data(), message->size());
     if (!streaming_ && !binding_.method->client_streaming()) {
       // One request, one answer: a unary gRPC call, reported back in one piece.
-      unary_call_ = UnaryUpstreamCall::Start(
-          stream_->loop(), std::move(params_), grpc::ByteBuffer(&slice, 1),
-          [this](UnaryUpstreamCall::Result& result) {
+      Cluster* cluster = params_.cluster;
+      UpstreamHost* host = params_.host;
+      const size_t worker = params_.worker;
+      RetrySettings retry = params_.retry != nullptr ? *params_.retry : RetrySettings();
+      unary_call_ = UnaryExchange::Start(
+          stream_->loop(), *cluster, host, worker, std::move(params_), grpc::ByteBuffer(&slice, 1),
+          std::move(retry), [this](UnaryExchange::Outcome& outcome) {
+            last_host_ = outcome.host;
+            if (outcome.attempts > 1) {
+              extra_headers_.emplace_back("x-envoy-attempt-count",
+                                          std::to_string(outcome.attempts));
+            }
+            UnaryUpstreamCall::Result& result = outcome.result;
             OnUpstreamHeaders(result.initial_metadata);
             if (result.status.ok()) {
               std::vector<grpc::Slice> slices;
@@ -322,6 +333,7 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
     GrpcProxyResult result;
     result.status = status;
     result.upstream_answered = upstream_answered_;
+    result.host = last_host_;
     result.upstream_started = call_ != nullptr || unary_call_ != nullptr;
     if (result.upstream_started) result.upstream_time = absl::Now() - CallStarted();
     on_done_(result);
@@ -333,10 +345,11 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
   const std::vector<transcode::VariableBinding> variables_;
   UpstreamCallParams params_;
   const GrpcProxyOptions options_;
-  const HeaderList extra_headers_;
+  HeaderList extra_headers_;
   std::function<void(const GrpcProxyResult&)> on_done_;
   std::shared_ptr<UpstreamCall> call_;
-  std::shared_ptr<UnaryUpstreamCall> unary_call_;
+  std::shared_ptr<UnaryExchange> unary_call_;
+  UpstreamHost* last_host_ = nullptr;
   std::string body_;
   HeaderList upstream_headers_;
   bool streaming_ = false;

@@ -38,6 +38,8 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Create(const config::RouteConfig
       CompiledRoute compiled;
       compiled.entry.route = &route;
       compiled.entry.cluster = clusters.Find(route.route.cluster);
+      compiled.entry.retry = std::make_shared<const RetrySettings>(
+          RetrySettings::FromPolicy(route.route.retry_policy));
       if (compiled.entry.cluster == nullptr) {
         return absl::InvalidArgumentError(absl::StrCat("route '", route.name, "' names cluster '",
                                                        route.route.cluster,

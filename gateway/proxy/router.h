@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "gateway/config/bootstrap.h"
+#include "gateway/proxy/unary_exchange.h"
 #include "gateway/proxy/upstream.h"
 #include "gateway/server/http_stream.h"
 
@@ -21,6 +22,7 @@ namespace montage::gateway {
 struct RouteEntry {
   const config::Route* route = nullptr;
   Cluster* cluster = nullptr;
+  std::shared_ptr<const RetrySettings> retry;  // from the route's retry_policy
 };
 
 class Router {

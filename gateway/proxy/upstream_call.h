@@ -21,6 +21,10 @@
 
 namespace montage::gateway {
 
+class Cluster;
+class UpstreamHost;
+struct RetrySettings;
+
 // What the call reports, always on its loop thread.
 class UpstreamCallObserver {
  public:
@@ -42,6 +46,12 @@ struct UpstreamCallParams {
   HeaderList metadata;  // sent as is; "-bin" values must already be binary
   // Counts calls not yet destroyed (the gateway waits for zero before stopping its loops).
   std::atomic<int64_t>* live_calls = nullptr;
+  // For unary calls with the route's retries (UnaryExchange): the cluster, the first host, the
+  // worker loop's index and the retry policy. Null cluster: no retries.
+  Cluster* cluster = nullptr;
+  UpstreamHost* host = nullptr;
+  size_t worker = 0;
+  std::shared_ptr<const RetrySettings> retry;
 };
 
 // Shared by its loop-side owner and, until the call is done, by gRPC. Loop thread only, except

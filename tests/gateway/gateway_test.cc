@@ -691,6 +691,12 @@ std::string ClusterBootstrap(const std::vector<int>& ports, const std::string& c
               - match: { prefix: "/" }
                 route: { cluster: echo, timeout: 30s }
           http_filters:
+          - name: envoy.filters.http.grpc_json_transcoder
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
+              proto_descriptor: ")",
+                      ECHO_DESCRIPTORS, R"("
+              services: [montage.testing.v1.EchoService]
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -840,6 +846,59 @@ TEST_F(GatewayUpstreamTest, MaxRequestsRefusesTheOverflowAtOnce) {
   auto stats = HttpGet(gateway_->admin_address(), "/stats?filter=overflow").second;
   EXPECT_THAT(stats, HasSubstr("cluster.echo.upstream_rq_pending_overflow: 1\n"));
   EXPECT_TRUE(Call().ok());  // the limit counts active requests only
+}
+
+TEST_F(GatewayUpstreamTest, RetriesGoElsewhereWithinTheRouteTimeout) {
+  StartBackends(2);
+  // The route of ClusterBootstrap has no retry policy: route one in through the cluster extras
+  // is not possible, so this bootstrap is edited in place.
+  std::vector<int> ports = {backends_[0]->port(), backends_[1]->port()};
+  std::string yaml = ClusterBootstrap(ports, "");
+  const std::string route = "route: { cluster: echo, timeout: 30s }";
+  yaml.replace(yaml.find(route), route.size(),
+               "route: { cluster: echo, timeout: 30s, retry_policy: { retry_on: "
+               "\"unavailable,connect-failure\", num_retries: 2 } }");
+  const std::string path = MakeTempDir() + "/envoy.yaml";
+  std::ofstream(path) << yaml;
+  auto gateway =
+      MontagedProcess::Start({"gateway", absl::StrCat("--set=gateway.envoy_bootstrap=", path)});
+  ASSERT_TRUE(gateway.ok()) << gateway.status();
+  gateway_ = *std::move(gateway);
+  stub_ = v1::EchoService::NewStub(
+      grpc::CreateChannel(gateway_->endpoint("gateway"), grpc::InsecureChannelCredentials()));
+
+  backends_[0]->Shutdown();  // half the first attempts fail to connect
+  for (int i = 0; i < 10; ++i) {
+    grpc::Status s = Call();
+    EXPECT_TRUE(s.ok()) << s.error_message();
+  }
+  auto stats = HttpGet(gateway_->admin_address(), "/stats?filter=retry").second;
+  EXPECT_THAT(stats, ::testing::ContainsRegex("cluster.echo.upstream_rq_retry: [1-9]"));
+  EXPECT_THAT(stats, ::testing::ContainsRegex("cluster.echo.upstream_rq_retry_success: [1-9]"));
+
+  // A status the backends themselves keep answering is retried num_retries times, then stands.
+  const int port0 = backends_[0]->port();
+  auto back = EchoBackend::Start(port0);
+  ASSERT_TRUE(back.ok());
+  backends_[0] = *std::move(back);
+  ASSERT_TRUE(Eventually([&] {
+    Call();
+    return backends_[0]->calls() > 0;
+  }));
+  const int64_t before = backends_[0]->calls() + backends_[1]->calls();
+  grpc::ClientContext ctx;
+  WithDeadline(ctx);
+  EchoRequest req;
+  req.set_fail_code(grpc::StatusCode::UNAVAILABLE);
+  req.set_fail_message("busy");
+  EchoResponse resp;
+  grpc::Status s = stub_->Unary(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(backends_[0]->calls() + backends_[1]->calls() - before, 3);
+  const auto& initial = ctx.GetServerInitialMetadata();
+  auto attempts = initial.find("x-envoy-attempt-count");
+  ASSERT_NE(attempts, initial.end());
+  EXPECT_EQ(std::string(attempts->second.data(), attempts->second.size()), "3");
 }
 
 }  // namespace
