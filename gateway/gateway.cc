@@ -15,6 +15,8 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "common/telemetry/trace_context.h"
+#include "common/telemetry/tracer.h"
 #include "gateway/proxy/health_checker.h"
 #include "gateway/proxy/rest_handler.h"
 #include "gateway/proxy/router.h"
@@ -206,6 +208,7 @@ class ListenerDispatcher final : public StreamDispatcher {
     ClusterStats* cluster_stats = nullptr;
     Cluster* cluster = nullptr;
     UpstreamHost* host = nullptr;
+    std::shared_ptr<telemetry::Span> span;  // the downstream request's
     std::string request_id;
   };
 
@@ -321,6 +324,23 @@ class ListenerDispatcher final : public StreamDispatcher {
     p.cluster_stats = &route.cluster->stats();
     p.cluster = route.cluster;
     p.host = host;
+    // A span for the downstream request, child of the caller's trace when it sent one.
+    std::optional<telemetry::SpanContext> caller =
+        telemetry::Extract([&](absl::string_view name) -> std::optional<absl::string_view> {
+          const std::string* v = FindHeader(head.headers, name);
+          if (v == nullptr) return std::nullopt;
+          return absl::string_view(*v);
+        });
+    p.span = std::make_shared<telemetry::Span>(telemetry::GlobalTracer().StartSpan(
+        absl::StrCat("gateway ", head.method, " ", PathWithoutQuery(head.path)),
+        telemetry::SpanKind::kServer, caller));
+    p.span->SetAttribute("http.method", head.method);
+    p.span->SetAttribute("http.target", head.path);
+    p.span->SetAttribute("net.peer.ip", head.peer_ip);
+    p.span->SetAttribute("upstream.cluster", route.cluster->name());
+    p.span->SetAttribute("x_request_id", p.request_id);
+    if (p.span->context().IsValid()) params.trace_parent = p.span->context();
+    params.trace_name = absl::StrCat("upstream ", route.cluster->name(), " ", grpc_path);
     p.cluster_stats->upstream_rq_total.fetch_add(1, std::memory_order_relaxed);
     p.cluster_stats->upstream_rq_active.fetch_add(1, std::memory_order_relaxed);
     return p;
@@ -330,8 +350,16 @@ class ListenerDispatcher final : public StreamDispatcher {
   // the upstream answered (gRPC errors travel in trailers), 503/504 when it could not be reached
   // or did not answer in time; a call the client abandoned first counts no code.
   static std::function<void(const GrpcProxyResult&)> CountResult(const Prepared& p) {
-    return [stats = p.stats, cluster = p.cluster_stats, owner = p.cluster,
-            host = p.host](const GrpcProxyResult& result) {
+    return [stats = p.stats, cluster = p.cluster_stats, owner = p.cluster, host = p.host,
+            span = p.span](const GrpcProxyResult& result) {
+      if (span != nullptr && span->IsRecording()) {
+        span->SetAttribute("rpc.grpc.status_code",
+                           static_cast<int64_t>(result.status.error_code()));
+        if (!result.status.ok()) {
+          span->SetStatus(telemetry::SpanStatusCode::kError, result.status.error_message());
+        }
+        span->End();
+      }
       cluster->upstream_rq_active.fetch_sub(1, std::memory_order_relaxed);
       owner->FinishRequest();
       const grpc::StatusCode code = result.status.error_code();

@@ -4,6 +4,7 @@
 
 #include "absl/random/random.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 
@@ -96,6 +97,7 @@ void UnaryExchange::Attempt(UpstreamHost* host) {
   }
   if (attempts_ > 1) {
     params.metadata.emplace_back("x-envoy-attempt-count", std::to_string(attempts_));
+    params.trace_name = absl::StrCat(params.trace_name, " (attempt ", attempts_, ")");
   }
   if (attempts_ > 1) host->stats().rq_total.fetch_add(1, std::memory_order_relaxed);
   current_ = UnaryUpstreamCall::Start(

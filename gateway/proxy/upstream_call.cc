@@ -1,5 +1,6 @@
 #include "gateway/proxy/upstream_call.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "absl/strings/ascii.h"
@@ -41,6 +42,7 @@ std::shared_ptr<UpstreamCall> UpstreamCall::Start(EventLoop& loop, UpstreamCallP
   if (params.deadline != absl::InfiniteFuture()) {
     call->context_.set_deadline(absl::ToChronoTime(params.deadline));
   }
+  call->span_ = StartAttemptSpan(params, params.metadata);
   for (auto& [key, value] : params.metadata) call->context_.AddMetadata(key, value);
   params.stub->PrepareBidiStreamingCall(&call->context_, params.method, grpc::StubOptions(),
                                         call.get());
@@ -182,6 +184,7 @@ void UpstreamCall::OnWritesDoneDone(bool) {}
 void UpstreamCall::OnDone(const grpc::Status& status) {
   loop_.Post([self = shared_from_this(), status] {
     self->done_ = true;
+    EndAttemptSpan(self->span_, status);
     if (self->observer_ != nullptr) {
       UpstreamCallObserver* observer = self->observer_;
       self->observer_ = nullptr;
@@ -204,6 +207,7 @@ std::shared_ptr<UnaryUpstreamCall> UnaryUpstreamCall::Start(EventLoop& loop,
   if (params.deadline != absl::InfiniteFuture()) {
     call->context_.set_deadline(absl::ToChronoTime(params.deadline));
   }
+  call->span_ = StartAttemptSpan(params, params.metadata);
   for (auto& [key, value] : params.metadata) call->context_.AddMetadata(key, value);
   params.stub->UnaryCall(
       &call->context_, params.method, grpc::StubOptions(), &call->request_, &call->response_,
@@ -215,6 +219,7 @@ std::shared_ptr<UnaryUpstreamCall> UnaryUpstreamCall::Start(EventLoop& loop,
         result->trailing_metadata = ToHeaderList(self->context_.GetServerTrailingMetadata());
         if (result->status.ok()) result->response.Swap(&self->response_);
         self->loop_.Post([self, result] {
+          EndAttemptSpan(self->span_, result->status);
           if (!self->cancelled_ && self->done_ != nullptr) self->done_(*result);
           self->done_ = nullptr;
         });
@@ -231,6 +236,34 @@ void UnaryUpstreamCall::Cancel() {
   cancelled_ = true;
   done_ = nullptr;
   context_.TryCancel();
+}
+
+telemetry::Span StartAttemptSpan(const UpstreamCallParams& params, HeaderList& metadata) {
+  if (!params.trace_parent.has_value()) return telemetry::Span();
+  telemetry::Span span = telemetry::GlobalTracer().StartSpan(
+      params.trace_name, telemetry::SpanKind::kClient, params.trace_parent);
+  span.SetAttribute("rpc.method", params.method);
+  if (!span.context().IsValid()) return span;
+  // The caller's trace headers named the gateway's span as parent; upstream gets this one.
+  metadata.erase(std::remove_if(metadata.begin(), metadata.end(),
+                                [](const auto& h) {
+                                  return h.first == telemetry::kTraceparentHeader ||
+                                         h.first == telemetry::kTracestateHeader ||
+                                         h.first == telemetry::kB3Header ||
+                                         absl::StartsWith(h.first, "x-b3-");
+                                }),
+                 metadata.end());
+  telemetry::Inject(span.context(), [&](absl::string_view name, absl::string_view value) {
+    metadata.emplace_back(std::string(name), std::string(value));
+  });
+  return span;
+}
+
+void EndAttemptSpan(telemetry::Span& span, const grpc::Status& status) {
+  if (!span.IsRecording()) return;
+  span.SetAttribute("rpc.grpc.status_code", static_cast<int64_t>(status.error_code()));
+  if (!status.ok()) span.SetStatus(telemetry::SpanStatusCode::kError, status.error_message());
+  span.End();
 }
 
 std::string PercentEncodeGrpcMessage(absl::string_view message) {

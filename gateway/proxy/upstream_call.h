@@ -12,6 +12,8 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "common/telemetry/trace_context.h"
+#include "common/telemetry/tracer.h"
 #include "gateway/server/event_loop.h"
 #include "gateway/server/http_stream.h"
 #include "grpcpp/client_context.h"
@@ -52,7 +54,17 @@ struct UpstreamCallParams {
   UpstreamHost* host = nullptr;
   size_t worker = 0;
   std::shared_ptr<const RetrySettings> retry;
+  // The downstream request's span: each attempt records a client span under it and sends that
+  // span's context upstream (traceparent and B3), replacing what the caller sent.
+  std::optional<telemetry::SpanContext> trace_parent;
+  std::string trace_name;  // "upstream <cluster> <method>"
 };
+
+// Starts an attempt's client span under params.trace_parent (inert without one) and writes its
+// context into `metadata` in place of the caller's trace headers.
+telemetry::Span StartAttemptSpan(const UpstreamCallParams& params, HeaderList& metadata);
+// Ends it with the call's status.
+void EndAttemptSpan(telemetry::Span& span, const grpc::Status& status);
 
 // Shared by its loop-side owner and, until the call is done, by gRPC. Loop thread only, except
 // where noted.
@@ -109,6 +121,7 @@ class UpstreamCall : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byte
   bool metadata_done_ = false;                     // OnReadInitialMetadataDone reached the loop
   std::optional<grpc::ByteBuffer> early_message_;  // a message that overtook the headers
   std::atomic<int64_t>* live_calls_ = nullptr;
+  telemetry::Span span_;
   bool done_ = false;
 };
 
@@ -141,6 +154,7 @@ class UnaryUpstreamCall : public std::enable_shared_from_this<UnaryUpstreamCall>
   const absl::Time started_;
   bool cancelled_ = false;
   std::atomic<int64_t>* live_calls_ = nullptr;
+  telemetry::Span span_;
 };
 
 // Percent-encodes a grpc-message value as the gRPC HTTP/2 spec asks.

@@ -621,6 +621,31 @@ TEST_F(GatewayTest, RestClientDisconnectCancelsTheBackendCall) {
   EXPECT_TRUE(Eventually([&] { return backend_->in_flight() == 0; }));
 }
 
+TEST_F(GatewayTest, TracesHaveASpanPerRequestAndPerUpstreamAttempt) {
+  const std::string trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+  grpc::ClientContext ctx;
+  WithDeadline(ctx);
+  ctx.AddMetadata("traceparent", absl::StrCat("00-", trace, "-00f067aa0ba902b7-01"));
+  EchoRequest req;
+  EchoResponse resp;
+  ASSERT_TRUE(stub_->Unary(&ctx, req, &resp).ok());
+  // The backend saw the same trace, with the gateway's upstream span as parent.
+  std::string seen;
+  for (const auto& m : resp.metadata()) {
+    if (absl::StartsWith(m, "traceparent=")) seen = m;
+  }
+  EXPECT_THAT(seen, HasSubstr(absl::StrCat("-", trace, "-")));
+  EXPECT_THAT(seen, ::testing::Not(HasSubstr("00f067aa0ba902b7")));
+  std::string traces;
+  ASSERT_TRUE(Eventually([&] {
+    traces = HttpGet(gateway_->admin_address(), "/debug/traces").second;
+    return absl::StrContains(traces, "upstream echo /montage.testing.v1.EchoService/Unary");
+  })) << traces;
+  EXPECT_THAT(traces, HasSubstr(trace));
+  EXPECT_THAT(traces, HasSubstr("gateway POST /montage.testing.v1.EchoService/Unary"));
+  EXPECT_THAT(traces, HasSubstr("00f067aa0ba902b7"));  // the caller's span is the parent
+}
+
 TEST_F(GatewayTest, AdminPagesUseEnvoysNames) {
   for (int i = 0; i < 3; ++i) {
     grpc::ClientContext ctx;
