@@ -2,6 +2,7 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -11,6 +12,7 @@
 #include <cstring>
 
 #include "gateway/server/event_loop.h"
+#include "gateway/server/tls_context.h"
 
 namespace montage::gateway {
 namespace {
@@ -26,11 +28,12 @@ const std::string* FindHeader(const HeaderList& headers, absl::string_view name)
   return nullptr;
 }
 
-// Waits for enough of the first bytes to tell HTTP/2 prior knowledge from HTTP/1.1.
+// Waits for the TLS handshake, if any, and then for ALPN's answer or enough of the first bytes to
+// tell HTTP/2 prior knowledge from HTTP/1.1.
 class ConnectionSet::Sniffer {
  public:
-  Sniffer(ConnectionSet* owner, bufferevent* bev, std::string peer_ip)
-      : owner_(owner), bev_(bev), peer_ip_(std::move(peer_ip)) {}
+  Sniffer(ConnectionSet* owner, bufferevent* bev, std::string peer_ip, bool handshaking)
+      : owner_(owner), bev_(bev), peer_ip_(std::move(peer_ip)), handshaking_(handshaking) {}
   ~Sniffer() {
     if (bev_ != nullptr) bufferevent_free(bev_);
   }
@@ -38,7 +41,8 @@ class ConnectionSet::Sniffer {
   void Start() {
     bufferevent_setcb(
         bev_, [](bufferevent*, void* self) { static_cast<Sniffer*>(self)->OnRead(); }, nullptr,
-        [](bufferevent*, short, void* self) { static_cast<Sniffer*>(self)->OnEvent(); }, this);
+        [](bufferevent*, short what, void* self) { static_cast<Sniffer*>(self)->OnEvent(what); },
+        this);
     bufferevent_enable(bev_, EV_READ);
   }
 
@@ -60,15 +64,34 @@ class ConnectionSet::Sniffer {
     if (prefix_of_preface && have < kHttp2Preface.size()) return;  // wait for more
     owner_->Sniffed(this, prefix_of_preface);
   }
-  void OnEvent() { owner_->Sniffed(this, /*http2=*/false); }
+  void OnEvent(short what) {
+    if (!handshaking_) {
+      owner_->Sniffed(this, /*http2=*/false);
+      return;
+    }
+    if ((what & BEV_EVENT_CONNECTED) == 0) {
+      // The handshake failed (or the client left): there is no one to answer.
+      owner_->Drop(this);
+      return;
+    }
+    handshaking_ = false;
+    const absl::string_view protocol = NegotiatedAlpn(bufferevent_openssl_get_ssl(bev_));
+    if (protocol == kAlpnHttp2 || protocol == kAlpnHttp11) {
+      owner_->Sniffed(this, protocol == kAlpnHttp2);
+    } else if (evbuffer_get_length(bufferevent_get_input(bev_)) > 0) {
+      OnRead();  // no ALPN: the first bytes decide
+    }
+  }
 
   ConnectionSet* owner_;
   bufferevent* bev_;
   std::string peer_ip_;
+  bool handshaking_;
 };
 
-ConnectionSet::ConnectionSet(EventLoop& loop, StreamDispatcher& dispatcher, CodecOptions options)
-    : loop_(loop), dispatcher_(dispatcher), options_(options) {
+ConnectionSet::ConnectionSet(EventLoop& loop, StreamDispatcher& dispatcher, CodecOptions options,
+                             const TlsContext* tls)
+    : loop_(loop), dispatcher_(dispatcher), options_(options), tls_(tls) {
   reaper_ = event_new(
       loop_.base(), -1, 0,
       [](evutil_socket_t, short, void* self) { static_cast<ConnectionSet*>(self)->Reap(); }, this);
@@ -88,12 +111,31 @@ ConnectionSet::~ConnectionSet() {
 void ConnectionSet::Adopt(int fd, std::string peer_ip) {
   const int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  bufferevent* bev = bufferevent_socket_new(loop_.base(), fd, BEV_OPT_CLOSE_ON_FREE);
-  if (bev == nullptr) {
-    close(fd);
-    return;
+  bufferevent* bev = nullptr;
+  if (tls_ == nullptr) {
+    bev = bufferevent_socket_new(loop_.base(), fd, BEV_OPT_CLOSE_ON_FREE);
+    if (bev == nullptr) {
+      close(fd);
+      return;
+    }
+  } else {
+    SSL* ssl = tls_->NewSession();
+    if (ssl == nullptr) {
+      close(fd);
+      return;
+    }
+    // The bufferevent owns the session and the socket. Its callbacks are not deferred, so the
+    // codecs see the same calling pattern as over a socket bufferevent.
+    bev = bufferevent_openssl_socket_new(loop_.base(), fd, ssl, BUFFEREVENT_SSL_ACCEPTING,
+                                         BEV_OPT_CLOSE_ON_FREE);
+    // Out of memory. libevent may already have closed the socket and freed the session, so
+    // neither is touched again.
+    if (bev == nullptr) return;
+    // A client that closes TCP without close_notify has still ended its side, as in cleartext;
+    // requests carry their own framing, so nothing can be truncated unnoticed.
+    bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
   }
-  auto sniffer = std::make_unique<Sniffer>(this, bev, std::move(peer_ip));
+  auto sniffer = std::make_unique<Sniffer>(this, bev, std::move(peer_ip), tls_ != nullptr);
   Sniffer* raw = sniffer.get();
   sniffing_.emplace(raw, std::move(sniffer));
   raw->Start();
@@ -112,6 +154,8 @@ void ConnectionSet::Sniffed(Sniffer* sniffer, bool http2) {
   connections_.emplace(raw, std::move(connection));
   if (!raw->Start()) raw->Close();
 }
+
+void ConnectionSet::Drop(Sniffer* sniffer) { sniffing_.erase(sniffer); }
 
 void ConnectionSet::Remove(Connection* connection) {
   auto it = connections_.find(connection);

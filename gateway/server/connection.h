@@ -1,6 +1,8 @@
 // Downstream connections: the listener accepts on one loop and hands each connection to a worker
 // loop, where the first bytes decide the codec (the HTTP/2 client preface → nghttp2, anything
-// else → HTTP/1.1). Connections are owned by their loop's ConnectionSet.
+// else → HTTP/1.1). On a TLS listener the handshake comes first, and the protocol ALPN settled on
+// decides; without ALPN the first bytes do, as in cleartext. Connections are owned by their loop's
+// ConnectionSet.
 #ifndef MONTAGE_GATEWAY_SERVER_CONNECTION_H_
 #define MONTAGE_GATEWAY_SERVER_CONNECTION_H_
 
@@ -17,12 +19,15 @@ struct event;
 namespace montage::gateway {
 
 class EventLoop;
+class TlsContext;
 
 // Limits and settings every codec applies.
 struct CodecOptions {
   uint32_t max_concurrent_streams = 10000;   // HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
   uint32_t initial_stream_window = 1 << 20;  // HTTP/2 per-stream receive window
   size_t max_request_headers_bytes = 60 << 10;
+  // Set by the listener: its connections are TLS, so requests have the scheme "https".
+  bool tls = false;
 };
 
 class ConnectionSet;
@@ -40,9 +45,12 @@ class Connection {
 // The connections of one loop. Loop thread only (created and destroyed there).
 class ConnectionSet {
  public:
-  ConnectionSet(EventLoop& loop, StreamDispatcher& dispatcher, CodecOptions options);
+  // With `tls` (which must outlive the set), every connection starts with a TLS handshake.
+  ConnectionSet(EventLoop& loop, StreamDispatcher& dispatcher, CodecOptions options,
+                const TlsContext* tls = nullptr);
   ~ConnectionSet();
-  // Takes the accepted socket: sniffs the protocol and starts the matching codec.
+  // Takes the accepted socket: completes the TLS handshake if any, picks the protocol and starts
+  // the matching codec. A failed handshake just closes the socket.
   void Adopt(int fd, std::string peer_ip);
   // Called by a connection that has closed; it is deleted from the loop shortly after.
   void Remove(Connection* connection);
@@ -51,11 +59,13 @@ class ConnectionSet {
  private:
   class Sniffer;
   void Sniffed(Sniffer* sniffer, bool http2);
+  void Drop(Sniffer* sniffer);
   void Reap();
 
   EventLoop& loop_;
   StreamDispatcher& dispatcher_;
   const CodecOptions options_;
+  const TlsContext* const tls_;
   absl::flat_hash_map<Sniffer*, std::unique_ptr<Sniffer>> sniffing_;
   absl::flat_hash_map<Connection*, std::unique_ptr<Connection>> connections_;
   std::vector<std::unique_ptr<Connection>> dead_;

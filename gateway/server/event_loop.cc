@@ -36,7 +36,9 @@ EventLoop::~EventLoop() {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
-  if (base_ != nullptr) event_base_loopbreak(base_);
+  // The loop breaks itself when it sees the wake-up: a loopbreak from here could come before
+  // event_base_loop started, which clears it.
+  if (wakeup_ != nullptr) event_active(wakeup_, EV_TIMEOUT, 0);
   if (thread_.joinable()) thread_.join();
   std::vector<absl::AnyInvocable<void() &&>> dropped;
   {
@@ -64,6 +66,10 @@ void EventLoop::RunPosted() {
   std::vector<absl::AnyInvocable<void() &&>> batch;
   {
     absl::MutexLock lock(&mu_);
+    if (stopping_) {
+      event_base_loopbreak(base_);
+      return;
+    }
     batch.swap(posted_);
     wakeup_pending_ = false;
   }

@@ -15,8 +15,10 @@
 // loop, acts on it: retires a finished stream, dispatches the next request, closes.
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
 #include <http_parser.h>
+#include <openssl/ssl.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -267,7 +269,7 @@ class H1Connection final : public Connection {
     }
     RequestHead& head = s->head_;
     head.method = http_method_str(static_cast<http_method>(parser->method));
-    head.scheme = "http";
+    head.scheme = c->options_.tls ? "https" : "http";
     head.peer_ip = c->peer_ip_;
     head.http2 = false;
     s->http10_ = parser->http_major == 0 || (parser->http_major == 1 && parser->http_minor == 0);
@@ -479,13 +481,22 @@ class H1Connection final : public Connection {
 
   void Flushed() {
     if (eof_) {
+      SendCloseNotify();
       Close();
       return;
     }
     if (lingering_) return;
     lingering_ = true;
+    SendCloseNotify();
     shutdown(bufferevent_getfd(bev_), SHUT_WR);
     evtimer_add(linger_event_, &kLingerTimeout);
+  }
+
+  // Over TLS the end of the output is announced (close_notify), so that the client can tell a
+  // response that ended from one that was cut. Once only: a second SSL_shutdown would read.
+  void SendCloseNotify() {
+    SSL* ssl = bufferevent_openssl_get_ssl(bev_);
+    if (ssl != nullptr && (SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN) == 0) SSL_shutdown(ssl);
   }
 
   // --- bufferevent callbacks.
@@ -525,6 +536,9 @@ class H1Connection final : public Connection {
     // The client has closed its side. A response in progress is abandoned at once (its handler
     // cancels its work); one already out is flushed first.
     eof_ = true;
+    // libevent's TLS bufferevent stops writing when it reports the end of input; what is queued
+    // must still go out.
+    if (options_.tls) bufferevent_enable(bev_, EV_WRITE);
     if (closing_) {
       if (evbuffer_get_length(output()) == 0) Close();
       return;

@@ -313,7 +313,12 @@ class H2Connection final : public Connection {
     const bool end_stream = (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
     if (frame->hd.type == NGHTTP2_HEADERS && !s->dispatched_) {
       s->dispatched_ = true;
-      if (s->head_.scheme.empty()) s->head_.scheme = "http";
+      // Over TLS the transport decides, whatever :scheme the client sent.
+      if (c->options_.tls) {
+        s->head_.scheme = "https";
+      } else if (s->head_.scheme.empty()) {
+        s->head_.scheme = "http";
+      }
       s->handler_ = c->dispatcher_.Dispatch(*s);
       // The handler may have been dispatched and then the stream reset from inside Dispatch.
       s = c->Find(frame->hd.stream_id);

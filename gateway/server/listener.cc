@@ -48,13 +48,22 @@ std::string PeerIp(const sockaddr* addr) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Listener>> Listener::Start(const std::string& address,
-                                                          std::vector<EventLoop*> workers,
-                                                          StreamDispatcher& dispatcher,
-                                                          CodecOptions options) {
+absl::StatusOr<std::unique_ptr<Listener>> Listener::Start(
+    const std::string& address, std::vector<EventLoop*> workers, StreamDispatcher& dispatcher,
+    CodecOptions options, const std::optional<config::DownstreamTls>& tls) {
   if (workers.empty()) return absl::InvalidArgumentError("the gateway needs a worker loop");
   absl::StatusOr<std::pair<std::string, int>> hp = SplitAddress(address);
   if (!hp.ok()) return hp.status();
+  std::unique_ptr<TlsContext> tls_context;
+  if (tls.has_value()) {
+    absl::StatusOr<std::unique_ptr<TlsContext>> created = TlsContext::Create(*tls);
+    if (!created.ok()) {
+      return absl::Status(created.status().code(),
+                          absl::StrCat("listener ", address, ": ", created.status().message()));
+    }
+    tls_context = *std::move(created);
+  }
+  options.tls = tls_context != nullptr;
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -85,9 +94,11 @@ absl::StatusOr<std::unique_ptr<Listener>> Listener::Start(const std::string& add
                                         : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
 
   std::unique_ptr<Listener> listener(new Listener());
+  listener->tls_ = std::move(tls_context);
   listener->workers_ = std::move(workers);
   for (EventLoop* loop : listener->workers_) {
-    listener->sets_.push_back(std::make_unique<ConnectionSet>(*loop, dispatcher, options));
+    listener->sets_.push_back(
+        std::make_unique<ConnectionSet>(*loop, dispatcher, options, listener->tls_.get()));
   }
   absl::StatusOr<std::unique_ptr<EventLoop>> accept_loop = EventLoop::Start("gw-accept");
   if (!accept_loop.ok()) {
