@@ -311,6 +311,21 @@ absl::Status ValidateGateway(const Config& c) {
       gateway.max_request_message_bytes() > (1ull << 30)) {
     return absl::InvalidArgumentError("gateway.max_request_message_bytes: must be 1 B..1 GiB");
   }
+  if (gateway.batch_max_concurrency() == 0 || gateway.batch_max_items() == 0 ||
+      gateway.batch_max_items() > 100000) {
+    return absl::InvalidArgumentError(
+        "gateway.batch_max_concurrency and gateway.batch_max_items: must be positive "
+        "(batch_max_items at most 100000)");
+  }
+  for (int i = 0; i < gateway.reflection_size(); ++i) {
+    if (gateway.reflection(i).cluster().empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gateway.reflection[", i, "].cluster: name a cluster of the bootstrap"));
+    }
+  }
+  if (gateway.reflection_refresh_interval().seconds() < 1) {
+    return absl::InvalidArgumentError("gateway.reflection_refresh_interval: at least 1s");
+  }
   return absl::OkStatus();
 }
 
@@ -426,6 +441,9 @@ Config DefaultConfig() {
   gateway->set_listen("127.0.0.1:8080");
   gateway->set_worker_threads(2);
   gateway->set_max_request_message_bytes(64ull << 20);
+  gateway->mutable_reflection_refresh_interval()->set_seconds(60);
+  gateway->set_batch_max_concurrency(100);
+  gateway->set_batch_max_items(1000);
   // Speech runs anywhere by default: espeak-ng in process. Engines in the file add to it.
   auto* speech = c.mutable_speech();
   (*speech->mutable_engines())["espeak"].set_kind(v1::SpeechEngineConfig::ESPEAK);

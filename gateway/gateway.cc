@@ -1,9 +1,11 @@
 #include "gateway/gateway.h"
 
 #include <arpa/inet.h>
+#include <event2/event.h>
 #include <signal.h>
 
 #include <atomic>
+#include <future>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/random/random.h"
@@ -15,12 +17,14 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "common/logging.h"
 #include "common/telemetry/trace_context.h"
 #include "common/telemetry/tracer.h"
 #include "gateway/proxy/health_checker.h"
 #include "gateway/proxy/rest_handler.h"
 #include "gateway/proxy/router.h"
 #include "gateway/proxy/upstream.h"
+#include "gateway/reflection/reflection_client.h"
 #include "gateway/server/event_loop.h"
 #include "gateway/server/listener.h"
 
@@ -177,7 +181,7 @@ config::Bootstrap DefaultBootstrap(const std::string& listen, const std::string&
 class ListenerDispatcher final : public StreamDispatcher {
  public:
   ListenerDispatcher(const config::Listener& config, std::unique_ptr<Router> router,
-                     std::unique_ptr<RestSettings> rest,
+                     std::shared_ptr<const RestSettings> rest,
                      const absl::flat_hash_map<EventLoop*, size_t>& worker_index,
                      const GatewayOptions& options, std::atomic<int64_t>& live_calls)
       : live_calls_(live_calls),
@@ -434,8 +438,8 @@ class ListenerDispatcher final : public StreamDispatcher {
         });
     if (!p.has_value()) return nullptr;
     bool unary = false;
-    if (rest_ != nullptr) {
-      const google::protobuf::MethodDescriptor* method = rest_->table->FindMethod(path);
+    if (std::shared_ptr<const RestSettings> rest = Rest(); rest != nullptr) {
+      const google::protobuf::MethodDescriptor* method = rest->table->FindMethod(path);
       unary = method != nullptr && !method->client_streaming() && !method->server_streaming();
     }
     return NewGrpcProxyHandler(stream, wire, unary, std::move(p->params), options_.proxy,
@@ -445,13 +449,14 @@ class ListenerDispatcher final : public StreamDispatcher {
   std::unique_ptr<StreamHandler> DispatchRest(ServerStream& stream) {
     const RequestHead& head = stream.head();
     const absl::string_view path = PathWithoutQuery(head.path);
-    if (rest_ == nullptr) {
+    std::shared_ptr<const RestSettings> rest = Rest();
+    if (rest == nullptr) {
       SendLocalText(stream, 404,
                     absl::StrCat("no route for ", head.method, " ", path,
                                  " (this listener has no grpc_json_transcoder filter)\n"));
       return nullptr;
     }
-    std::optional<transcode::RouteMatch> match = rest_->table->Match(head.method, path);
+    std::optional<transcode::RouteMatch> match = rest->table->Match(head.method, path);
     if (!match.has_value()) {
       // Envoy answers a known path with the wrong method 404 too, not 405.
       SendLocalText(stream, 404, absl::StrCat("no REST method for ", head.method, " ", path, "\n"));
@@ -459,16 +464,16 @@ class ListenerDispatcher final : public StreamDispatcher {
     }
     if (const std::string* length = FindHeader(head.headers, "content-length")) {
       uint64_t n = 0;
-      if (absl::SimpleAtoi(*length, &n) && n > rest_->max_request_body_bytes) {
+      if (absl::SimpleAtoi(*length, &n) && n > rest->max_request_body_bytes) {
         SendLocalText(stream, 413,
                       absl::StrCat("request body of ", n, " bytes is over the gateway's limit of ",
-                                   rest_->max_request_body_bytes, " bytes\n"));
+                                   rest->max_request_body_bytes, " bytes\n"));
         return nullptr;
       }
     }
     const std::string& grpc_path = match->binding->grpc_path;
     // Envoy routes a transcoded request by its gRPC path unless told to keep the original.
-    const RouteEntry* route = rest_->match_incoming_request_route
+    const RouteEntry* route = rest->match_incoming_request_route
                                   ? router_->Match(head, path, /*grpc=*/false)
                                   : router_->Match(head, grpc_path, /*grpc=*/true);
     if (route == nullptr) {
@@ -482,18 +487,79 @@ class ListenerDispatcher final : public StreamDispatcher {
     if (!p.has_value()) return nullptr;
     p->params.metadata.emplace_back("x-envoy-original-path", head.path);
     p->params.metadata.emplace_back("x-envoy-original-method", head.method);
-    return NewRestHandler(stream, *rest_, *match, std::move(p->params), options_.proxy,
+    return NewRestHandler(stream, rest, *match, std::move(p->params), options_.proxy,
                           {{"x-request-id", p->request_id}}, CountResult(*p));
   }
 
   std::atomic<int64_t>& live_calls_;
   const config::Listener& config_;
   std::unique_ptr<Router> router_;
-  std::unique_ptr<RestSettings> rest_;
+  // Swapped when descriptors are refreshed from reflection; requests keep the one they began
+  // with.
+  std::shared_ptr<const RestSettings> Rest() const {
+    absl::MutexLock lock(&rest_mu_);
+    return rest_;
+  }
+
+ public:
+  void SetRest(std::shared_ptr<const RestSettings> rest) {
+    absl::MutexLock lock(&rest_mu_);
+    rest_ = std::move(rest);
+  }
+  const config::Listener& config() const { return config_; }
+
+ private:
+  mutable absl::Mutex rest_mu_;
+  std::shared_ptr<const RestSettings> rest_ ABSL_GUARDED_BY(rest_mu_);
   const absl::flat_hash_map<EventLoop*, size_t>& worker_index_;
   const GatewayOptions& options_;
   bool grpc_web_ = false;
 };
+
+// Fetches the reflection sources' descriptor sets; `done` runs once, on a gRPC thread, with the
+// sets that could be fetched (failures are logged and skipped: a backend that is down now is
+// asked again at the next refresh).
+void FetchReflectionSets(
+    const ClusterManager& clusters, const std::vector<GatewayOptions::ReflectionSource>& sources,
+    absl::Duration timeout,
+    std::function<void(std::vector<google::protobuf::FileDescriptorSet>)> done) {
+  struct State {
+    absl::Mutex mu;
+    std::vector<google::protobuf::FileDescriptorSet> sets;
+    size_t pending = 0;
+    std::function<void(std::vector<google::protobuf::FileDescriptorSet>)> done;
+  };
+  auto state = std::make_shared<State>();
+  state->done = std::move(done);
+  std::vector<std::pair<std::shared_ptr<grpc::Channel>, std::vector<std::string>>> targets;
+  for (const auto& source : sources) {
+    Cluster* cluster = clusters.Find(source.cluster);
+    if (cluster == nullptr || cluster->hosts().empty()) continue;
+    targets.emplace_back(cluster->hosts().front()->channel(0), source.services);
+  }
+  state->pending = targets.size();
+  if (targets.empty()) {
+    state->done({});
+    return;
+  }
+  for (auto& [channel, services] : targets) {
+    reflection::Fetch(channel, services, timeout,
+                      [state](absl::StatusOr<google::protobuf::FileDescriptorSet> set) {
+                        bool last = false;
+                        {
+                          absl::MutexLock lock(&state->mu);
+                          if (set.ok()) {
+                            state->sets.push_back(*std::move(set));
+                          } else {
+                            LogWarning("gateway: reflection fetch failed",
+                                       {{"error", std::string(set.status().message())}});
+                          }
+                          last = --state->pending == 0;
+                        }
+                        if (last) state->done(std::move(state->sets));
+                      });
+  }
+}
 
 class Gateway::Impl {
  public:
@@ -506,8 +572,68 @@ class Gateway::Impl {
   std::vector<std::unique_ptr<ListenerDispatcher>> dispatchers;
   std::vector<std::unique_ptr<Listener>> listeners;
   std::atomic<int64_t> live_calls{0};
+  // Reflection refresh: a loop with a timer; the fingerprint of the sets last applied.
+  std::unique_ptr<EventLoop> refresh_loop;
+  event* refresh_timer = nullptr;
+  std::string applied_fingerprint;
+  std::atomic<int64_t> refreshes_in_flight{0};
+
+  // Builds every transcoder filter's settings with `extra` and swaps them in. On a loop.
+  void ApplyReflection(std::vector<google::protobuf::FileDescriptorSet> extra) {
+    std::string fingerprint;
+    for (const auto& set : extra) fingerprint += set.SerializeAsString();
+    if (fingerprint == applied_fingerprint) return;
+    for (auto& d : dispatchers) {
+      for (const config::HttpFilter& f : d->config().http.http_filters) {
+        if (f.type != config::HttpFilter::Type::kGrpcJsonTranscoder) continue;
+        absl::StatusOr<std::unique_ptr<RestSettings>> loaded = RestSettings::Load(
+            f.transcoder, options.reject_unknown_fields, options.max_request_body_bytes, extra);
+        if (!loaded.ok()) {
+          LogWarning(
+              "gateway: refreshed descriptors rejected; keeping the previous ones",
+              {{"listener", d->config().name}, {"error", std::string(loaded.status().message())}});
+          return;
+        }
+        d->SetRest(std::shared_ptr<const RestSettings>(*std::move(loaded)));
+      }
+    }
+    applied_fingerprint = std::move(fingerprint);
+    LogInfo("gateway: descriptors from reflection applied",
+            {{"sets", static_cast<int64_t>(extra.size())}});
+  }
+
+  void ScheduleRefresh() {
+    const timeval tv = absl::ToTimeval(options.reflection_refresh);
+    evtimer_add(refresh_timer, &tv);
+  }
+
+  void Refresh() {
+    refreshes_in_flight.fetch_add(1);
+    FetchReflectionSets(*clusters, options.reflection, options.reflection_timeout,
+                        [this](std::vector<google::protobuf::FileDescriptorSet> sets) {
+                          refresh_loop->Post([this, sets = std::move(sets)]() mutable {
+                            ApplyReflection(std::move(sets));
+                            ScheduleRefresh();
+                          });
+                          refreshes_in_flight.fetch_sub(1);
+                        });
+  }
 
   ~Impl() {
+    if (refresh_loop != nullptr) {
+      std::promise<void> stopped;
+      refresh_loop->Post([this, &stopped] {
+        if (refresh_timer != nullptr) event_free(refresh_timer);
+        refresh_timer = nullptr;
+        stopped.set_value();
+      });
+      stopped.get_future().wait();
+      const absl::Time limit = absl::Now() + absl::Seconds(10);
+      while (refreshes_in_flight.load() > 0 && absl::Now() < limit) {
+        absl::SleepFor(absl::Milliseconds(5));
+      }
+      refresh_loop.reset();
+    }
     listeners.clear();  // closes connections on their loops; handlers cancel upstream calls
     // Cancelled calls still report to their loops (OnDone posts there): keep the loops running
     // until every call is gone, bounded in case an upstream never answers a cancel.
@@ -545,6 +671,24 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
   absl::StatusOr<std::unique_ptr<HealthChecker>> health = HealthChecker::Start(*impl->clusters);
   if (!health.ok()) return health.status();
   impl->health = *std::move(health);
+  // Descriptors from reflection, before the listeners open (bounded: a backend that is not up
+  // yet is asked again at the next refresh).
+  std::vector<google::protobuf::FileDescriptorSet> reflected;
+  if (!impl->options.reflection.empty()) {
+    for (const auto& source : impl->options.reflection) {
+      if (impl->clusters->Find(source.cluster) == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "gateway.reflection: cluster '", source.cluster, "' is not in the bootstrap"));
+      }
+    }
+    std::promise<std::vector<google::protobuf::FileDescriptorSet>> fetched;
+    FetchReflectionSets(*impl->clusters, impl->options.reflection, impl->options.reflection_timeout,
+                        [&fetched](std::vector<google::protobuf::FileDescriptorSet> sets) {
+                          fetched.set_value(std::move(sets));
+                        });
+    reflected = fetched.get_future().get();
+    for (const auto& set : reflected) impl->applied_fingerprint += set.SerializeAsString();
+  }
   std::vector<EventLoop*> worker_ptrs;
   for (auto& loop : impl->loops) worker_ptrs.push_back(loop.get());
   for (const config::Listener& l : impl->bootstrap.listeners) {
@@ -555,7 +699,7 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
     for (const config::HttpFilter& f : l.http.http_filters) {
       if (f.type != config::HttpFilter::Type::kGrpcJsonTranscoder) continue;
       absl::StatusOr<std::unique_ptr<RestSettings>> loaded = RestSettings::Load(
-          f.transcoder, options.reject_unknown_fields, options.max_request_body_bytes);
+          f.transcoder, options.reject_unknown_fields, options.max_request_body_bytes, reflected);
       if (!loaded.ok()) {
         return absl::Status(loaded.status().code(),
                             absl::StrCat("listener '", l.name, "': ", loaded.status().message()));
@@ -581,6 +725,21 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
         Listener::Start(address, worker_ptrs, *impl->dispatchers.back(), codec, l.tls);
     if (!listener.ok()) return listener.status();
     impl->listeners.push_back(*std::move(listener));
+  }
+  if (!impl->options.reflection.empty()) {
+    absl::StatusOr<std::unique_ptr<EventLoop>> loop = EventLoop::Start("gw-reflection");
+    if (!loop.ok()) return loop.status();
+    impl->refresh_loop = *std::move(loop);
+    Impl* raw = impl.get();
+    std::promise<void> armed;
+    impl->refresh_loop->Post([raw, &armed] {
+      raw->refresh_timer = evtimer_new(
+          raw->refresh_loop->base(),
+          [](evutil_socket_t, short, void* self) { static_cast<Impl*>(self)->Refresh(); }, raw);
+      raw->ScheduleRefresh();
+      armed.set_value();
+    });
+    armed.get_future().wait();
   }
   return std::unique_ptr<Gateway>(new Gateway(std::move(impl)));
 }

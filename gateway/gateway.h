@@ -30,6 +30,16 @@ struct GatewayOptions {
   // Callers (IP literals or IPv4 CIDRs) whose x-request-id and x-envoy-* headers are honoured;
   // everyone else's x-envoy-* headers are stripped.
   std::vector<std::string> trusted_callers;
+  // Descriptors also read from backends' server reflection (added to each transcoder filter's
+  // descriptor set) at start and then every `refresh_interval`, so a schema change needs no
+  // gateway rebuild or restart.
+  struct ReflectionSource {
+    std::string cluster;                // its first host is asked
+    std::vector<std::string> services;  // empty: every service it has
+  };
+  std::vector<ReflectionSource> reflection;
+  absl::Duration reflection_refresh = absl::Seconds(60);
+  absl::Duration reflection_timeout = absl::Seconds(5);
 };
 
 class Gateway {

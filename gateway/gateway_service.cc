@@ -2,31 +2,30 @@
 
 #include <unistd.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
-#include "common/server/not_built.h"
+#include "common/telemetry/grpc_interceptors.h"
 #include "gateway/admin_pages.h"
+#include "gateway/batch/batch_service.h"
 #include "gateway/config/bootstrap.h"
 #include "gateway/gateway.h"
+#include "gateway/proxy/rest_handler.h"
+#include "grpcpp/security/credentials.h"
+#include "grpcpp/support/channel_arguments.h"
 #include "montage/gateway/v1/batch.grpc.pb.h"
 
 namespace montage::gateway {
 namespace {
 
-constexpr absl::string_view kWhy = "fan-out (Batch, StreamBatch) is still to come in issue #3";
-
-class BatchServiceStub final : public v1::BatchService::CallbackService {
- public:
-  grpc::ServerUnaryReactor* Batch(grpc::CallbackServerContext* context, const v1::BatchRequest*,
-                                  v1::BatchResponse*) override {
-    return NotBuiltUnary(context, "montage.gateway.v1.BatchService/Batch", kWhy);
-  }
-  grpc::ServerWriteReactor<v1::BatchItemResult>* StreamBatch(grpc::CallbackServerContext*,
-                                                             const v1::BatchRequest*) override {
-    return NotBuiltStream<v1::BatchItemResult>("montage.gateway.v1.BatchService/StreamBatch", kWhy);
-  }
-};
+BatchOptions BatchOptionsFrom(const montage::config::v1::GatewayConfig& config) {
+  BatchOptions options;
+  options.default_max_concurrency = config.batch_max_concurrency();
+  options.max_concurrency = std::max(config.batch_max_concurrency(), uint32_t{1000});
+  options.max_items = config.batch_max_items();
+  return options;
+}
 
 // Owns the gateway. The listeners open once the process's gRPC server serves (the embedded
 // default routes to it), and close before the server drains.
@@ -34,7 +33,8 @@ class GatewayModule final : public ServiceModule {
  public:
   GatewayModule(const montage::config::v1::GatewayConfig& config,
                 std::optional<config::Bootstrap> bootstrap, AdminServer& admin)
-      : config_(config), bootstrap_(std::move(bootstrap)) {
+      : config_(config), bootstrap_(std::move(bootstrap)), batch_(BatchOptionsFrom(config)) {
+    // (batch_rest_ is set once the listeners are known, in OnServing.)
     RegisterAdminPages(
         admin, [this] { return Current(); }, [] { return std::string("LIVE"); });
   }
@@ -56,6 +56,28 @@ class GatewayModule final : public ServiceModule {
     options.reject_unknown_fields = config_.reject_unknown_fields();
     options.trusted_callers.assign(config_.trusted_callers().begin(),
                                    config_.trusted_callers().end());
+    for (const auto& source : config_.reflection()) {
+      options.reflection.push_back(
+          {source.cluster(), {source.services().begin(), source.services().end()}});
+    }
+    options.reflection_refresh = absl::Seconds(config_.reflection_refresh_interval().seconds()) +
+                                 absl::Nanoseconds(config_.reflection_refresh_interval().nanos());
+    // The batch service's items come back through the first listener with a transcoder; its
+    // settings are the module's own copy, alive as long as the service.
+    std::string batch_listener;
+    for (const config::Listener& l : bootstrap.listeners) {
+      for (const config::HttpFilter& f : l.http.http_filters) {
+        if (f.type != config::HttpFilter::Type::kGrpcJsonTranscoder || batch_rest_ != nullptr ||
+            l.tls.has_value()) {
+          continue;
+        }
+        absl::StatusOr<std::unique_ptr<RestSettings>> rest = RestSettings::Load(
+            f.transcoder, config_.reject_unknown_fields(), config_.max_request_message_bytes());
+        if (!rest.ok()) return rest.status();
+        batch_rest_ = *std::move(rest);
+        batch_listener = l.name;
+      }
+    }
     options.max_request_body_bytes = config_.max_request_message_bytes();
     absl::StatusOr<std::unique_ptr<Gateway>> gateway =
         Gateway::Start(std::move(bootstrap), options);
@@ -69,6 +91,19 @@ class GatewayModule final : public ServiceModule {
       gateway_ = running;
     }
     const std::vector<std::string> addresses = running->listener_addresses();
+    for (size_t i = 0; i < addresses.size() && batch_rest_ != nullptr; ++i) {
+      if (running->bootstrap().listeners[i].name != batch_listener) continue;
+      // A listener bound to every address is reached on loopback.
+      std::string target = addresses[i];
+      if (absl::StartsWith(target, "0.0.0.0:")) target = "127.0.0.1:" + target.substr(8);
+      if (absl::StartsWith(target, "[::]:")) target = "[::1]:" + target.substr(5);
+      grpc::ChannelArguments args;
+      args.SetMaxReceiveMessageSize(static_cast<int>(config_.max_request_message_bytes()));
+      batch_.SetTarget(
+          telemetry::CreateTracedChannel(target, grpc::InsecureChannelCredentials(), args),
+          BatchTranscoding{batch_rest_->table.get(), batch_rest_->transcoder.get(),
+                           batch_rest_->request, batch_rest_->print});
+    }
     for (size_t i = 0; i < addresses.size(); ++i) {
       endpoints.emplace_back(i == 0 ? "gateway" : absl::StrCat("gateway_", i), addresses[i]);
       LogInfo("gateway listening",
@@ -131,7 +166,8 @@ class GatewayModule final : public ServiceModule {
 
   const montage::config::v1::GatewayConfig config_;
   const std::optional<config::Bootstrap> bootstrap_;
-  BatchServiceStub batch_;
+  std::unique_ptr<RestSettings> batch_rest_;  // outlives every batch (destroyed after batch_)
+  BatchServiceImpl batch_;
   absl::Mutex mu_;
   std::shared_ptr<Gateway> gateway_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<AdminServer> envoy_admin_;

@@ -3,6 +3,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -22,12 +23,13 @@ absl::string_view QueryOf(absl::string_view path) {
 
 class RestHandler final : public StreamHandler, public UpstreamCallObserver {
  public:
-  RestHandler(ServerStream& stream, const RestSettings& settings,
+  RestHandler(ServerStream& stream, std::shared_ptr<const RestSettings> settings,
               const transcode::RouteMatch& match, UpstreamCallParams params,
               GrpcProxyOptions options, HeaderList extra_headers,
               std::function<void(const GrpcProxyResult&)> on_done)
       : stream_(&stream),
-        settings_(settings),
+        owned_settings_(std::move(settings)),
+        settings_(*owned_settings_),
         binding_(*match.binding),
         variables_(match.variables),
         params_(std::move(params)),
@@ -340,6 +342,8 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
   }
 
   ServerStream* stream_;
+  // Descriptors may be refreshed while a request runs: it keeps the set it started with.
+  std::shared_ptr<const RestSettings> owned_settings_;
   const RestSettings& settings_;
   const transcode::HttpBinding& binding_;
   const std::vector<transcode::VariableBinding> variables_;
@@ -421,7 +425,8 @@ void SendLocalText(ServerStream& stream, int status, absl::string_view text,
 
 absl::StatusOr<std::unique_ptr<RestSettings>> RestSettings::Load(
     const config::GrpcJsonTranscoder& filter, bool reject_unknown_fields,
-    size_t default_max_request_body_bytes) {
+    size_t default_max_request_body_bytes,
+    const std::vector<google::protobuf::FileDescriptorSet>& extra) {
   std::ifstream in(filter.proto_descriptor, std::ios::binary);
   if (!in) {
     return absl::NotFoundError(absl::StrCat("grpc_json_transcoder.proto_descriptor: cannot read '",
@@ -434,6 +439,15 @@ absl::StatusOr<std::unique_ptr<RestSettings>> RestSettings::Load(
     return absl::InvalidArgumentError(absl::StrCat("grpc_json_transcoder.proto_descriptor: '",
                                                    filter.proto_descriptor,
                                                    "' is not a FileDescriptorSet"));
+  }
+  {
+    absl::flat_hash_set<std::string> have;
+    for (const auto& file : set.file()) have.insert(file.name());
+    for (const google::protobuf::FileDescriptorSet& more : extra) {
+      for (const auto& file : more.file()) {
+        if (have.insert(file.name()).second) *set.add_file() = file;
+      }
+    }
   }
   auto settings = std::make_unique<RestSettings>();
   settings->pool = std::make_unique<google::protobuf::DescriptorPool>();
@@ -480,13 +494,15 @@ absl::StatusOr<std::unique_ptr<RestSettings>> RestSettings::Load(
   return settings;
 }
 
-std::unique_ptr<StreamHandler> NewRestHandler(ServerStream& stream, const RestSettings& settings,
+std::unique_ptr<StreamHandler> NewRestHandler(ServerStream& stream,
+                                              std::shared_ptr<const RestSettings> settings,
                                               const transcode::RouteMatch& match,
                                               UpstreamCallParams params, GrpcProxyOptions options,
                                               HeaderList extra_response_headers,
                                               std::function<void(const GrpcProxyResult&)> on_done) {
-  return std::make_unique<RestHandler>(stream, settings, match, std::move(params), options,
-                                       std::move(extra_response_headers), std::move(on_done));
+  return std::make_unique<RestHandler>(stream, std::move(settings), match, std::move(params),
+                                       options, std::move(extra_response_headers),
+                                       std::move(on_done));
 }
 
 }  // namespace montage::gateway

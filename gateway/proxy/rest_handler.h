@@ -19,6 +19,7 @@
 #include "gateway/server/http_stream.h"
 #include "gateway/transcode/transcoder.h"
 #include "google/protobuf/descriptor.h"
+#include "google/protobuf/descriptor.pb.h"
 
 namespace montage::gateway {
 
@@ -39,9 +40,12 @@ struct RestSettings {
 
   // Reads the descriptor set named by the filter config. `reject_unknown_fields` is montage's
   // option (JSON fields unknown to the message → 400).
+  // `extra` adds descriptor sets read from backends' reflection: their files join the file's
+  // (a file name already loaded keeps its first version).
   static absl::StatusOr<std::unique_ptr<RestSettings>> Load(
       const config::GrpcJsonTranscoder& filter, bool reject_unknown_fields,
-      size_t default_max_request_body_bytes);
+      size_t default_max_request_body_bytes,
+      const std::vector<google::protobuf::FileDescriptorSet>& extra = {});
 };
 
 // The HTTP status Envoy answers for a gRPC status code.
@@ -51,7 +55,8 @@ int HttpStatusForGrpc(int code);
 void SendLocalText(ServerStream& stream, int status, absl::string_view text,
                    HeaderList extra_headers = {});
 
-std::unique_ptr<StreamHandler> NewRestHandler(ServerStream& stream, const RestSettings& settings,
+std::unique_ptr<StreamHandler> NewRestHandler(ServerStream& stream,
+                                              std::shared_ptr<const RestSettings> settings,
                                               const transcode::RouteMatch& match,
                                               UpstreamCallParams params, GrpcProxyOptions options,
                                               HeaderList extra_response_headers,

@@ -73,6 +73,9 @@ class UpstreamHost {
   const std::string& address() const { return address_; }
   // A stub for the caller's worker loop (each loop has its own connection to the host).
   grpc::GenericStub& stub(size_t worker) { return *stubs_[worker % stubs_.size()]; }
+  std::shared_ptr<grpc::Channel> channel(size_t worker) const {
+    return channels_[worker % channels_.size()];
+  }
   HostStats& stats() { return stats_; }
   // Channels to this host whose connection is up.
   int64_t ActiveConnections() const;
