@@ -494,14 +494,14 @@ class ListenerDispatcher final : public StreamDispatcher {
   std::atomic<int64_t>& live_calls_;
   const config::Listener& config_;
   std::unique_ptr<Router> router_;
+
+ public:
   // Swapped when descriptors are refreshed from reflection; requests keep the one they began
   // with.
   std::shared_ptr<const RestSettings> Rest() const {
     absl::MutexLock lock(&rest_mu_);
     return rest_;
   }
-
- public:
   void SetRest(std::shared_ptr<const RestSettings> rest) {
     absl::MutexLock lock(&rest_mu_);
     rest_ = std::move(rest);
@@ -687,7 +687,15 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
                           fetched.set_value(std::move(sets));
                         });
     reflected = fetched.get_future().get();
-    for (const auto& set : reflected) impl->applied_fingerprint += set.SerializeAsString();
+    int64_t files = 0;
+    for (const auto& set : reflected) {
+      impl->applied_fingerprint += set.SerializeAsString();
+      files += set.file_size();
+    }
+    LogInfo("gateway: descriptors from reflection",
+            {{"sources", static_cast<int64_t>(impl->options.reflection.size())},
+             {"answered", static_cast<int64_t>(reflected.size())},
+             {"files", files}});
   }
   std::vector<EventLoop*> worker_ptrs;
   for (auto& loop : impl->loops) worker_ptrs.push_back(loop.get());
@@ -752,5 +760,8 @@ std::vector<std::string> Gateway::listener_addresses() const {
 
 const config::Bootstrap& Gateway::bootstrap() const { return impl_->bootstrap; }
 const ClusterManager& Gateway::clusters() const { return *impl_->clusters; }
+std::shared_ptr<const RestSettings> Gateway::rest_settings(size_t i) const {
+  return i < impl_->dispatchers.size() ? impl_->dispatchers[i]->Rest() : nullptr;
+}
 
 }  // namespace montage::gateway

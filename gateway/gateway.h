@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "gateway/config/bootstrap.h"
 #include "gateway/proxy/grpc_proxy.h"
+#include "gateway/proxy/rest_handler.h"
 #include "gateway/proxy/upstream.h"
 
 namespace montage::gateway {
@@ -53,6 +54,9 @@ class Gateway {
   std::vector<std::string> listener_addresses() const;
   const config::Bootstrap& bootstrap() const;
   const ClusterManager& clusters() const;
+  // The REST/JSON transcoding setup of listener `i` as it is now (null without a transcoder).
+  // Shared: it stays valid for its holder after a refresh replaces it.
+  std::shared_ptr<const RestSettings> rest_settings(size_t i) const;
 
  private:
   class Impl;

@@ -62,23 +62,6 @@ class GatewayModule final : public ServiceModule {
     }
     options.reflection_refresh = absl::Seconds(config_.reflection_refresh_interval().seconds()) +
                                  absl::Nanoseconds(config_.reflection_refresh_interval().nanos());
-    // The batch service's items come back through the first listener with a transcoder; its
-    // settings are the module's own copy, alive as long as the service.
-    std::string batch_listener;
-    for (const config::Listener& l : bootstrap.listeners) {
-      for (const config::HttpFilter& f : l.http.http_filters) {
-        if (f.type != config::HttpFilter::Type::kGrpcJsonTranscoder || batch_rest_ != nullptr ||
-            l.tls.has_value()) {
-          continue;
-        }
-        absl::StatusOr<std::unique_ptr<RestSettings>> rest = RestSettings::Load(
-            f.transcoder, config_.reject_unknown_fields(), config_.max_request_message_bytes());
-        if (!rest.ok()) return rest.status();
-        batch_rest_ = *std::move(rest);
-        batch_listener = l.name;
-      }
-    }
-    options.max_request_body_bytes = config_.max_request_message_bytes();
     absl::StatusOr<std::unique_ptr<Gateway>> gateway =
         Gateway::Start(std::move(bootstrap), options);
     if (!gateway.ok()) {
@@ -91,8 +74,12 @@ class GatewayModule final : public ServiceModule {
       gateway_ = running;
     }
     const std::vector<std::string> addresses = running->listener_addresses();
-    for (size_t i = 0; i < addresses.size() && batch_rest_ != nullptr; ++i) {
-      if (running->bootstrap().listeners[i].name != batch_listener) continue;
+    // The batch service's items come back through the first cleartext listener with a
+    // transcoder; the module keeps that listener's settings (shared) as long as the service.
+    for (size_t i = 0; i < addresses.size() && batch_rest_ == nullptr; ++i) {
+      if (running->bootstrap().listeners[i].tls.has_value()) continue;
+      batch_rest_ = running->rest_settings(i);
+      if (batch_rest_ == nullptr) continue;
       // A listener bound to every address is reached on loopback.
       std::string target = addresses[i];
       if (absl::StartsWith(target, "0.0.0.0:")) target = "127.0.0.1:" + target.substr(8);
@@ -166,7 +153,7 @@ class GatewayModule final : public ServiceModule {
 
   const montage::config::v1::GatewayConfig config_;
   const std::optional<config::Bootstrap> bootstrap_;
-  std::unique_ptr<RestSettings> batch_rest_;  // outlives every batch (destroyed after batch_)
+  std::shared_ptr<const RestSettings> batch_rest_;  // outlives every batch (destroyed after batch_)
   BatchServiceImpl batch_;
   absl::Mutex mu_;
   std::shared_ptr<Gateway> gateway_ ABSL_GUARDED_BY(mu_);

@@ -926,5 +926,62 @@ TEST_F(GatewayUpstreamTest, RetriesGoElsewhereWithinTheRouteTimeout) {
   EXPECT_EQ(std::string(attempts->second.data(), attempts->second.size()), "3");
 }
 
+// The embedded default (`montaged all`): REST for every montage service, and fan-out.
+TEST(GatewayEmbeddedTest, BatchFansOutThroughTheGatewayInRequestOrder) {
+  auto all = MontagedProcess::Start({"all"});
+  ASSERT_TRUE(all.ok()) << all.status();
+  const std::string gateway = (*all)->endpoint("gateway");
+  std::string items;
+  for (int i = 0; i < 20; ++i) {
+    absl::StrAppend(&items, i == 0 ? "" : ",", R"({"id":"set)", i,
+                    R"(","http":"PUT /v1/cache/namespaces/default/entries/k)", i,
+                    R"(","body":{"value":"aGk="}})");
+  }
+  absl::StrAppend(&items, R"(,{"id":"bad","method":"/no.Such/Method"})");
+  RestAnswer answer =
+      Rest(gateway, "POST", "/v1/batch", absl::StrCat(R"({"items":[)", items, R"(]})"));
+  ASSERT_EQ(answer.status, 200) << answer.body;
+  // Every item answered, in request order, the bad one with its own error.
+  size_t at = 0;
+  for (int i = 0; i < 20; ++i) {
+    const size_t found = answer.body.find(absl::StrCat(R"("id":"set)", i, R"(")"), at);
+    ASSERT_NE(found, std::string::npos) << i << ": " << answer.body;
+    at = found;
+  }
+  EXPECT_THAT(answer.body, HasSubstr(R"("id":"bad","status":{"code":3)"));
+  // The writes happened.
+  RestAnswer read = Rest(gateway, "GET", "/v1/cache/namespaces/default/entries/k7");
+  EXPECT_THAT(read.body, HasSubstr(R"("value":"aGk=")"));
+  (*all)->Stop();
+}
+
+// Descriptors read from a backend's reflection make its REST routes work with no descriptor
+// file naming them.
+TEST(GatewayReflectionTest, RestRoutesComeFromTheBackendsReflection) {
+  auto backend = MontagedProcess::Start({"cache"});
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const std::string address = (*backend)->grpc_address();
+  const int port = std::stoi(address.substr(address.rfind(':') + 1));
+  std::string yaml = ClusterBootstrap({port}, "");
+  const std::string filter = R"(proto_descriptor: ")";
+  ASSERT_NE(yaml.find(filter), std::string::npos);
+  const size_t services = yaml.find("services: [montage.testing.v1.EchoService]");
+  ASSERT_NE(services, std::string::npos);
+  yaml.replace(services, std::string("services: [montage.testing.v1.EchoService]").size(),
+               "services: [montage.testing.v1.EchoService, montage.cache.v1.CacheService]");
+  const std::string dir = MakeTempDir();
+  std::ofstream(dir + "/envoy.yaml") << yaml;
+  std::ofstream(dir + "/montage.yaml") << "gateway:\n  envoy_bootstrap: " << dir
+                                       << "/envoy.yaml\n  reflection:\n    - cluster: echo\n";
+  auto gateway =
+      MontagedProcess::Start({"gateway", absl::StrCat("--config=", dir, "/montage.yaml")});
+  ASSERT_TRUE(gateway.ok()) << gateway.status();
+  RestAnswer stats = Rest((*gateway)->endpoint("gateway"), "GET", "/v1/cache/stats");
+  EXPECT_EQ(stats.status, 200) << stats.body;
+  EXPECT_THAT(stats.body, HasSubstr("maxBytes"));
+  (*gateway)->Stop();
+  (*backend)->Stop();
+}
+
 }  // namespace
 }  // namespace montage::testing
