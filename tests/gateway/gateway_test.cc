@@ -751,13 +751,15 @@ class GatewayUpstreamTest : public ::testing::Test {
       backends_.push_back(*std::move(b));
     }
   }
-  void StartGateway(const std::string& cluster_extra) {
+  void StartGateway(const std::string& cluster_extra, std::vector<std::string> extra_args = {}) {
     std::vector<int> ports;
     for (auto& b : backends_) ports.push_back(b->port());
     const std::string path = MakeTempDir() + "/envoy.yaml";
     std::ofstream(path) << ClusterBootstrap(ports, cluster_extra);
-    auto gateway =
-        MontagedProcess::Start({"gateway", absl::StrCat("--set=gateway.envoy_bootstrap=", path)});
+    std::vector<std::string> args = {"gateway",
+                                     absl::StrCat("--set=gateway.envoy_bootstrap=", path)};
+    for (auto& a : extra_args) args.push_back(std::move(a));
+    auto gateway = MontagedProcess::Start(args);
     ASSERT_TRUE(gateway.ok()) << gateway.status();
     gateway_ = *std::move(gateway);
     stub_ = v1::EchoService::NewStub(
@@ -924,6 +926,37 @@ TEST_F(GatewayUpstreamTest, RetriesGoElsewhereWithinTheRouteTimeout) {
   auto attempts = initial.find("x-envoy-attempt-count");
   ASSERT_NE(attempts, initial.end());
   EXPECT_EQ(std::string(attempts->second.data(), attempts->second.size()), "3");
+}
+
+// x-envoy-* request headers and x-request-id count only from trusted callers.
+TEST_F(GatewayUpstreamTest, EnvoyHeadersAreHonouredFromTrustedCallersOnly) {
+  StartBackends(1);
+  auto failing_call = [&](const std::string& request_id) {
+    grpc::ClientContext ctx;
+    WithDeadline(ctx);
+    ctx.AddMetadata("x-envoy-retry-grpc-on", "unavailable");
+    ctx.AddMetadata("x-envoy-max-retries", "2");
+    ctx.AddMetadata("x-request-id", request_id);
+    EchoRequest req;
+    req.set_fail_code(grpc::StatusCode::UNAVAILABLE);
+    EchoResponse resp;
+    grpc::Status s = stub_->Unary(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+    const auto& md = ctx.GetServerInitialMetadata();
+    auto id = md.find("x-request-id");
+    return id == md.end() ? std::string() : std::string(id->second.data(), id->second.size());
+  };
+  StartGateway("");  // nobody trusted
+  int64_t before = backends_[0]->calls();
+  EXPECT_NE(failing_call("mine-1"), "mine-1");   // generated at the edge instead
+  EXPECT_EQ(backends_[0]->calls() - before, 1);  // the retry headers were stripped
+  TearDown();
+  gateway_.reset();
+
+  StartGateway("", {"--set=gateway.trusted_callers=127.0.0.1"});
+  before = backends_[0]->calls();
+  EXPECT_EQ(failing_call("mine-2"), "mine-2");
+  EXPECT_EQ(backends_[0]->calls() - before, 3);  // 1 + x-envoy-max-retries
 }
 
 // The embedded default (`montaged all`): REST for every montage service, and fan-out.
