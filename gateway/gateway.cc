@@ -8,6 +8,7 @@
 #include <future>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/random/random.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
@@ -15,6 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "common/logging.h"
@@ -189,7 +191,8 @@ class ListenerDispatcher final : public StreamDispatcher {
         router_(std::move(router)),
         rest_(std::move(rest)),
         worker_index_(worker_index),
-        options_(options) {
+        options_(options),
+        api_keys_(options.api_keys.begin(), options.api_keys.end()) {
     for (const config::HttpFilter& f : config.http.http_filters) {
       if (f.type == config::HttpFilter::Type::kGrpcWeb) grpc_web_ = true;
     }
@@ -200,11 +203,35 @@ class ListenerDispatcher final : public StreamDispatcher {
     const std::string* content_type = FindHeader(head.headers, "content-type");
     std::optional<GrpcWireMode> mode =
         content_type != nullptr ? GrpcWireModeOf(*content_type) : std::nullopt;
+    if (!api_keys_.empty() && !HasValidKey(head)) {
+      constexpr absl::string_view kWhy =
+          "missing or unknown API key: send Authorization: Bearer <key> or x-api-key: <key>";
+      if (mode.has_value()) {
+        SendLocalGrpcStatus(stream, *mode, grpc::StatusCode::UNAUTHENTICATED, kWhy);
+      } else {
+        SendLocalText(stream, 401, absl::StrCat(kWhy, "\n"),
+                      {{"www-authenticate", "Bearer realm=\"montage\""}});
+      }
+      return nullptr;
+    }
     if (!mode.has_value()) return DispatchRest(stream);
     return DispatchGrpc(stream, *mode);
   }
 
  private:
+  bool HasValidKey(const RequestHead& head) const {
+    if (const std::string* key = FindHeader(head.headers, "x-api-key")) {
+      return api_keys_.contains(*key);
+    }
+    if (const std::string* auth = FindHeader(head.headers, "authorization")) {
+      absl::string_view value(*auth);
+      if (absl::ConsumePrefix(&value, "Bearer ") || absl::ConsumePrefix(&value, "bearer ")) {
+        return api_keys_.contains(absl::StripAsciiWhitespace(value));
+      }
+    }
+    return false;
+  }
+
   // What every upstream call needs, or an answer already sent (nullopt).
   struct Prepared {
     UpstreamCallParams params;
@@ -513,6 +540,7 @@ class ListenerDispatcher final : public StreamDispatcher {
   std::shared_ptr<const RestSettings> rest_ ABSL_GUARDED_BY(rest_mu_);
   const absl::flat_hash_map<EventLoop*, size_t>& worker_index_;
   const GatewayOptions& options_;
+  const absl::flat_hash_set<std::string> api_keys_;
   bool grpc_web_ = false;
 };
 

@@ -31,6 +31,8 @@ struct GatewayOptions {
   // Callers (IP literals or IPv4 CIDRs) whose x-request-id and x-envoy-* headers are honoured;
   // everyone else's x-envoy-* headers are stripped.
   std::vector<std::string> trusted_callers;
+  // When not empty, every request must carry one of these (Authorization: Bearer, x-api-key).
+  std::vector<std::string> api_keys;
   // Descriptors also read from backends' server reflection (added to each transcoder filter's
   // descriptor set) at start and then every `refresh_interval`, so a schema change needs no
   // gateway rebuild or restart.

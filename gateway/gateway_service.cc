@@ -4,6 +4,8 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 #include "common/telemetry/grpc_interceptors.h"
@@ -56,6 +58,20 @@ class GatewayModule final : public ServiceModule {
     options.reject_unknown_fields = config_.reject_unknown_fields();
     options.trusted_callers.assign(config_.trusted_callers().begin(),
                                    config_.trusted_callers().end());
+    if (config_.has_api_keys()) {
+      absl::StatusOr<std::string> keys = montage::config::ResolveSecret(config_.api_keys());
+      if (!keys.ok()) {
+        return absl::Status(keys.status().code(),
+                            absl::StrCat("gateway.api_keys: ", keys.status().message()));
+      }
+      for (absl::string_view key : absl::StrSplit(*keys, absl::ByAnyChar(",\n"))) {
+        key = absl::StripAsciiWhitespace(key);
+        if (!key.empty()) options.api_keys.emplace_back(key);
+      }
+      if (options.api_keys.empty()) {
+        return absl::InvalidArgumentError("gateway.api_keys: the secret holds no key");
+      }
+    }
     for (const auto& source : config_.reflection()) {
       options.reflection.push_back(
           {source.cluster(), {source.services().begin(), source.services().end()}});

@@ -247,7 +247,10 @@ class BatchRun {
                            : absl::FromChrono(deadline);
     for (const auto& [k, v] : context->client_metadata()) {
       const absl::string_view key(k.data(), k.size());
-      if (key == kRequestIdHeader || (!parent_span_.has_value() && IsTraceHeader(key))) {
+      // The caller's credentials go with every item: the listener checks each item as a call
+      // of its own.
+      if (key == kRequestIdHeader || key == "authorization" || key == "x-api-key" ||
+          (!parent_span_.has_value() && IsTraceHeader(key))) {
         metadata_.emplace_back(std::string(key), std::string(v.data(), v.size()));
       }
     }

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/security/credentials.h"
@@ -986,6 +987,51 @@ TEST(GatewayEmbeddedTest, BatchFansOutThroughTheGatewayInRequestOrder) {
   RestAnswer read = Rest(gateway, "GET", "/v1/cache/namespaces/default/entries/k7");
   EXPECT_THAT(read.body, HasSubstr(R"("value":"aGk=")"));
   (*all)->Stop();
+}
+
+TEST(GatewayEmbeddedTest, ApiKeysAreCheckedBeforeAnyUpstreamCall) {
+  setenv("MONTAGE_TEST_GATEWAY_KEYS", "s3cr3t-key-A, s3cr3t-key-B", 1);
+  auto all =
+      MontagedProcess::Start({"all", "--set=gateway.api_keys.env=MONTAGE_TEST_GATEWAY_KEYS"});
+  ASSERT_TRUE(all.ok()) << all.status();
+  const std::string gateway = (*all)->endpoint("gateway");
+  RestAnswer none = Rest(gateway, "GET", "/v1/cache/stats", "", {}, /*http2=*/false);
+  EXPECT_EQ(none.status, 401);
+  EXPECT_THAT(none.body, HasSubstr("API key"));
+  RestAnswer wrong = Rest(gateway, "GET", "/v1/cache/stats", "", {"x-api-key: nope"});
+  EXPECT_EQ(wrong.status, 401);
+  RestAnswer right = Rest(gateway, "GET", "/v1/cache/stats", "", {"x-api-key: s3cr3t-key-B"});
+  EXPECT_EQ(right.status, 200) << right.body;
+  RestAnswer bearer =
+      Rest(gateway, "GET", "/v1/cache/stats", "", {"authorization: Bearer s3cr3t-key-A"});
+  EXPECT_EQ(bearer.status, 200);
+  // Items of a batch carry the caller's key through the gateway again.
+  RestAnswer batch =
+      Rest(gateway, "POST", "/v1/batch", R"({"items":[{"http":"GET /v1/cache/stats"}]})",
+           {"x-api-key: s3cr3t-key-A"});
+  EXPECT_EQ(batch.status, 200);
+  EXPECT_THAT(batch.body, HasSubstr("maxBytes"));
+  // Native gRPC: UNAUTHENTICATED without a key.
+  auto channel = grpc::CreateChannel(gateway, grpc::InsecureChannelCredentials());
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  {
+    grpc::ClientContext ctx;
+    WithDeadline(ctx);
+    grpc::health::v1::HealthCheckRequest req;
+    grpc::health::v1::HealthCheckResponse resp;
+    EXPECT_EQ(health->Check(&ctx, req, &resp).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
+  {
+    grpc::ClientContext ctx;
+    WithDeadline(ctx);
+    ctx.AddMetadata("authorization", "Bearer s3cr3t-key-A");
+    grpc::health::v1::HealthCheckRequest req;
+    grpc::health::v1::HealthCheckResponse resp;
+    EXPECT_TRUE(health->Check(&ctx, req, &resp).ok());
+  }
+  (*all)->Stop();
+  EXPECT_THAT((*all)->log(), ::testing::Not(HasSubstr("s3cr3t")));
+  unsetenv("MONTAGE_TEST_GATEWAY_KEYS");
 }
 
 // Descriptors read from a backend's reflection make its REST routes work with no descriptor
