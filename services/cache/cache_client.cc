@@ -71,9 +71,13 @@ class RemoteCacheClient final : public CacheClient {
     }
     for (auto& call : calls) call->context.TryCancel();
     calls.clear();
-    absl::MutexLock lock(&mu_);
-    auto drained = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return calls_.empty(); };
-    mu_.Await(absl::Condition(&drained));
+    std::vector<std::shared_ptr<CallBase>> finished;
+    {
+      absl::MutexLock lock(&mu_);
+      auto drained = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return calls_.empty(); };
+      mu_.Await(absl::Condition(&drained));
+      finished.swap(finished_);
+    }
   }
 
   void Get(const std::string& key, GetCallback done) override {
@@ -91,7 +95,7 @@ class RemoteCacheClient final : public CacheClient {
     }
     call->done = std::move(done);
     stub_->async()->Get(&call->context, &call->request, &call->response,
-                        [this, call](grpc::Status status) {
+                        [this, call = call.get()](grpc::Status status) {
                           if (!status.ok()) {
                             std::move(call->done)(FromGrpcStatus(status));
                           } else if (!call->response.found()) {
@@ -100,7 +104,7 @@ class RemoteCacheClient final : public CacheClient {
                             std::move(call->done)(std::optional<std::string>(
                                 std::move(*call->response.mutable_entry()->mutable_value())));
                           }
-                          Unregister(call.get());
+                          Unregister(call);
                         });
   }
 
@@ -118,7 +122,7 @@ class RemoteCacheClient final : public CacheClient {
     }
     if (!Register(call)) return;
     stub_->async()->Set(&call->context, &call->request, &call->response,
-                        [this, call](grpc::Status) { Unregister(call.get()); });
+                        [this, raw = call.get()](grpc::Status) { Unregister(raw); });
   }
 
   absl::string_view kind() const override { return "remote"; }
@@ -129,16 +133,25 @@ class RemoteCacheClient final : public CacheClient {
     grpc::ClientContext context;
   };
 
+  // A call's objects (its ClientContext above all) are never destroyed inside gRPC's callback:
+  // the callback moves them to `finished_`, destroyed later by a thread of ours (the next
+  // Register, or Close). Destroying the context from within its own completion raced with
+  // gRPC's callback queue (an abort in grpc_cq_internal_unref, about one test run in four).
   bool Register(const std::shared_ptr<CallBase>& call) {
     call->context.set_deadline(absl::ToChronoTime(absl::Now() + timeout_));
+    std::vector<std::shared_ptr<CallBase>> finished;  // destroyed on return, outside the lock
     absl::MutexLock lock(&mu_);
     if (closed_) return false;
     calls_[call.get()] = call;
+    finished.swap(finished_);
     return true;
   }
   void Unregister(CallBase* call) {
     absl::MutexLock lock(&mu_);
-    calls_.erase(call);
+    auto it = calls_.find(call);
+    if (it == calls_.end()) return;
+    finished_.push_back(std::move(it->second));
+    calls_.erase(it);
   }
 
   std::unique_ptr<cache::v1::CacheService::Stub> stub_;
@@ -147,6 +160,7 @@ class RemoteCacheClient final : public CacheClient {
   absl::Mutex mu_;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   absl::flat_hash_map<CallBase*, std::shared_ptr<CallBase>> calls_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<CallBase>> finished_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace
