@@ -219,7 +219,7 @@ def start_nginx(backend_port, work, procs):
     return proc, port, log
 
 
-def start_gateway(montaged, backend_port, descriptors, work, procs):
+def start_gateway(montaged, backend_port, descriptors, work, procs, extra_sets=()):
     bootstrap_path = os.path.join(work, "envoy.yaml")
     with open(bootstrap_path, "w") as f:
         f.write(bootstrap(backend_port, descriptors))
@@ -228,7 +228,8 @@ def start_gateway(montaged, backend_port, descriptors, work, procs):
     proc = subprocess.Popen(
         [montaged, "gateway", f"--set=gateway.envoy_bootstrap={bootstrap_path}",
          "--set=gateway.worker_threads=2", "--listen=127.0.0.1:0", "--admin_listen=127.0.0.1:0",
-         f"--port_file={port_file}", "--set=logging.level=warning"],
+         f"--port_file={port_file}", "--set=logging.level=warning"]
+        + [f"--set={kv}" for kv in extra_sets],
         stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     procs.append(proc)
     wait_started(proc, lambda: (read_json(port_file) or {}).get("gateway"), "montaged gateway", log)
@@ -474,6 +475,9 @@ def main():
     parser.add_argument("--streams", type=int, default=0)
     parser.add_argument("--batches", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--gateway-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra montaged --set for the gateway, e.g. tracing.sample_ratio=0 "
+                             "(by default every request is traced into the ring buffer)")
     args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.smoke else 5)
     args.seconds = args.seconds or (1.5 if args.smoke else 8.0)
@@ -498,7 +502,7 @@ def main():
         backend = Backend(args.backend, work, procs)
         nginx, nginx_port, _ = start_nginx(backend.port, work, procs)
         gateway, gateway_port, _ = start_gateway(args.montaged, backend.port,
-                                                 os.path.abspath(args.descriptors), work, procs)
+                                                 os.path.abspath(args.descriptors), work, procs, args.gateway_set)
         grpc_body = os.path.join(work, "body.bin")
         with open(grpc_body, "wb") as f:
             f.write(grpc_frame(echo_request()))
