@@ -47,6 +47,15 @@ $cli podcast "$topic"
 step "the same episode again: the script and every audio segment come from the caches"
 $cli podcast "$topic"
 
+step "the gateway: REST/JSON on http://$gateway (same services; audio comes back as raw bytes)"
+curl -fsS -X POST "http://$gateway/v1/speech:synthesize" -H 'content-type: application/json' \
+  -d '{"text": "Thanks for listening. New episodes every week.", "format": "MP3"}' \
+  -o out/outro.mp3 -w 'out/outro.mp3: %{http_code} %{content_type}, %{size_download} bytes\n'
+curl -fsS "http://$gateway/v1/batch" -H 'content-type: application/json' \
+  -d '{"items": [{"id": "stats", "http": "GET /v1/cache/stats"},
+                 {"id": "models", "method": "montage.generation.v1.GenerationService/ListModels"}]}' \
+  | python3 -c 'import json,sys; r=json.load(sys.stdin)["results"]; print("batch:", ", ".join("%s -> code %s" % (x["id"], x["status"].get("code", 0)) for x in r))'
+
 step "a cache round trip"
 $cli cache set "script:how-to-edit" "Hook: three cuts that keep viewers watching..." --ttl=1h
 printf 'cache get → '; $cli cache get "script:how-to-edit"; echo
