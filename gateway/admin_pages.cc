@@ -32,7 +32,6 @@ std::map<std::string, int64_t> CollectStats(const Gateway& gateway) {
     out[p + "upstream_cx_active"] = cluster->ActiveConnections();
     out[p + "membership_total"] = static_cast<int64_t>(cluster->hosts().size());
     out[p + "membership_healthy"] = cluster->healthy_hosts();
-    out[p + "upstream_rq_overflow"] = s.upstream_rq_overflow.load();
     out[p + "outlier_detection.ejections_enforced_total"] =
         s.outlier_detection_ejections_enforced_total.load();
     out[p + "health_check.attempt"] = s.health_check_attempt.load();

@@ -20,6 +20,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "common/logging.h"
+#include "common/server/admin_server.h"
 #include "common/telemetry/trace_context.h"
 #include "common/telemetry/tracer.h"
 #include "gateway/proxy/health_checker.h"
@@ -122,28 +123,29 @@ std::optional<absl::Duration> ParseGrpcTimeout(absl::string_view value) {
   }
 }
 
-config::Bootstrap DefaultBootstrap(const std::string& listen, const std::string& upstream,
-                                   const std::string& descriptor_set) {
+absl::StatusOr<config::Bootstrap> DefaultBootstrap(const std::string& listen,
+                                                   const std::string& upstream,
+                                                   const std::string& descriptor_set) {
+  absl::StatusOr<std::pair<std::string, int>> up = SplitHostPort(upstream);
+  absl::StatusOr<std::pair<std::string, int>> down = SplitHostPort(listen);
+  if (!up.ok()) return up.status();
+  if (!down.ok()) return down.status();
   config::Bootstrap b;
   config::Cluster local;
   local.name = "local";
   local.type = config::Cluster::Type::kStatic;
   local.http2 = true;
-  const size_t colon = upstream.rfind(':');
-  std::string host = upstream.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  // The process's own port, reached on loopback when it listens on every address.
+  std::string host = up->first;
   if (host.empty() || host == "0.0.0.0") host = "127.0.0.1";
   if (host == "::") host = "::1";
-  uint32_t port = 0;
-  (void)absl::SimpleAtoi(upstream.substr(colon + 1), &port);
-  local.endpoints.push_back({host, port});
+  local.endpoints.push_back({host, static_cast<uint32_t>(up->second)});
   b.clusters.push_back(local);
 
   config::Listener listener;
   listener.name = "montage";
-  const size_t lc = listen.rfind(':');
-  listener.address.address = listen.substr(0, lc);
-  (void)absl::SimpleAtoi(listen.substr(lc + 1), &listener.address.port_value);
+  listener.address.address = down->first;
+  listener.address.port_value = static_cast<uint32_t>(down->second);
   listener.http.stat_prefix = "montage";
   config::VirtualHost vh;
   vh.name = "montage";
@@ -753,10 +755,8 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
       codec.initial_stream_window = *l.http.http2_protocol_options.initial_stream_window_size;
     }
     codec.max_request_headers_bytes = size_t{l.http.max_request_headers_kb} << 10;
-    const bool v6 = l.address.address.find(':') != std::string::npos;
     const std::string address =
-        v6 ? absl::StrCat("[", l.address.address, "]:", l.address.port_value)
-           : absl::StrCat(l.address.address, ":", l.address.port_value);
+        JoinHostPort(l.address.address, static_cast<int>(l.address.port_value));
     absl::StatusOr<std::unique_ptr<Listener>> listener =
         Listener::Start(address, worker_ptrs, *impl->dispatchers.back(), codec, l.tls);
     if (!listener.ok()) return listener.status();

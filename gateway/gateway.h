@@ -73,8 +73,10 @@ std::optional<absl::Duration> ParseGrpcTimeout(absl::string_view value);
 // cluster "local" at `upstream` (host:port), with the route timeout disabled (LLM calls and
 // streams last minutes; callers' deadlines still apply); gRPC-Web, and REST/JSON for every
 // service of `descriptor_set` when it is not empty.
-config::Bootstrap DefaultBootstrap(const std::string& listen, const std::string& upstream,
-                                   const std::string& descriptor_set);
+// INVALID_ARGUMENT when an address is not host:port.
+absl::StatusOr<config::Bootstrap> DefaultBootstrap(const std::string& listen,
+                                                   const std::string& upstream,
+                                                   const std::string& descriptor_set);
 
 }  // namespace montage::gateway
 

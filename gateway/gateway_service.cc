@@ -48,10 +48,12 @@ class GatewayModule final : public ServiceModule {
 
   absl::Status OnServing(absl::string_view grpc_address,
                          std::vector<std::pair<std::string, std::string>>& endpoints) override {
-    config::Bootstrap bootstrap =
+    absl::StatusOr<config::Bootstrap> bootstrap_or =
         bootstrap_.has_value()
             ? *bootstrap_
             : DefaultBootstrap(config_.listen(), std::string(grpc_address), DescriptorSet());
+    if (!bootstrap_or.ok()) return bootstrap_or.status();
+    config::Bootstrap bootstrap = *std::move(bootstrap_or);
     GatewayOptions options;
     options.worker_threads = config_.worker_threads();
     options.proxy.max_message_bytes = config_.max_request_message_bytes();
@@ -110,15 +112,13 @@ class GatewayModule final : public ServiceModule {
     for (size_t i = 0; i < addresses.size(); ++i) {
       endpoints.emplace_back(i == 0 ? "gateway" : absl::StrCat("gateway_", i), addresses[i]);
       LogInfo("gateway listening",
-              {{"listener", gateway_->bootstrap().listeners[i].name}, {"address", addresses[i]}});
+              {{"listener", running->bootstrap().listeners[i].name}, {"address", addresses[i]}});
     }
     // Envoy's admin.address: the gateway's pages on a port of their own too.
     if (running->bootstrap().admin.has_value()) {
       const config::SocketAddress& a = running->bootstrap().admin->address;
-      const bool v6 = a.address.find(':') != std::string::npos;
       absl::StatusOr<std::unique_ptr<AdminServer>> admin =
-          AdminServer::Start(v6 ? absl::StrCat("[", a.address, "]:", a.port_value)
-                                : absl::StrCat(a.address, ":", a.port_value));
+          AdminServer::Start(JoinHostPort(a.address, static_cast<int>(a.port_value)));
       if (!admin.ok()) {
         return absl::Status(admin.status().code(),
                             absl::StrCat("gateway admin: ", admin.status().message()));

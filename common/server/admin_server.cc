@@ -27,6 +27,11 @@ void EnableLibeventThreads() {
 
 }  // namespace
 
+std::string JoinHostPort(absl::string_view host, int port) {
+  if (host.find(':') != absl::string_view::npos) return absl::StrCat("[", host, "]:", port);
+  return absl::StrCat(host, ":", port);
+}
+
 absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address) {
   std::string host;
   std::string port_text;

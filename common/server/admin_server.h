@@ -73,6 +73,8 @@ class AdminServer {
 
 // Splits "host:port" (IPv6 as "[::1]:80"). INVALID_ARGUMENT naming `address` when malformed.
 absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address);
+// The reverse: "host:port", or "[host]:port" for an IPv6 literal.
+std::string JoinHostPort(absl::string_view host, int port);
 
 }  // namespace montage
 

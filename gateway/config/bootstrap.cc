@@ -30,6 +30,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/utf8.h"
 #include "yaml-cpp/yaml.h"
 
 namespace montage::gateway::config {
@@ -99,7 +100,7 @@ std::string Describe(const YAML::Node& node) {
       return "a list";
     case YAML::NodeType::Scalar: {
       const std::string& text = node.Scalar();
-      if (text.size() > 60) return absl::StrCat("'", text.substr(0, 57), "...'");
+      if (text.size() > 60) return absl::StrCat("'", Utf8Prefix(text, 57), "...'");
       return absl::StrCat("'", text, "'");
     }
     default:

@@ -5,6 +5,7 @@
 #include <future>
 
 #include "absl/time/clock.h"
+#include "grpc/health/v1/health.pb.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/slice.h"
@@ -13,51 +14,6 @@ namespace montage::gateway {
 namespace {
 
 constexpr char kCheckMethod[] = "/grpc.health.v1.Health/Check";
-
-// grpc.health.v1.HealthCheckRequest{service = 1}: small enough to write by hand.
-std::string CheckRequest(const std::string& service) {
-  std::string out;
-  if (service.empty()) return out;
-  out.push_back(0x0a);
-  size_t n = service.size();
-  while (n >= 0x80) {
-    out.push_back(static_cast<char>((n & 0x7f) | 0x80));
-    n >>= 7;
-  }
-  out.push_back(static_cast<char>(n));
-  return out + service;
-}
-
-// HealthCheckResponse{status = 1}: SERVING is 1. Scans the top-level varint field 1.
-bool IsServing(const std::string& bytes) {
-  size_t i = 0;
-  while (i < bytes.size()) {
-    uint64_t key = 0;
-    int shift = 0;
-    while (i < bytes.size()) {
-      const uint8_t b = static_cast<uint8_t>(bytes[i++]);
-      key |= uint64_t{b & 0x7fu} << shift;
-      shift += 7;
-      if ((b & 0x80) == 0 || shift > 63) break;
-    }
-    const uint32_t field = static_cast<uint32_t>(key >> 3);
-    const uint32_t wire = key & 7;
-    if (wire == 0) {
-      uint64_t value = 0;
-      shift = 0;
-      while (i < bytes.size()) {
-        const uint8_t b = static_cast<uint8_t>(bytes[i++]);
-        value |= uint64_t{b & 0x7fu} << shift;
-        shift += 7;
-        if ((b & 0x80) == 0 || shift > 63) break;
-      }
-      if (field == 1) return value == 1;
-    } else {
-      return false;  // nothing else is expected in this message
-    }
-  }
-  return false;  // status absent = UNKNOWN
-}
 
 }  // namespace
 
@@ -99,7 +55,9 @@ class HealthChecker::HostCheck : public std::enable_shared_from_this<HostCheck> 
     context_->set_deadline(absl::ToChronoTime(absl::Now() + cfg_.timeout));
     if (!cfg_.grpc_authority.empty()) context_->set_authority(cfg_.grpc_authority);
     auto request = std::make_shared<grpc::ByteBuffer>();
-    const std::string bytes = CheckRequest(cfg_.grpc_service_name);
+    grpc::health::v1::HealthCheckRequest check;
+    check.set_service(cfg_.grpc_service_name);
+    const std::string bytes = check.SerializeAsString();
     grpc::Slice slice(bytes.data(), bytes.size());
     *request = grpc::ByteBuffer(&slice, 1);
     auto response = std::make_shared<grpc::ByteBuffer>();
@@ -114,7 +72,9 @@ class HealthChecker::HostCheck : public std::enable_shared_from_this<HostCheck> 
             for (const auto& s : slices)
               body.append(reinterpret_cast<const char*>(s.begin()), s.size());
           }
-          const bool serving = status.ok() && IsServing(body);
+          grpc::health::v1::HealthCheckResponse answer;
+          const bool serving = status.ok() && answer.ParseFromString(body) &&
+                               answer.status() == grpc::health::v1::HealthCheckResponse::SERVING;
           self->loop_.Post([self, serving] { self->Done(serving); });
           self->in_flight_.fetch_sub(1);
         });

@@ -48,9 +48,6 @@ struct RestSettings {
       const std::vector<google::protobuf::FileDescriptorSet>& extra = {});
 };
 
-// The HTTP status Envoy answers for a gRPC status code.
-int HttpStatusForGrpc(int code);
-
 // A plain-text answer made by the gateway itself (Envoy's own errors are text/plain).
 void SendLocalText(ServerStream& stream, int status, absl::string_view text,
                    HeaderList extra_headers = {});

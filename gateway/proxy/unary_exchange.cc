@@ -9,30 +9,6 @@
 #include "absl/time/clock.h"
 
 namespace montage::gateway {
-namespace {
-
-// Envoy's HTTP table again, for outlier detection (rest_handler.h has the same for responses).
-int HttpOf(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::OK:
-      return 200;
-    case grpc::StatusCode::UNKNOWN:
-    case grpc::StatusCode::INTERNAL:
-    case grpc::StatusCode::DATA_LOSS:
-      return 500;
-    case grpc::StatusCode::UNIMPLEMENTED:
-      return 501;
-    case grpc::StatusCode::UNAVAILABLE:
-      return 503;
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-      return 504;
-    default:
-      return 400;  // a client-side error says nothing bad about the host
-  }
-}
-
-}  // namespace
-
 void RetrySettings::AddConditions(absl::string_view comma_list) {
   for (absl::string_view raw : absl::StrSplit(comma_list, ',')) {
     const absl::string_view c = absl::StripAsciiWhitespace(raw);
@@ -136,7 +112,8 @@ void UnaryExchange::AttemptDone(UpstreamHost* host, bool per_try_deadline,
   const bool last = attempts_ > static_cast<int>(retry_.num_retries);
   if (!last && Retriable(result.status, per_try_timed_out)) {
     // Outlier detection hears about every attempt but the last (the caller reports that one).
-    cluster_.RecordHostResult(*host, HttpOf(result.status.error_code()));
+    cluster_.RecordHostResult(*host,
+                              HttpStatusForGrpc(static_cast<int>(result.status.error_code())));
     if (!cluster_.TryStartRetry()) {
       // Over the budget: the answer stands.
     } else {

@@ -3,6 +3,7 @@
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/server/admin_server.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/channel_arguments.h"
@@ -16,8 +17,7 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Create(const config::Cluster& 
   for (const config::SocketAddress& endpoint : config.endpoints) {
     const bool v6 = endpoint.address.find(':') != std::string::npos;
     const std::string host_port =
-        v6 ? absl::StrCat("[", endpoint.address, "]:", endpoint.port_value)
-           : absl::StrCat(endpoint.address, ":", endpoint.port_value);
+        JoinHostPort(endpoint.address, static_cast<int>(endpoint.port_value));
     const std::string target = config.type == config::Cluster::Type::kStrictDns
                                    ? absl::StrCat("dns:///", host_port)
                                    : absl::StrCat(v6 ? "ipv6:" : "ipv4:", host_port);
@@ -159,7 +159,6 @@ bool Cluster::TryStartRequest() {
   const int64_t limit = config_.circuit_breakers.max_requests;
   if (active_requests_.fetch_add(1) + 1 > limit) {
     active_requests_.fetch_sub(1);
-    stats_.upstream_rq_overflow.fetch_add(1, std::memory_order_relaxed);
     stats_.upstream_rq_pending_overflow.fetch_add(1, std::memory_order_relaxed);
     return false;
   }

@@ -50,7 +50,6 @@ struct ClusterStats {
   std::atomic<uint64_t> upstream_rq_retry_overflow{0};
   std::atomic<uint64_t> upstream_rq_pending_overflow{0};
   std::atomic<uint64_t> upstream_cx_connect_fail{0};
-  std::atomic<uint64_t> upstream_rq_overflow{0};  // montage: refused by max_requests
   std::atomic<uint64_t> outlier_detection_ejections_enforced_total{0};
   std::atomic<uint64_t> health_check_attempt{0};
   std::atomic<uint64_t> health_check_success{0};

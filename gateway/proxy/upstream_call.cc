@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <vector>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
@@ -266,6 +265,47 @@ void EndAttemptSpan(telemetry::Span& span, const grpc::Status& status) {
   span.End();
 }
 
+int HttpStatusForGrpc(int code) {
+  switch (code) {
+    case 0:
+      return 200;
+    case 1:
+      return 499;
+    case 2:
+      return 500;
+    case 3:
+      return 400;
+    case 4:
+      return 504;
+    case 5:
+      return 404;
+    case 6:
+      return 409;
+    case 7:
+      return 403;
+    case 8:
+      return 429;
+    case 9:
+      return 400;
+    case 10:
+      return 409;
+    case 11:
+      return 400;
+    case 12:
+      return 501;
+    case 13:
+      return 500;
+    case 14:
+      return 503;
+    case 15:
+      return 500;
+    case 16:
+      return 401;
+    default:
+      return 500;
+  }
+}
+
 std::string PercentEncodeGrpcMessage(absl::string_view message) {
   std::string out;
   out.reserve(message.size());
@@ -274,22 +314,6 @@ std::string PercentEncodeGrpcMessage(absl::string_view message) {
       out.push_back(static_cast<char>(c));
     } else {
       absl::StrAppendFormat(&out, "%%%02X", c);
-    }
-  }
-  return out;
-}
-
-std::string PercentDecodeGrpcMessage(absl::string_view message) {
-  std::string out;
-  out.reserve(message.size());
-  for (size_t i = 0; i < message.size(); ++i) {
-    if (message[i] == '%' && i + 2 < message.size() && absl::ascii_isxdigit(message[i + 1]) &&
-        absl::ascii_isxdigit(message[i + 2])) {
-      out.push_back(
-          static_cast<char>(std::stoi(std::string(message.substr(i + 1, 2)), nullptr, 16)));
-      i += 2;
-    } else {
-      out.push_back(message[i]);
     }
   }
   return out;

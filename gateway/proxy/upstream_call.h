@@ -80,8 +80,6 @@ class UpstreamCall : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byte
   void RequestNextMessage();
   // Cancels the call (the upstream sees RST_STREAM) and stops reporting to the observer.
   void CancelAndDetach();
-  // Stops reporting without cancelling (the observer is going away after the call finished).
-  void Detach() { observer_ = nullptr; }
   size_t queued_write_bytes() const { return queued_bytes_; }
   absl::Time started() const { return started_; }
 
@@ -157,10 +155,11 @@ class UnaryUpstreamCall : public std::enable_shared_from_this<UnaryUpstreamCall>
   telemetry::Span span_;
 };
 
+// The HTTP status Envoy answers for a gRPC status code (REST answers, stats, outlier detection).
+int HttpStatusForGrpc(int code);
+
 // Percent-encodes a grpc-message value as the gRPC HTTP/2 spec asks.
 std::string PercentEncodeGrpcMessage(absl::string_view message);
-// The reverse (invalid escapes are kept as they are).
-std::string PercentDecodeGrpcMessage(absl::string_view message);
 
 }  // namespace montage::gateway
 

@@ -12,28 +12,12 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/server/admin_server.h"
 
 namespace montage::gateway {
 namespace {
 
 constexpr int kBacklog = 4096;
-
-absl::StatusOr<std::pair<std::string, int>> SplitAddress(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("listen address '", address, "' must be host:port"));
-  }
-  std::string host = address.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
-  int port = 0;
-  if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("listen address '", address, "': bad port"));
-  }
-  return std::make_pair(host, port);
-}
 
 std::string PeerIp(const sockaddr* addr) {
   char text[INET6_ADDRSTRLEN] = {0};
@@ -52,7 +36,7 @@ absl::StatusOr<std::unique_ptr<Listener>> Listener::Start(
     const std::string& address, std::vector<EventLoop*> workers, StreamDispatcher& dispatcher,
     CodecOptions options, const std::optional<config::DownstreamTls>& tls) {
   if (workers.empty()) return absl::InvalidArgumentError("the gateway needs a worker loop");
-  absl::StatusOr<std::pair<std::string, int>> hp = SplitAddress(address);
+  absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(address);
   if (!hp.ok()) return hp.status();
   std::unique_ptr<TlsContext> tls_context;
   if (tls.has_value()) {
@@ -107,9 +91,7 @@ absl::StatusOr<std::unique_ptr<Listener>> Listener::Start(
   }
   listener->accept_loop_ = *std::move(accept_loop);
   listener->port_ = port;
-  const bool v6 = hp->first.find(':') != std::string::npos;
-  listener->address_ = v6 ? absl::StrCat("[", hp->first, "]:", port)
-                          : absl::StrCat(hp->first.empty() ? "0.0.0.0" : hp->first, ":", port);
+  listener->address_ = JoinHostPort(hp->first, port);
   Listener* raw = listener.get();
   std::promise<bool> started;
   listener->accept_loop_->Post([raw, fd, &started] {

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/utf8.h"
 
 // Choices the header leaves open, made here:
 //  - "/" alone is a valid template with no segments; it matches the request path "/" only.
@@ -101,42 +102,6 @@ std::optional<size_t> PercentDecode(absl::string_view in, bool keep_slash, bool 
     }
   }
   return std::nullopt;
-}
-
-// Strict UTF-8: no overlong forms, no surrogates, nothing above U+10FFFF.
-bool IsValidUtf8(absl::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const unsigned char c = static_cast<unsigned char>(s[i]);
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t length;
-    unsigned char min_second = 0x80;
-    unsigned char max_second = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF) {
-      length = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      length = 3;
-      if (c == 0xE0) min_second = 0xA0;  // overlong
-      if (c == 0xED) max_second = 0x9F;  // surrogates
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      length = 4;
-      if (c == 0xF0) min_second = 0x90;  // overlong
-      if (c == 0xF4) max_second = 0x8F;  // above U+10FFFF
-    } else {
-      return false;
-    }
-    if (s.size() - i < length) return false;
-    const unsigned char second = static_cast<unsigned char>(s[i + 1]);
-    if (second < min_second || second > max_second) return false;
-    for (size_t k = 2; k < length; ++k) {
-      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
-    }
-    i += length;
-  }
-  return true;
 }
 
 // Recursive-descent parser for the grammar in the header. Variables do not nest, so the

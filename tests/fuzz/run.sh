@@ -44,15 +44,11 @@ for fuzzer in "${requested[@]}"; do
     exit 2
   fi
   if [[ ! -f ${sources[$fuzzer]} ]]; then
-    echo "run.sh: skipping $fuzzer: ${sources[$fuzzer]} does not exist yet"
-    continue
+    echo "run.sh: $fuzzer: ${sources[$fuzzer]} is missing" >&2
+    exit 2
   fi
   fuzzers+=("$fuzzer")
 done
-if [[ ${#fuzzers[@]} -eq 0 ]]; then
-  echo "run.sh: no fuzzer to run"
-  exit 0
-fi
 
 # -O1 -g as libFuzzer recommends; Debug adds no optimisation of its own and keeps assert() on.
 flags="-fsanitize=address,fuzzer-no-link -g -O1"
