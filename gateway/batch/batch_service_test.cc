@@ -27,11 +27,15 @@
 #include "gtest/gtest.h"
 #include "montage/gateway/v1/batch.grpc.pb.h"
 #include "tests/gateway/echo_backend.h"
+#include "tests/gateway/test_support.h"
 
 namespace montage::gateway {
 namespace {
 
 using ::montage::testing::EchoBackend;
+using ::montage::testing::Eventually;
+using ::montage::testing::TestBootstrap;
+using ::montage::testing::TestBootstrapYaml;
 using ::testing::Contains;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
@@ -42,65 +46,13 @@ using v1::BatchResponse;
 
 constexpr char kUnary[] = "/montage.testing.v1.EchoService/Unary";
 
-// Bounded polling: true once `done` holds (checked every 10 ms, at most `limit`).
-template <typename F>
-bool Eventually(F done, absl::Duration limit = absl::Seconds(10)) {
-  const absl::Time end = absl::Now() + limit;
-  while (absl::Now() < end) {
-    if (done()) return true;
-    absl::SleepFor(absl::Milliseconds(10));
-  }
-  return done();
-}
-
 std::string BootstrapYaml(int backend_port) {
-  return absl::StrCat(R"(static_resources:
-  listeners:
-  - name: edge
-    address:
-      socket_address: { address: 127.0.0.1, port_value: 0 }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: edge
-          route_config:
-            name: routes
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/montage.testing.v1.EchoService/" }
-                route: { cluster: echo, timeout: 30s }
-          http_filters:
-          - name: envoy.filters.http.grpc_json_transcoder
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
-              proto_descriptor: ")",
-                      ECHO_DESCRIPTORS, R"("
-              services: [montage.testing.v1.EchoService]
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: echo
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {}
-    load_assignment:
-      cluster_name: echo
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: { address: 127.0.0.1, port_value: )",
-                      backend_port, R"( }
-)");
+  TestBootstrap b;
+  b.ports = {backend_port};
+  b.route_prefix = "/montage.testing.v1.EchoService/";
+  b.descriptors = ECHO_DESCRIPTORS;
+  b.services = {"montage.testing.v1.EchoService"};
+  return TestBootstrapYaml(b);
 }
 
 google::protobuf::Value Json(const std::string& json) {

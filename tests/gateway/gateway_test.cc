@@ -18,6 +18,7 @@
 #include "gtest/gtest.h"
 #include "montage/testing/v1/echo.grpc.pb.h"
 #include "tests/gateway/echo_backend.h"
+#include "tests/gateway/test_support.h"
 #include "tests/integration/montaged_process.h"
 
 namespace montage::testing {
@@ -28,72 +29,19 @@ using ::testing::HasSubstr;
 using v1::EchoRequest;
 using v1::EchoResponse;
 
-// Bounded polling: true once `done` holds (checked every 10 ms, at most `limit`).
-template <typename F>
-bool Eventually(F done, absl::Duration limit = absl::Seconds(10)) {
-  const absl::Time end = absl::Now() + limit;
-  while (absl::Now() < end) {
-    if (done()) return true;
-    absl::SleepFor(absl::Milliseconds(10));
-  }
-  return done();
-}
-
 std::string Bootstrap(int backend_port) {
-  return absl::StrCat(R"(static_resources:
-  listeners:
-  - name: edge
-    address:
-      socket_address: { address: 127.0.0.1, port_value: 0 }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: edge
-          route_config:
-            name: routes
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/montage.testing.v1.EchoService/" }
-                route: { cluster: echo, timeout: 30s }
-          http_filters:
-          - name: envoy.filters.http.grpc_web
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb
-          - name: envoy.filters.http.grpc_json_transcoder
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
-              proto_descriptor: ")",
-                      ECHO_DESCRIPTORS, R"("
-              services: [montage.testing.v1.EchoService]
-              convert_grpc_status: true
+  TestBootstrap b;
+  b.ports = {backend_port};
+  b.route_prefix = "/montage.testing.v1.EchoService/";
+  b.grpc_web = true;
+  b.descriptors = ECHO_DESCRIPTORS;
+  b.services = {"montage.testing.v1.EchoService"};
+  b.transcoder_extra = R"(              convert_grpc_status: true
               max_request_body_size: 65536
               request_validation_options:
                 reject_unknown_method: true
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: echo
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {}
-    load_assignment:
-      cluster_name: echo
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: { address: 127.0.0.1, port_value: )",
-                      backend_port, R"( }
-)");
+)";
+  return TestBootstrapYaml(b);
 }
 
 class GatewayTest : public ::testing::Test {
@@ -689,58 +637,17 @@ TEST_F(GatewayTest, AdminPagesUseEnvoysNames) {
 }
 
 // Several backends behind one cluster with health checks, outlier detection or circuit breakers.
-std::string ClusterBootstrap(const std::vector<int>& ports, const std::string& cluster_extra) {
-  std::string endpoints;
-  for (int port : ports) {
-    absl::StrAppend(&endpoints, R"(
-        - endpoint:
-            address:
-              socket_address: { address: 127.0.0.1, port_value: )",
-                    port, " }");
-  }
-  return absl::StrCat(R"(static_resources:
-  listeners:
-  - name: edge
-    address:
-      socket_address: { address: 127.0.0.1, port_value: 0 }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: edge
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/" }
-                route: { cluster: echo, timeout: 30s }
-          http_filters:
-          - name: envoy.filters.http.grpc_json_transcoder
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
-              proto_descriptor: ")",
-                      ECHO_DESCRIPTORS, R"("
-              services: [montage.testing.v1.EchoService]
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: echo
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {}
-)",
-                      cluster_extra, R"(    load_assignment:
-      cluster_name: echo
-      endpoints:
-      - lb_endpoints:)",
-                      endpoints, "\n");
+std::string ClusterBootstrap(const std::vector<int>& ports, const std::string& cluster_extra,
+                             std::string route_action = "",
+                             std::vector<std::string> services = {}) {
+  TestBootstrap b;
+  b.ports = ports;
+  b.descriptors = ECHO_DESCRIPTORS;
+  b.services = {"montage.testing.v1.EchoService"};
+  for (auto& s : services) b.services.push_back(std::move(s));
+  if (!route_action.empty()) b.route_action = std::move(route_action);
+  b.cluster_extra = cluster_extra;
+  return TestBootstrapYaml(b);
 }
 
 class GatewayUpstreamTest : public ::testing::Test {
@@ -878,14 +785,11 @@ TEST_F(GatewayUpstreamTest, MaxRequestsRefusesTheOverflowAtOnce) {
 
 TEST_F(GatewayUpstreamTest, RetriesGoElsewhereWithinTheRouteTimeout) {
   StartBackends(2);
-  // The route of ClusterBootstrap has no retry policy: route one in through the cluster extras
-  // is not possible, so this bootstrap is edited in place.
   std::vector<int> ports = {backends_[0]->port(), backends_[1]->port()};
-  std::string yaml = ClusterBootstrap(ports, "");
-  const std::string route = "route: { cluster: echo, timeout: 30s }";
-  yaml.replace(yaml.find(route), route.size(),
-               "route: { cluster: echo, timeout: 30s, retry_policy: { retry_on: "
-               "\"unavailable,connect-failure\", num_retries: 2 } }");
+  const std::string yaml =
+      ClusterBootstrap(ports, "",
+                       "{ cluster: echo, timeout: 30s, retry_policy: { retry_on: "
+                       "\"unavailable,connect-failure\", num_retries: 2 } }");
   const std::string path = MakeTempDir() + "/envoy.yaml";
   std::ofstream(path) << yaml;
   auto gateway =
@@ -1041,13 +945,8 @@ TEST(GatewayReflectionTest, RestRoutesComeFromTheBackendsReflection) {
   ASSERT_TRUE(backend.ok()) << backend.status();
   const std::string address = (*backend)->grpc_address();
   const int port = std::stoi(address.substr(address.rfind(':') + 1));
-  std::string yaml = ClusterBootstrap({port}, "");
-  const std::string filter = R"(proto_descriptor: ")";
-  ASSERT_NE(yaml.find(filter), std::string::npos);
-  const size_t services = yaml.find("services: [montage.testing.v1.EchoService]");
-  ASSERT_NE(services, std::string::npos);
-  yaml.replace(services, std::string("services: [montage.testing.v1.EchoService]").size(),
-               "services: [montage.testing.v1.EchoService, montage.cache.v1.CacheService]");
+  // The cache service is in no descriptor file the gateway reads: only reflection knows it.
+  const std::string yaml = ClusterBootstrap({port}, "", "", {"montage.cache.v1.CacheService"});
   const std::string dir = MakeTempDir();
   std::ofstream(dir + "/envoy.yaml") << yaml;
   std::ofstream(dir + "/montage.yaml") << "gateway:\n  envoy_bootstrap: " << dir
