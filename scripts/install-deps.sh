@@ -23,6 +23,8 @@ BUILD_PACKAGES=(
   # HTTP/2 server side (the gateway's listener, the fake LLM provider's h2c listener); HTTP/1.1
   # request parsing (the gateway); TLS for the gateway's listener (libevent_openssl)
   libnghttp2-dev libhttp-parser-dev libssl-dev
+  # montaged's allocator (TCMalloc, minimal build; see MONTAGE_ALLOCATOR in CMakeLists.txt)
+  libgoogle-perftools-dev
   # fuzz targets (libFuzzer)
   clang-14 libclang-rt-14-dev
   # tests and benchmarks
@@ -35,7 +37,7 @@ BUILD_PACKAGES=(
 
 RUNTIME_PACKAGES=(
   ca-certificates curl libgrpc++1.51 libprotobuf32 libcurl4 libsqlite3-0 libyaml-cpp0.7
-  libprometheus-cpp-core1.0 libhiredis0.14 libespeak-ng1 espeak-ng-data libxml2 libevent-2.1-7 libevent-pthreads-2.1-7 libevent-openssl-2.1-7 libhttp-parser2.9 libnghttp2-14 zlib1g
+  libprometheus-cpp-core1.0 libhiredis0.14 libespeak-ng1 espeak-ng-data libxml2 libevent-2.1-7 libevent-pthreads-2.1-7 libevent-openssl-2.1-7 libhttp-parser2.9 libnghttp2-14 libtcmalloc-minimal4 zlib1g
   libavformat59 libavcodec59 libavfilter8 libavutil57 libswscale6 libswresample4
 )
 
