@@ -23,6 +23,7 @@
 #include "common/server/admin_server.h"
 #include "common/telemetry/trace_context.h"
 #include "common/telemetry/tracer.h"
+#include "gateway/proxy/h2_upstream.h"
 #include "gateway/proxy/health_checker.h"
 #include "gateway/proxy/rest_handler.h"
 #include "gateway/proxy/router.h"
@@ -187,12 +188,14 @@ class ListenerDispatcher final : public StreamDispatcher {
   ListenerDispatcher(const config::Listener& config, std::unique_ptr<Router> router,
                      std::shared_ptr<const RestSettings> rest,
                      const absl::flat_hash_map<EventLoop*, size_t>& worker_index,
+                     const std::vector<std::unique_ptr<H2UpstreamPool>>& h2_pools,
                      const GatewayOptions& options, std::atomic<int64_t>& live_calls)
       : live_calls_(live_calls),
         config_(config),
         router_(std::move(router)),
         rest_(std::move(rest)),
         worker_index_(worker_index),
+        h2_pools_(h2_pools),
         options_(options),
         api_keys_(options.api_keys.begin(), options.api_keys.end()) {
     for (const config::HttpFilter& f : config.http.http_filters) {
@@ -320,6 +323,10 @@ class ListenerDispatcher final : public StreamDispatcher {
     params.cluster = route.cluster;
     params.host = host;
     params.worker = worker == worker_index_.end() ? 0 : worker->second;
+    if (options_.direct_h2_upstreams && worker != worker_index_.end() &&
+        worker->second < h2_pools_.size()) {
+      params.h2_pool = h2_pools_[worker->second].get();
+    }
     params.retry = std::move(retry);
     std::string forwarded_for;
     for (const auto& [name, value] : head.headers) {
@@ -541,6 +548,7 @@ class ListenerDispatcher final : public StreamDispatcher {
   mutable absl::Mutex rest_mu_;
   std::shared_ptr<const RestSettings> rest_ ABSL_GUARDED_BY(rest_mu_);
   const absl::flat_hash_map<EventLoop*, size_t>& worker_index_;
+  const std::vector<std::unique_ptr<H2UpstreamPool>>& h2_pools_;
   const GatewayOptions& options_;
   const absl::flat_hash_set<std::string> api_keys_;
   bool grpc_web_ = false;
@@ -599,6 +607,8 @@ class Gateway::Impl {
   absl::flat_hash_map<EventLoop*, size_t> worker_index;
   std::unique_ptr<ClusterManager> clusters;
   std::unique_ptr<HealthChecker> health;
+  // Each worker loop's direct HTTP/2 connections to upstream hosts (index = worker).
+  std::vector<std::unique_ptr<H2UpstreamPool>> h2_pools;
   std::vector<std::unique_ptr<ListenerDispatcher>> dispatchers;
   std::vector<std::unique_ptr<Listener>> listeners;
   std::atomic<int64_t> live_calls{0};
@@ -670,6 +680,15 @@ class Gateway::Impl {
     const absl::Time limit = absl::Now() + absl::Seconds(10);
     while (live_calls.load() > 0 && absl::Now() < limit) absl::SleepFor(absl::Milliseconds(5));
     dispatchers.clear();
+    // A pool's connections belong to its loop: closed there.
+    for (size_t i = 0; i < h2_pools.size() && i < loops.size(); ++i) {
+      std::promise<void> closed;
+      loops[i]->Post([this, i, &closed] {
+        h2_pools[i].reset();
+        closed.set_value();
+      });
+      closed.get_future().wait();
+    }
     loops.clear();  // joins the loops; posted upstream completions are dropped
     health.reset();
     clusters.reset();
@@ -692,6 +711,7 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
         EventLoop::Start(absl::StrCat("gw-worker-", i));
     if (!loop.ok()) return loop.status();
     impl->worker_index[loop->get()] = i;
+    impl->h2_pools.push_back(std::make_unique<H2UpstreamPool>(**loop));
     impl->loops.push_back(*std::move(loop));
   }
   absl::StatusOr<std::unique_ptr<ClusterManager>> clusters =
@@ -746,7 +766,8 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
     }
     impl->dispatchers.push_back(
         std::make_unique<ListenerDispatcher>(l, *std::move(router), std::move(rest),
-                                             impl->worker_index, impl->options, impl->live_calls));
+                                             impl->worker_index, impl->h2_pools, impl->options,
+                                             impl->live_calls));
     CodecOptions codec;
     if (l.http.http2_protocol_options.max_concurrent_streams.has_value()) {
       codec.max_concurrent_streams = *l.http.http2_protocol_options.max_concurrent_streams;

@@ -23,6 +23,10 @@ struct GatewayOptions {
   // Worker event loops for downstream connections (each also gets its own upstream connection
   // to every host).
   size_t worker_threads = 2;
+  // Unary calls to hosts with an IP address go over the worker loops' own HTTP/2 connections
+  // (gateway/proxy/h2_upstream.h); false sends every call through gRPC's client (for comparison
+  // and tests).
+  bool direct_h2_upstreams = true;
   GrpcProxyOptions proxy;
   // REST/JSON: reject JSON body fields unknown to the message (montage's option; Envoy drops
   // them), and the body limit when the transcoder filter sets none.

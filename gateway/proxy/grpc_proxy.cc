@@ -191,6 +191,16 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
     for (const grpc::Slice& s : slices) {
       frame.append(reinterpret_cast<const char*>(s.begin()), s.size());
     }
+    SendFrame(std::move(frame));
+  }
+  void SendMessage(absl::string_view message) {
+    std::string frame;
+    frame.reserve(kFrameHeader + message.size());
+    AppendFrameHeader(frame, 0, message.size());
+    frame.append(message.data(), message.size());
+    SendFrame(std::move(frame));
+  }
+  void SendFrame(std::string frame) {
     if (mode_ == GrpcWireMode::kWebText) frame = absl::Base64Escape(frame);
     stream_->SendData(frame, /*end_stream=*/false);
   }
@@ -283,7 +293,7 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
         return false;
       }
       if (in_.size() - offset - kFrameHeader < length) break;
-      grpc::Slice slice(in_.data() + offset + kFrameHeader, length);
+      const char* message = in_.data() + offset + kFrameHeader;
       offset += kFrameHeader + length;
       if (unary_) {
         if (unary_request_.has_value()) {
@@ -291,9 +301,10 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
                       "a unary method takes exactly one request message; this call sent more");
           return false;
         }
-        unary_request_.emplace(&slice, 1);
+        unary_request_.emplace(message, length);
         continue;
       }
+      grpc::Slice slice(message, length);
       call_->Write(grpc::ByteBuffer(&slice, 1));
     }
     in_.erase(0, offset);
@@ -361,7 +372,7 @@ class GrpcProxyHandler final : public StreamHandler, public UpstreamCallObserver
   const GrpcWireMode mode_;
   const bool unary_;
   UpstreamCallParams unary_params_;
-  std::optional<grpc::ByteBuffer> unary_request_;
+  std::optional<std::string> unary_request_;  // the message, unframed
   std::shared_ptr<UnaryExchange> unary_call_;
   UpstreamHost* last_host_ = nullptr;
   const GrpcProxyOptions options_;

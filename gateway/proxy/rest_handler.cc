@@ -221,7 +221,6 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
     }
     body_.clear();
     body_.shrink_to_fit();
-    grpc::Slice slice(message->data(), message->size());
     if (!streaming_ && !binding_.method->client_streaming()) {
       // One request, one answer: a unary gRPC call, reported back in one piece.
       Cluster* cluster = params_.cluster;
@@ -229,7 +228,7 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
       const size_t worker = params_.worker;
       RetrySettings retry = params_.retry != nullptr ? *params_.retry : RetrySettings();
       unary_call_ = UnaryExchange::Start(
-          stream_->loop(), *cluster, host, worker, std::move(params_), grpc::ByteBuffer(&slice, 1),
+          stream_->loop(), *cluster, host, worker, std::move(params_), *std::move(message),
           std::move(retry), [this](UnaryExchange::Outcome& outcome) {
             last_host_ = outcome.host;
             if (outcome.attempts > 1) {
@@ -239,12 +238,7 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
             UnaryUpstreamCall::Result& result = outcome.result;
             OnUpstreamHeaders(result.initial_metadata);
             if (result.status.ok()) {
-              std::vector<grpc::Slice> slices;
-              (void)result.response.Dump(&slices);
-              unary_response_.clear();
-              for (const grpc::Slice& s : slices) {
-                unary_response_.append(reinterpret_cast<const char*>(s.begin()), s.size());
-              }
+              unary_response_ = std::move(result.response);
               have_unary_response_ = true;
             }
             OnUpstreamFinished(result.status, result.trailing_metadata);
@@ -252,6 +246,7 @@ class RestHandler final : public StreamHandler, public UpstreamCallObserver {
       return;
     }
     call_ = UpstreamCall::Start(stream_->loop(), std::move(params_), this);
+    grpc::Slice slice(message->data(), message->size());
     call_->Write(grpc::ByteBuffer(&slice, 1));
     call_->WritesDone();
   }

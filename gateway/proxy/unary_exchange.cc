@@ -39,7 +39,7 @@ RetrySettings RetrySettings::FromPolicy(const std::optional<config::RetryPolicy>
 std::shared_ptr<UnaryExchange> UnaryExchange::Start(EventLoop& loop, Cluster& cluster,
                                                     UpstreamHost* first_host, size_t worker,
                                                     UpstreamCallParams params,
-                                                    grpc::ByteBuffer request, RetrySettings retry,
+                                                    std::string request, RetrySettings retry,
                                                     std::function<void(Outcome&)> done) {
   std::shared_ptr<UnaryExchange> x(new UnaryExchange(loop, cluster, worker));
   x->params_ = std::move(params);
@@ -63,6 +63,7 @@ void UnaryExchange::Attempt(UpstreamHost* host) {
   ++attempts_;
   UpstreamCallParams params = params_;
   params.stub = &host->stub(worker_);
+  params.host = host;
   bool per_try_deadline = false;
   if (retry_.per_try_timeout.has_value() && *retry_.per_try_timeout > absl::ZeroDuration()) {
     const absl::Time per_try = absl::Now() + *retry_.per_try_timeout;
@@ -77,7 +78,9 @@ void UnaryExchange::Attempt(UpstreamHost* host) {
   }
   if (attempts_ > 1) host->stats().rq_total.fetch_add(1, std::memory_order_relaxed);
   current_ = UnaryUpstreamCall::Start(
-      loop_, std::move(params), request_,
+      loop_, std::move(params),
+      // The request is kept for another attempt only when there can be one.
+      attempts_ > static_cast<int>(retry_.num_retries) ? std::move(request_) : request_,
       [self = shared_from_this(), host, per_try_deadline](UnaryUpstreamCall::Result& result) {
         self->AttemptDone(host, per_try_deadline, result);
       });

@@ -50,7 +50,7 @@ class UnaryExchange : public std::enable_shared_from_this<UnaryExchange> {
   // on the loop, unless Cancel() came first.
   static std::shared_ptr<UnaryExchange> Start(EventLoop& loop, Cluster& cluster,
                                               UpstreamHost* first_host, size_t worker,
-                                              UpstreamCallParams params, grpc::ByteBuffer request,
+                                              UpstreamCallParams params, std::string request,
                                               RetrySettings retry,
                                               std::function<void(Outcome&)> done);
   void Cancel();
@@ -68,7 +68,7 @@ class UnaryExchange : public std::enable_shared_from_this<UnaryExchange> {
   const size_t worker_;
   const absl::Time started_;
   UpstreamCallParams params_;
-  grpc::ByteBuffer request_;
+  std::string request_;  // the message, unframed
   RetrySettings retry_;
   std::function<void(Outcome&)> done_;
   std::shared_ptr<UnaryUpstreamCall> current_;

@@ -1,5 +1,7 @@
 #include "gateway/proxy/upstream.h"
 
+#include <event2/util.h>
+
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -55,6 +57,15 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Create(const config::Cluster& 
     }
     cluster->hosts_.push_back(
         std::make_unique<UpstreamHost>(host_port, std::move(stubs), std::move(channels)));
+    if (config.type == config::Cluster::Type::kStatic) {
+      UpstreamHost::DirectAddress direct{};
+      int length = sizeof(direct.storage);
+      if (evutil_parse_sockaddr_port(host_port.c_str(),
+                                     reinterpret_cast<sockaddr*>(&direct.storage), &length) == 0) {
+        direct.length = static_cast<socklen_t>(length);
+        cluster->hosts_.back()->direct_address_ = direct;
+      }
+    }
     // With active health checks a host takes traffic only once a check has passed (as in Envoy).
     if (!config.health_checks.empty()) cluster->hosts_.back()->set_failed_active_hc(true);
   }
@@ -77,7 +88,7 @@ void ClusterStats::RecordResponse(int http_code, absl::Duration time) {
 }
 
 int64_t UpstreamHost::ActiveConnections() const {
-  int64_t n = 0;
+  int64_t n = direct_connections_.load(std::memory_order_relaxed);
   for (const auto& channel : channels_) {
     if (channel->GetState(/*try_to_connect=*/false) == GRPC_CHANNEL_READY) ++n;
   }

@@ -8,9 +8,12 @@
 #ifndef MONTAGE_GATEWAY_PROXY_UPSTREAM_H_
 #define MONTAGE_GATEWAY_PROXY_UPSTREAM_H_
 
+#include <sys/socket.h>
+
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -70,13 +73,22 @@ class UpstreamHost {
                std::vector<std::shared_ptr<grpc::Channel>> channels)
       : address_(std::move(address)), stubs_(std::move(stubs)), channels_(std::move(channels)) {}
   const std::string& address() const { return address_; }
+  // An IP address to connect to (STATIC hosts): unary calls then go over the worker loops' own
+  // HTTP/2 connections (h2_upstream.h). Null for hosts known by name (gRPC resolves those).
+  struct DirectAddress {
+    sockaddr_storage storage;
+    socklen_t length;
+  };
+  const DirectAddress* direct_address() const {
+    return direct_address_.has_value() ? &*direct_address_ : nullptr;
+  }
   // A stub for the caller's worker loop (each loop has its own connection to the host).
   grpc::GenericStub& stub(size_t worker) { return *stubs_[worker % stubs_.size()]; }
   std::shared_ptr<grpc::Channel> channel(size_t worker) const {
     return channels_[worker % channels_.size()];
   }
   HostStats& stats() { return stats_; }
-  // Channels to this host whose connection is up.
+  // Connections to this host that are up (gRPC channels in READY and direct HTTP/2 ones).
   int64_t ActiveConnections() const;
 
   // Health as Envoy's /clusters shows it: failed_active_hc (the active gRPC health check says
@@ -90,7 +102,10 @@ class UpstreamHost {
 
  private:
   friend class Cluster;
+  friend class H2UpstreamConnection;
   std::string address_;
+  std::optional<DirectAddress> direct_address_;
+  std::atomic<int64_t> direct_connections_{0};
   std::vector<std::unique_ptr<grpc::GenericStub>> stubs_;
   std::vector<std::shared_ptr<grpc::Channel>> channels_;
   HostStats stats_;

@@ -6,6 +6,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
+#include "gateway/proxy/upstream.h"
 
 namespace montage::gateway {
 namespace {
@@ -196,34 +197,62 @@ void UpstreamCall::OnDone(const grpc::Status& status) {
 
 std::shared_ptr<UnaryUpstreamCall> UnaryUpstreamCall::Start(EventLoop& loop,
                                                             UpstreamCallParams params,
-                                                            grpc::ByteBuffer request,
+                                                            std::string request,
                                                             std::function<void(Result&)> done) {
   std::shared_ptr<UnaryUpstreamCall> call(new UnaryUpstreamCall(loop));
   call->live_calls_ = params.live_calls;
   if (call->live_calls_ != nullptr) call->live_calls_->fetch_add(1);
   call->done_ = std::move(done);
-  call->request_ = std::move(request);
-  if (params.deadline != absl::InfiniteFuture()) {
-    call->context_.set_deadline(absl::ToChronoTime(params.deadline));
-  }
   call->span_ = StartAttemptSpan(params, params.metadata);
-  for (auto& [key, value] : params.metadata) call->context_.AddMetadata(key, value);
+  if (params.h2_pool != nullptr && params.cluster != nullptr && params.host != nullptr &&
+      params.host->direct_address() != nullptr) {
+    H2UnaryRequest h2;
+    h2.method = std::move(params.method);
+    h2.deadline = params.deadline;
+    h2.metadata = std::move(params.metadata);
+    h2.message = std::move(request);
+    call->h2_ = params.h2_pool->Start(
+        *params.cluster, *params.host, std::move(h2),
+        [weak = std::weak_ptr<UnaryUpstreamCall>(call)](Result& result) {
+          if (std::shared_ptr<UnaryUpstreamCall> self = weak.lock()) self->Finish(result);
+        });
+    return call;
+  }
+  call->context_ = std::make_unique<grpc::ClientContext>();
+  grpc::ClientContext& context = *call->context_;
+  if (params.deadline != absl::InfiniteFuture()) {
+    context.set_deadline(absl::ToChronoTime(params.deadline));
+  }
+  grpc::Slice slice(request.data(), request.size());
+  call->request_ = grpc::ByteBuffer(&slice, 1);
+  for (auto& [key, value] : params.metadata) context.AddMetadata(key, value);
   params.stub->UnaryCall(
-      &call->context_, params.method, grpc::StubOptions(), &call->request_, &call->response_,
+      &context, params.method, grpc::StubOptions(), &call->request_, &call->response_,
       [self = call](grpc::Status status) {
         // gRPC's thread: the call is complete, so its metadata can be read here.
         auto result = std::make_shared<Result>();
         result->status = std::move(status);
-        result->initial_metadata = ToHeaderList(self->context_.GetServerInitialMetadata());
-        result->trailing_metadata = ToHeaderList(self->context_.GetServerTrailingMetadata());
-        if (result->status.ok()) result->response.Swap(&self->response_);
-        self->loop_.Post([self, result] {
-          EndAttemptSpan(self->span_, result->status);
-          if (!self->cancelled_ && self->done_ != nullptr) self->done_(*result);
-          self->done_ = nullptr;
-        });
+        result->initial_metadata = ToHeaderList(self->context_->GetServerInitialMetadata());
+        result->trailing_metadata = ToHeaderList(self->context_->GetServerTrailingMetadata());
+        if (result->status.ok()) {
+          std::vector<grpc::Slice> slices;
+          (void)self->response_.Dump(&slices);
+          for (const grpc::Slice& s : slices) {
+            result->response.append(reinterpret_cast<const char*>(s.begin()), s.size());
+          }
+          self->response_.Clear();
+        }
+        self->loop_.Post([self, result] { self->Finish(*result); });
       });
   return call;
+}
+
+void UnaryUpstreamCall::Finish(Result& result) {
+  EndAttemptSpan(span_, result.status);
+  if (cancelled_ || done_ == nullptr) return;
+  std::function<void(Result&)> done = std::move(done_);
+  done_ = nullptr;
+  done(result);
 }
 
 UnaryUpstreamCall::~UnaryUpstreamCall() {
@@ -234,7 +263,8 @@ void UnaryUpstreamCall::Cancel() {
   if (cancelled_) return;
   cancelled_ = true;
   done_ = nullptr;
-  context_.TryCancel();
+  if (h2_ != nullptr) h2_->Cancel();
+  if (context_ != nullptr) context_->TryCancel();
 }
 
 telemetry::Span StartAttemptSpan(const UpstreamCallParams& params, HeaderList& metadata) {

@@ -14,6 +14,7 @@
 #include "absl/time/time.h"
 #include "common/telemetry/trace_context.h"
 #include "common/telemetry/tracer.h"
+#include "gateway/proxy/h2_upstream.h"
 #include "gateway/server/event_loop.h"
 #include "gateway/server/http_stream.h"
 #include "grpcpp/client_context.h"
@@ -54,6 +55,9 @@ struct UpstreamCallParams {
   UpstreamHost* host = nullptr;
   size_t worker = 0;
   std::shared_ptr<const RetrySettings> retry;
+  // The worker loop's direct HTTP/2 connections: unary calls to a host with an IP address go
+  // there instead of through gRPC's client (null: always gRPC's client).
+  H2UpstreamPool* h2_pool = nullptr;
   // The downstream request's span: each attempt records a client span under it and sends that
   // span's context upstream (traceparent and B3), replacing what the caller sent.
   std::optional<telemetry::SpanContext> trace_parent;
@@ -124,19 +128,16 @@ class UpstreamCall : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::Byte
 };
 
 // A unary call in one piece (the method is known to be unary from its descriptor): the request
-// is complete before the call starts and the whole answer comes back in one report, so a call
-// costs one hop from gRPC's threads to the loop instead of one per event. Loop thread only.
+// is complete before the call starts and the whole answer comes back in one report. To a host with
+// an IP address it runs on the worker loop's own HTTP/2 connection (h2_upstream.h) and never
+// leaves the loop; otherwise through gRPC's client, with one hop back to the loop. Loop thread
+// only.
 class UnaryUpstreamCall : public std::enable_shared_from_this<UnaryUpstreamCall> {
  public:
-  struct Result {
-    grpc::Status status;
-    HeaderList initial_metadata;
-    HeaderList trailing_metadata;
-    grpc::ByteBuffer response;
-  };
-  // `done` runs on the loop unless Cancel() came first.
+  using Result = UnaryResult;
+  // `request` is the message, unframed. `done` runs on the loop unless Cancel() came first.
   static std::shared_ptr<UnaryUpstreamCall> Start(EventLoop& loop, UpstreamCallParams params,
-                                                  grpc::ByteBuffer request,
+                                                  std::string request,
                                                   std::function<void(Result&)> done);
   ~UnaryUpstreamCall();
   void Cancel();
@@ -144,8 +145,10 @@ class UnaryUpstreamCall : public std::enable_shared_from_this<UnaryUpstreamCall>
 
  private:
   explicit UnaryUpstreamCall(EventLoop& loop) : loop_(loop), started_(absl::Now()) {}
+  void Finish(Result& result);
   EventLoop& loop_;
-  grpc::ClientContext context_;
+  std::unique_ptr<H2UnaryCall> h2_;  // the direct path
+  std::unique_ptr<grpc::ClientContext> context_;  // gRPC's client
   grpc::ByteBuffer request_;
   grpc::ByteBuffer response_;
   std::function<void(Result&)> done_;
