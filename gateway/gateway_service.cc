@@ -56,6 +56,7 @@ class GatewayModule final : public ServiceModule {
     config::Bootstrap bootstrap = *std::move(bootstrap_or);
     GatewayOptions options;
     options.worker_threads = config_.worker_threads();
+    options.direct_h2_upstreams = !config_.unary_via_grpc_client();
     options.proxy.max_message_bytes = config_.max_request_message_bytes();
     options.reject_unknown_fields = config_.reject_unknown_fields();
     options.trusted_callers.assign(config_.trusted_callers().begin(),

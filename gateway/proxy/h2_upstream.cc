@@ -610,7 +610,7 @@ std::string GrpcTimeoutHeader(absl::Duration remaining) {
                {int64_t{60} * 1000000000, 'M'},
                {int64_t{3600} * 1000000000, 'H'}};
   for (const auto& u : units) {
-    const int64_t value = (ns + u.ns_per_unit - 1) / u.ns_per_unit;
+    const int64_t value = ns / u.ns_per_unit + (ns % u.ns_per_unit != 0 ? 1 : 0);
     if (value <= kMax) return absl::StrCat(value, std::string(1, u.unit));
   }
   return absl::StrCat(kMax, "H");

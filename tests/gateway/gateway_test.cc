@@ -44,7 +44,16 @@ std::string Bootstrap(int backend_port) {
   return TestBootstrapYaml(b);
 }
 
-class GatewayTest : public ::testing::Test {
+// Every test runs twice: unary calls over the gateway's own HTTP/2 connections (the default) and
+// through gRPC's client library (gateway.unary_via_grpc_client); both must behave the same.
+std::string TransportArg(bool via_grpc_client) {
+  return absl::StrCat("--set=gateway.unary_via_grpc_client=", via_grpc_client ? "true" : "false");
+}
+std::string TransportName(const ::testing::TestParamInfo<bool>& info) {
+  return info.param ? "ViaGrpcClient" : "DirectH2";
+}
+
+class GatewayTest : public ::testing::TestWithParam<bool> {
  protected:
   void SetUp() override {
     auto backend = EchoBackend::Start();
@@ -54,7 +63,8 @@ class GatewayTest : public ::testing::Test {
     bootstrap_path_ = dir + "/envoy.yaml";
     std::ofstream(bootstrap_path_) << Bootstrap(backend_->port());
     auto gateway = MontagedProcess::Start(
-        {"gateway", absl::StrCat("--set=gateway.envoy_bootstrap=", bootstrap_path_)});
+        {"gateway", absl::StrCat("--set=gateway.envoy_bootstrap=", bootstrap_path_),
+         TransportArg(GetParam())});
     ASSERT_TRUE(gateway.ok()) << gateway.status();
     gateway_ = *std::move(gateway);
     address_ = gateway_->endpoint("gateway");
@@ -77,7 +87,7 @@ class GatewayTest : public ::testing::Test {
   std::unique_ptr<v1::EchoService::Stub> stub_;
 };
 
-TEST_F(GatewayTest, UnaryPassesMessageAndHeadersBothWays) {
+TEST_P(GatewayTest, UnaryPassesMessageAndHeadersBothWays) {
   grpc::ClientContext ctx;
   WithDeadline(ctx, absl::Seconds(10));
   ctx.AddMetadata("x-custom", "hello");
@@ -102,7 +112,7 @@ TEST_F(GatewayTest, UnaryPassesMessageAndHeadersBothWays) {
   EXPECT_EQ(initial.count("x-request-id"), 1u);
 }
 
-TEST_F(GatewayTest, ServerStreamingDeliversEveryMessageInOrder) {
+TEST_P(GatewayTest, ServerStreamingDeliversEveryMessageInOrder) {
   grpc::ClientContext ctx;
   WithDeadline(ctx);
   EchoRequest req;
@@ -121,7 +131,7 @@ TEST_F(GatewayTest, ServerStreamingDeliversEveryMessageInOrder) {
   EXPECT_EQ(n, 50);
 }
 
-TEST_F(GatewayTest, ClientStreamingAndBidi) {
+TEST_P(GatewayTest, ClientStreamingAndBidi) {
   {
     grpc::ClientContext ctx;
     WithDeadline(ctx);
@@ -156,7 +166,7 @@ TEST_F(GatewayTest, ClientStreamingAndBidi) {
   }
 }
 
-TEST_F(GatewayTest, StatusesPassThroughIncludingMidStream) {
+TEST_P(GatewayTest, StatusesPassThroughIncludingMidStream) {
   {
     grpc::ClientContext ctx;
     WithDeadline(ctx);
@@ -187,7 +197,7 @@ TEST_F(GatewayTest, StatusesPassThroughIncludingMidStream) {
   }
 }
 
-TEST_F(GatewayTest, DeadlinePassesThroughAndCancelsTheBackend) {
+TEST_P(GatewayTest, DeadlinePassesThroughAndCancelsTheBackend) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
   EchoRequest req;
@@ -199,7 +209,7 @@ TEST_F(GatewayTest, DeadlinePassesThroughAndCancelsTheBackend) {
   EXPECT_TRUE(Eventually([&] { return backend_->in_flight() == 0; }));
 }
 
-TEST_F(GatewayTest, ClientCancellationReachesTheBackend) {
+TEST_P(GatewayTest, ClientCancellationReachesTheBackend) {
   grpc::ClientContext ctx;
   WithDeadline(ctx, absl::Seconds(30));
   EchoRequest req;
@@ -215,7 +225,7 @@ TEST_F(GatewayTest, ClientCancellationReachesTheBackend) {
   EXPECT_TRUE(Eventually([&] { return backend_->in_flight() == 0; }));
 }
 
-TEST_F(GatewayTest, UnknownRouteIsUnimplemented) {
+TEST_P(GatewayTest, UnknownRouteIsUnimplemented) {
   auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
   grpc::GenericStub generic(channel);
   grpc::ClientContext ctx;
@@ -240,7 +250,7 @@ TEST_F(GatewayTest, UnknownRouteIsUnimplemented) {
   EXPECT_THAT(status.error_message(), HasSubstr("no route"));
 }
 
-TEST_F(GatewayTest, BackendGoneIsUnavailableAndRecoveryFollowsItsReturn) {
+TEST_P(GatewayTest, BackendGoneIsUnavailableAndRecoveryFollowsItsReturn) {
   const int port = backend_->port();
   backend_.reset();
   grpc::Status s;
@@ -334,7 +344,7 @@ std::vector<std::pair<uint8_t, std::string>> Frames(const std::string& body) {
   return out;
 }
 
-TEST_F(GatewayTest, GrpcWebBinaryAndTextCarryMessagesAndTrailerFrame) {
+TEST_P(GatewayTest, GrpcWebBinaryAndTextCarryMessagesAndTrailerFrame) {
   EchoRequest req;
   req.set_message("web");
   req.set_repeat(3);
@@ -392,7 +402,7 @@ TEST_F(GatewayTest, GrpcWebBinaryAndTextCarryMessagesAndTrailerFrame) {
   EXPECT_THAT(error_frames[0].second, HasSubstr("grpc-message:denied\r\n"));
 }
 
-TEST_F(GatewayTest, HeadersGrpcCannotCarryAreDroppedNotFatal) {
+TEST_P(GatewayTest, HeadersGrpcCannotCarryAreDroppedNotFatal) {
   EchoRequest req;
   req.set_message("still here");
   WebAnswer answer = PostGrpcWeb(address_, "/montage.testing.v1.EchoService/Unary",
@@ -414,7 +424,7 @@ TEST_F(GatewayTest, HeadersGrpcCannotCarryAreDroppedNotFatal) {
 
 // The upstream ends a bidi call while the client still has its side open: the client gets the
 // status at once (the proxy must not wait for the client to finish writing).
-TEST_F(GatewayTest, UpstreamEndingFirstReachesAnIdleClient) {
+TEST_P(GatewayTest, UpstreamEndingFirstReachesAnIdleClient) {
   grpc::ClientContext ctx;
   WithDeadline(ctx, absl::Seconds(20));
   auto stream = stub_->Bidi(&ctx);
@@ -468,7 +478,7 @@ RestAnswer Rest(const std::string& address, const std::string& method, const std
   return answer;
 }
 
-TEST_F(GatewayTest, RestUnaryByBodyAndByPath) {
+TEST_P(GatewayTest, RestUnaryByBodyAndByPath) {
   RestAnswer post = Rest(address_, "POST", "/v1/echo", R"({"message":"from json"})");
   ASSERT_EQ(post.status, 200) << post.body;
   EXPECT_EQ(post.content_type, "application/json");
@@ -480,7 +490,7 @@ TEST_F(GatewayTest, RestUnaryByBodyAndByPath) {
   EXPECT_THAT(get.body, HasSubstr(R"("message":"hello there")"));
 }
 
-TEST_F(GatewayTest, RestErrorsFollowEnvoysStatusTable) {
+TEST_P(GatewayTest, RestErrorsFollowEnvoysStatusTable) {
   RestAnswer missing = Rest(address_, "POST", "/v1/echo", R"({"failCode":5,"failMessage":"gone"})");
   EXPECT_EQ(missing.status, 404);
   EXPECT_EQ(missing.content_type, "application/json");
@@ -507,7 +517,7 @@ TEST_F(GatewayTest, RestErrorsFollowEnvoysStatusTable) {
   EXPECT_EQ(backend_->calls(), 2);  // only the two answered by the backend reached it
 }
 
-TEST_F(GatewayTest, RestServerStreamAsArrayNdjsonAndSse) {
+TEST_P(GatewayTest, RestServerStreamAsArrayNdjsonAndSse) {
   const std::string body = R"({"message":"s","repeat":3})";
   RestAnswer array = Rest(address_, "POST", "/v1/echo:stream", body);
   ASSERT_EQ(array.status, 200) << array.body;
@@ -529,7 +539,7 @@ TEST_F(GatewayTest, RestServerStreamAsArrayNdjsonAndSse) {
   EXPECT_THAT(sse.body, HasSubstr("data: {"));
 }
 
-TEST_F(GatewayTest, RestMidStreamErrorIsTheLastElementNotATruncation) {
+TEST_P(GatewayTest, RestMidStreamErrorIsTheLastElementNotATruncation) {
   const std::string body =
       R"({"message":"s","repeat":5,"failCode":8,"failMessage":"quota","failAfter":2})";
   RestAnswer array = Rest(address_, "POST", "/v1/echo:stream", body);
@@ -547,7 +557,7 @@ TEST_F(GatewayTest, RestMidStreamErrorIsTheLastElementNotATruncation) {
   EXPECT_THAT(early.body, HasSubstr(R"("code":7)"));
 }
 
-TEST_F(GatewayTest, RestClientDisconnectCancelsTheBackendCall) {
+TEST_P(GatewayTest, RestClientDisconnectCancelsTheBackendCall) {
   std::thread client([&] {
     CURL* curl = curl_easy_init();
     const std::string url = absl::StrCat("http://", address_, "/v1/echo");
@@ -570,7 +580,7 @@ TEST_F(GatewayTest, RestClientDisconnectCancelsTheBackendCall) {
   EXPECT_TRUE(Eventually([&] { return backend_->in_flight() == 0; }));
 }
 
-TEST_F(GatewayTest, TracesHaveASpanPerRequestAndPerUpstreamAttempt) {
+TEST_P(GatewayTest, TracesHaveASpanPerRequestAndPerUpstreamAttempt) {
   const std::string trace = "4bf92f3577b34da6a3ce929d0e0e4736";
   grpc::ClientContext ctx;
   WithDeadline(ctx);
@@ -595,7 +605,7 @@ TEST_F(GatewayTest, TracesHaveASpanPerRequestAndPerUpstreamAttempt) {
   EXPECT_THAT(traces, HasSubstr("00f067aa0ba902b7"));  // the caller's span is the parent
 }
 
-TEST_F(GatewayTest, AdminPagesUseEnvoysNames) {
+TEST_P(GatewayTest, AdminPagesUseEnvoysNames) {
   for (int i = 0; i < 3; ++i) {
     grpc::ClientContext ctx;
     WithDeadline(ctx);
@@ -650,7 +660,9 @@ std::string ClusterBootstrap(const std::vector<int>& ports, const std::string& c
   return TestBootstrapYaml(b);
 }
 
-class GatewayUpstreamTest : public ::testing::Test {
+INSTANTIATE_TEST_SUITE_P(Transports, GatewayTest, ::testing::Bool(), TransportName);
+
+class GatewayUpstreamTest : public ::testing::TestWithParam<bool> {
  protected:
   void StartBackends(int n) {
     for (int i = 0; i < n; ++i) {
@@ -665,7 +677,8 @@ class GatewayUpstreamTest : public ::testing::Test {
     const std::string path = MakeTempDir() + "/envoy.yaml";
     std::ofstream(path) << ClusterBootstrap(ports, cluster_extra);
     std::vector<std::string> args = {"gateway",
-                                     absl::StrCat("--set=gateway.envoy_bootstrap=", path)};
+                                     absl::StrCat("--set=gateway.envoy_bootstrap=", path),
+                                     TransportArg(GetParam())};
     for (auto& a : extra_args) args.push_back(std::move(a));
     auto gateway = MontagedProcess::Start(args);
     ASSERT_TRUE(gateway.ok()) << gateway.status();
@@ -696,7 +709,7 @@ class GatewayUpstreamTest : public ::testing::Test {
   std::unique_ptr<v1::EchoService::Stub> stub_;
 };
 
-TEST_F(GatewayUpstreamTest, FailingHealthChecksTakeAHostOutOfRotationAndBack) {
+TEST_P(GatewayUpstreamTest, FailingHealthChecksTakeAHostOutOfRotationAndBack) {
   StartBackends(2);
   StartGateway(R"(    health_checks:
     - timeout: 1s
@@ -727,7 +740,7 @@ TEST_F(GatewayUpstreamTest, FailingHealthChecksTakeAHostOutOfRotationAndBack) {
   })) << Clusters();
 }
 
-TEST_F(GatewayUpstreamTest, ConsecutiveFailuresEjectAHostUntilItsTimeIsUp) {
+TEST_P(GatewayUpstreamTest, ConsecutiveFailuresEjectAHostUntilItsTimeIsUp) {
   StartBackends(2);
   StartGateway(R"(    outlier_detection:
       consecutive_5xx: 3
@@ -758,7 +771,7 @@ TEST_F(GatewayUpstreamTest, ConsecutiveFailuresEjectAHostUntilItsTimeIsUp) {
   }));
 }
 
-TEST_F(GatewayUpstreamTest, MaxRequestsRefusesTheOverflowAtOnce) {
+TEST_P(GatewayUpstreamTest, MaxRequestsRefusesTheOverflowAtOnce) {
   StartBackends(1);
   StartGateway(R"(    circuit_breakers:
       thresholds:
@@ -783,7 +796,7 @@ TEST_F(GatewayUpstreamTest, MaxRequestsRefusesTheOverflowAtOnce) {
   EXPECT_TRUE(Call().ok());  // the limit counts active requests only
 }
 
-TEST_F(GatewayUpstreamTest, RetriesGoElsewhereWithinTheRouteTimeout) {
+TEST_P(GatewayUpstreamTest, RetriesGoElsewhereWithinTheRouteTimeout) {
   StartBackends(2);
   std::vector<int> ports = {backends_[0]->port(), backends_[1]->port()};
   const std::string yaml =
@@ -834,7 +847,7 @@ TEST_F(GatewayUpstreamTest, RetriesGoElsewhereWithinTheRouteTimeout) {
 }
 
 // x-envoy-* request headers and x-request-id count only from trusted callers.
-TEST_F(GatewayUpstreamTest, EnvoyHeadersAreHonouredFromTrustedCallersOnly) {
+TEST_P(GatewayUpstreamTest, EnvoyHeadersAreHonouredFromTrustedCallersOnly) {
   StartBackends(1);
   auto failing_call = [&](const std::string& request_id) {
     grpc::ClientContext ctx;
@@ -865,6 +878,8 @@ TEST_F(GatewayUpstreamTest, EnvoyHeadersAreHonouredFromTrustedCallersOnly) {
 }
 
 // The embedded default (`montaged all`): REST for every montage service, and fan-out.
+INSTANTIATE_TEST_SUITE_P(Transports, GatewayUpstreamTest, ::testing::Bool(), TransportName);
+
 TEST(GatewayEmbeddedTest, BatchFansOutThroughTheGatewayInRequestOrder) {
   auto all = MontagedProcess::Start({"all"});
   ASSERT_TRUE(all.ok()) << all.status();
