@@ -75,12 +75,26 @@ std::string GrpcPathOf(absl::string_view method) {
   return absl::StrCat("/", method.substr(0, dot), "/", method.substr(dot + 1));
 }
 
+// google.protobuf.Value's JSON conversions through one resolver for the whole process (protobuf's
+// MessageToJsonString and JsonStringToMessage convert Value, Struct and ListValue to
+// google.protobuf.Type anew on every call).
+pb::util::TypeResolver* ValueResolver() {
+  static auto* resolver = new transcode::CachingTypeResolver(*pb::DescriptorPool::generated_pool());
+  return resolver;
+}
+const std::string& ValueTypeUrl() {
+  static const auto* url = new std::string(
+      absl::StrCat("type.googleapis.com/", pb::Value::descriptor()->full_name()));
+  return *url;
+}
+
 // The item's body as JSON text; `absent` when the item has none.
 absl::StatusOr<std::string> BodyJson(const BatchItem& item, size_t index,
                                      absl::string_view absent) {
   if (!item.has_body()) return std::string(absent);
   std::string json;
-  const auto status = pb::util::MessageToJsonString(item.body(), &json);
+  const auto status = pb::util::BinaryToJsonString(ValueResolver(), ValueTypeUrl(),
+                                                   item.body().SerializeAsString(), &json);
   if (!status.ok()) {
     return InvalidFieldError(ItemField(index, "body"), ToString(status.message()));
   }
@@ -198,9 +212,10 @@ absl::StatusOr<pb::Value> ResponseBody(const BatchTranscoding& t, const Prepared
     json = t.transcoder->ProtoToJson(*item.method->output_type(), bytes, t.print);
   }
   if (!json.ok()) return json.status();
+  std::string binary;
+  const auto status = pb::util::JsonToBinaryString(ValueResolver(), ValueTypeUrl(), *json, &binary);
   pb::Value value;
-  const auto status = pb::util::JsonStringToMessage(*json, &value);
-  if (!status.ok()) {
+  if (!status.ok() || !value.ParseFromString(binary)) {
     return absl::InternalError(
         absl::StrCat("the answer's JSON does not read back: ", ToString(status.message())));
   }

@@ -18,14 +18,22 @@
 #include "absl/strings/strip.h"
 #include "common/utf8.h"
 #include "google/protobuf/descriptor.pb.h"
+#include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/message.h"
+#include "google/protobuf/wire_format_lite.h"
 #include "google/protobuf/util/json_util.h"
+#include "google/protobuf/util/type_resolver_util.h"
 #include "google/protobuf/util/message_differencer.h"
 
 namespace montage::gateway::transcode {
 namespace {
 
 namespace pb = google::protobuf;
+
+constexpr absl::string_view kTypeUrlPrefix = "type.googleapis.com";
+// JSON this shallow cannot make a message deeper than protobuf's recursion limit (100), even
+// when every level is a google.protobuf.Struct (three messages each).
+constexpr int kShallowJsonDepth = 30;
 
 // Deeper JSON is refused before the protobuf parser sees it (its own limit is 100, and a body of
 // nested arrays costs it stack frames per level).
@@ -104,8 +112,9 @@ bool IsBlank(absl::string_view s) { return absl::StripAsciiWhitespace(s).empty()
 // nesting depth and, for a body spliced into {"field": <body>}, make sure the body is one value
 // that cannot close the wrapper and add fields of its own.
 
-absl::Status CheckJsonShape(absl::string_view json, bool single_value) {
+absl::Status CheckJsonShape(absl::string_view json, bool single_value, int* max_depth = nullptr) {
   int depth = 0;
+  if (max_depth != nullptr) *max_depth = 0;
   bool in_string = false;
   bool escaped = false;
   bool value_done = false;  // a top-level container has closed
@@ -131,6 +140,7 @@ absl::Status CheckJsonShape(absl::string_view json, bool single_value) {
           return absl::InvalidArgumentError(
               absl::StrCat("request body must be a single JSON value; more follows at byte ", i));
         }
+        if (max_depth != nullptr) *max_depth = std::max(*max_depth, depth + 1);
         if (++depth > kMaxJsonDepth) {
           return absl::InvalidArgumentError(absl::StrCat(
               "request body is nested deeper than ", kMaxJsonDepth, " levels (at byte ", i, ")"));
@@ -843,28 +853,67 @@ pb::util::JsonPrintOptions ToJsonPrintOptions(const PrintOptions& options) {
 // protobuf's ignore_unknown_fields would also turn it silently into the default value, so it is
 // used only when a strict parse failed on an unknown field (a body that has both an unknown
 // field and an unknown enum name then keeps the enum's default).
-absl::Status ParseJson(absl::string_view json, pb::Message* message, const RequestOptions& options,
-                       size_t prefix_len = 0) {
-  if (auto status = CheckJsonShape(json.substr(std::min(prefix_len, json.size())), false);
+std::string TypeUrl(const pb::Descriptor& type) {
+  return absl::StrCat(kTypeUrlPrefix, "/", type.full_name());
+}
+
+// `json` as the serialized bytes of `type`, with ParseJson's rules and errors.
+// `depth` (optional) is set to the JSON's nesting depth.
+absl::StatusOr<std::string> JsonToBinary(pb::util::TypeResolver* resolver, absl::string_view json,
+                                         const pb::Descriptor& type,
+                                         const RequestOptions& options, size_t prefix_len = 0,
+                                         int* depth = nullptr) {
+  if (auto status = CheckJsonShape(json.substr(std::min(prefix_len, json.size())), false, depth);
       !status.ok()) {
     return status;
   }
   pb::util::JsonParseOptions parse;
   parse.ignore_unknown_fields = false;
   parse.case_insensitive_enum_parsing = options.case_insensitive_enum_parsing;
-  auto status =
-      pb::util::JsonStringToMessage(pb::StringPiece(json.data(), json.size()), message, parse);
+  const std::string url = TypeUrl(type);
+  const pb::StringPiece input(json.data(), json.size());
+  std::string binary;
+  auto status = pb::util::JsonToBinaryString(resolver, url, input, &binary, parse);
   if (!status.ok() && !options.reject_unknown_fields &&
       absl::StrContains(absl::string_view(status.message().data(), status.message().size()),
                         "Cannot find field")) {
     parse.ignore_unknown_fields = true;
-    status =
-        pb::util::JsonStringToMessage(pb::StringPiece(json.data(), json.size()), message, parse);
+    binary.clear();
+    status = pb::util::JsonToBinaryString(resolver, url, input, &binary, parse);
   }
-  if (status.ok()) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      DescribeJsonError(absl::string_view(status.message().data(), status.message().size()), json,
-                        prefix_len, *message->GetDescriptor()));
+  if (status.ok()) return binary;
+  return absl::InvalidArgumentError(DescribeJsonError(
+      absl::string_view(status.message().data(), status.message().size()), json, prefix_len,
+      type));
+}
+
+absl::Status ParseJson(pb::util::TypeResolver* resolver, absl::string_view json,
+                       pb::Message* message, const RequestOptions& options,
+                       size_t prefix_len = 0) {
+  absl::StatusOr<std::string> binary =
+      JsonToBinary(resolver, json, *message->GetDescriptor(), options, prefix_len);
+  if (!binary.ok()) return binary.status();
+  if (!message->ParseFromString(*binary)) {
+    return absl::InvalidArgumentError(absl::StrCat("the JSON body does not make a valid ",
+                                                   message->GetDescriptor()->full_name()));
+  }
+  return absl::OkStatus();
+}
+
+// True when `bytes` parse as protobuf wire format (tags, lengths and groups), whatever the type.
+bool IsWellFormedWire(absl::string_view bytes) {
+  if (bytes.size() > static_cast<size_t>(INT32_MAX)) return false;
+  pb::io::CodedInputStream input(reinterpret_cast<const uint8_t*>(bytes.data()),
+                                 static_cast<int>(bytes.size()));
+  return pb::internal::WireFormatLite::SkipMessage(&input) && input.ConsumedEntireMessage() &&
+         input.CurrentPosition() == static_cast<int>(bytes.size());
+}
+
+// A message as JSON through `resolver` (MessageToJsonString without building a resolver).
+pb::util::Status MessageToJson(pb::util::TypeResolver* resolver, const pb::Message& message,
+                               std::string* json, const pb::util::JsonPrintOptions& options) {
+  return pb::util::BinaryToJsonString(resolver, TypeUrl(*message.GetDescriptor()),
+                                      message.SerializeAsString(), json, options);
 }
 
 // A message from its serialized bytes (missing proto2 required fields are not an error).
@@ -916,8 +965,52 @@ std::string DefaultFieldJson(const pb::FieldDescriptor& field, const PrintOption
 
 }  // namespace
 
+CachingTypeResolver::CachingTypeResolver(const pb::DescriptorPool& pool)
+    : inner_(pb::util::NewTypeResolverForDescriptorPool(std::string(kTypeUrlPrefix), &pool)) {}
+
+CachingTypeResolver::~CachingTypeResolver() = default;
+
+pb::util::Status CachingTypeResolver::ResolveMessageType(const std::string& type_url,
+                                                         pb::Type* message_type) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto it = types_.find(type_url); it != types_.end()) {
+      *message_type = it->second;
+      return pb::util::Status();
+    }
+  }
+  // Resolved outside the lock: the inner resolver only reads the (immutable) pool.
+  pb::Type resolved;
+  pb::util::Status status = inner_->ResolveMessageType(type_url, &resolved);
+  if (!status.ok()) return status;
+  *message_type = resolved;
+  absl::MutexLock lock(&mu_);
+  types_.emplace(type_url, std::move(resolved));
+  return status;
+}
+
+pb::util::Status CachingTypeResolver::ResolveEnumType(const std::string& type_url,
+                                                      pb::Enum* enum_type) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto it = enums_.find(type_url); it != enums_.end()) {
+      *enum_type = it->second;
+      return pb::util::Status();
+    }
+  }
+  pb::Enum resolved;
+  pb::util::Status status = inner_->ResolveEnumType(type_url, &resolved);
+  if (!status.ok()) return status;
+  *enum_type = resolved;
+  absl::MutexLock lock(&mu_);
+  enums_.emplace(type_url, std::move(resolved));
+  return status;
+}
+
 Transcoder::Transcoder(const pb::DescriptorPool& pool)
-    : pool_(pool), factory_(std::make_unique<pb::DynamicMessageFactory>(&pool)) {}
+    : pool_(pool),
+      factory_(std::make_unique<pb::DynamicMessageFactory>(&pool)),
+      resolver_(std::make_unique<CachingTypeResolver>(pool)) {}
 
 Transcoder::~Transcoder() = default;
 
@@ -948,7 +1041,7 @@ absl::StatusOr<std::string> Transcoder::RequestToProto(const HttpBinding& bindin
     if (IsHttpBody(&type)) {
       SetHttpBody(message.get(), request.body, request.content_type);
     } else if (!IsBlank(request.body)) {
-      if (auto status = ParseJson(request.body, message.get(), options); !status.ok()) {
+      if (auto status = ParseJson(resolver_.get(), request.body, message.get(), options); !status.ok()) {
         return status;
       }
     }
@@ -965,7 +1058,7 @@ absl::StatusOr<std::string> Transcoder::RequestToProto(const HttpBinding& bindin
       // No body: the field stays unset.
     } else if (IsSingularMessage(*field)) {
       if (auto status =
-              ParseJson(request.body,
+              ParseJson(resolver_.get(), request.body,
                         reflection.MutableMessage(message.get(), field, factory_.get()), options);
           !status.ok()) {
         return status;
@@ -978,7 +1071,7 @@ absl::StatusOr<std::string> Transcoder::RequestToProto(const HttpBinding& bindin
       }
       const std::string prefix = absl::StrCat("{", JsonQuote(field->json_name()), ":");
       const std::string wrapped = absl::StrCat(prefix, request.body, "}");
-      if (auto status = ParseJson(wrapped, message.get(), options, prefix.size()); !status.ok()) {
+      if (auto status = ParseJson(resolver_.get(), wrapped, message.get(), options, prefix.size()); !status.ok()) {
         return status;
       }
     }
@@ -1094,15 +1187,19 @@ absl::StatusOr<std::string> Transcoder::RequestToProto(const HttpBinding& bindin
 absl::StatusOr<std::string> Transcoder::JsonToProto(const pb::Descriptor& type,
                                                     absl::string_view json,
                                                     const RequestOptions& options) const {
+  if (IsBlank(json)) return std::string();
+  int depth = 0;
+  absl::StatusOr<std::string> binary =
+      JsonToBinary(resolver_.get(), json, type, options, 0, &depth);
+  // protobuf reads messages at most 100 deep, and a google.protobuf.Struct level is three
+  // messages: deep JSON is parsed once more as the message, to refuse what no server would read.
+  if (!binary.ok() || depth <= kShallowJsonDepth) return binary;
   std::unique_ptr<pb::Message> message(factory_->GetPrototype(&type)->New());
-  if (!IsBlank(json)) {
-    if (auto status = ParseJson(json, message.get(), options); !status.ok()) return status;
+  if (!message->ParseFromString(*binary)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request body nests too deeply for ", type.full_name()));
   }
-  std::string out;
-  if (!message->SerializePartialToString(&out)) {
-    return absl::InternalError(absl::StrCat("cannot serialize ", type.full_name()));
-  }
-  return out;
+  return binary;
 }
 
 absl::StatusOr<HttpResponseParts> Transcoder::ResponseToHttp(const pb::MethodDescriptor& method,
@@ -1133,7 +1230,7 @@ absl::StatusOr<HttpResponseParts> Transcoder::ResponseToHttp(const pb::MethodDes
     const pb::Message& sub = reflection.GetMessage(*message, field, factory_.get());
     if (IsHttpBody(field->message_type())) return HttpBodyToResponse(sub);
     std::string json;
-    const auto status = pb::util::MessageToJsonString(sub, &json, ToJsonPrintOptions(options));
+    const auto status = MessageToJson(resolver_.get(), sub, &json, ToJsonPrintOptions(options));
     if (!status.ok()) {
       return absl::InternalError(
           absl::StrCat("the response's ", field->name(),
@@ -1149,7 +1246,7 @@ absl::StatusOr<HttpResponseParts> Transcoder::ResponseToHttp(const pb::MethodDes
   field_options.always_print_primitive_fields = false;
   std::string json;
   const auto status =
-      pb::util::MessageToJsonString(*only, &json, ToJsonPrintOptions(field_options));
+      MessageToJson(resolver_.get(), *only, &json, ToJsonPrintOptions(field_options));
   if (!status.ok()) {
     return absl::InternalError(
         absl::StrCat("the response's ", field->name(),
@@ -1175,13 +1272,24 @@ absl::StatusOr<HttpResponseParts> Transcoder::ResponseToHttp(const pb::MethodDes
 absl::StatusOr<std::string> Transcoder::ProtoToJson(const pb::Descriptor& type,
                                                     absl::string_view proto_bytes,
                                                     const PrintOptions& options) const {
+  // Straight from bytes to JSON once the bytes are well-formed protobuf wire format (the
+  // converter reads some malformed bytes without complaint); a failure builds the message, to
+  // say which step failed.
+  std::string json;
+  if (IsWellFormedWire(proto_bytes) &&
+      pb::util::BinaryToJsonString(resolver_.get(), TypeUrl(type),
+                                   std::string(proto_bytes.data(), proto_bytes.size()), &json,
+                                   ToJsonPrintOptions(options))
+          .ok()) {
+    return json;
+  }
+  json.clear();
   std::unique_ptr<pb::Message> message(factory_->GetPrototype(&type)->New());
   if (!ParseBytes(proto_bytes, message.get())) {
     return absl::InternalError(
         absl::StrCat("the response is not a valid ", type.full_name(), " message"));
   }
-  std::string json;
-  const auto status = pb::util::MessageToJsonString(*message, &json, ToJsonPrintOptions(options));
+  const auto status = MessageToJson(resolver_.get(), *message, &json, ToJsonPrintOptions(options));
   if (!status.ok()) {
     return absl::InternalError(
         absl::StrCat("the response (", type.full_name(),

@@ -17,11 +17,15 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "gateway/transcode/path_template.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/dynamic_message.h"
+#include "google/protobuf/type.pb.h"
+#include "google/protobuf/util/type_resolver.h"
 
 namespace montage::gateway::transcode {
 
@@ -155,6 +159,28 @@ class Transcoder {
   const google::protobuf::DescriptorPool& pool_;
   // Builds the messages of pool_'s types; its GetPrototype() is thread-safe.
   std::unique_ptr<google::protobuf::DynamicMessageFactory> factory_;
+  // pool_'s types as protobuf's JSON converter wants them, each converted once (protobuf's
+  // JsonStringToMessage builds a resolver, and converts every type it meets, on every call).
+  // Thread-safe.
+  std::unique_ptr<google::protobuf::util::TypeResolver> resolver_;
+};
+
+// A TypeResolver that remembers what it resolved (google.protobuf.Type and Enum by type URL).
+// Thread-safe.
+class CachingTypeResolver final : public google::protobuf::util::TypeResolver {
+ public:
+  explicit CachingTypeResolver(const google::protobuf::DescriptorPool& pool);
+  ~CachingTypeResolver() override;
+  google::protobuf::util::Status ResolveMessageType(const std::string& type_url,
+                                                    google::protobuf::Type* message_type) override;
+  google::protobuf::util::Status ResolveEnumType(const std::string& type_url,
+                                                 google::protobuf::Enum* enum_type) override;
+
+ private:
+  std::unique_ptr<google::protobuf::util::TypeResolver> inner_;
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::string, google::protobuf::Type> types_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, google::protobuf::Enum> enums_ ABSL_GUARDED_BY(mu_);
 };
 
 // Framing of a server stream as one HTTP body.
