@@ -531,6 +531,92 @@ absl::Status FfmpegAudioEncoder::WritePackets() {
 
 }  // namespace
 
+// WAV and raw PCM at the engine's own rate need no codec, resampler or muxer: the samples are the
+// output. WAV is a 44-byte RIFF header (PCM, 16-bit, mono) in front of them, written when the
+// sizes are known; the header's room is kept at the start of the buffer so the samples are
+// copied once, as they arrive. (FFmpeg's muxer produced the same header, 64 samples per frame
+// through the encoder and a growing buffer: most of a cached request's time.)
+class PassThroughEncoder final : public AudioEncoder {
+ public:
+  static constexpr size_t kWavHeader = 44;
+
+  PassThroughEncoder(AudioFormat format, uint32_t rate) : format_(format), rate_(rate) {
+    if (format_ == AudioFormat::kWav) out_.assign(kWavHeader, '\0');
+  }
+
+  absl::Status Write(absl::string_view pcm) override {
+    if (finished_) return absl::FailedPreconditionError("Write after Finish");
+    if (pcm.empty()) return absl::OkStatus();
+    if (has_odd_byte_) {
+      out_.push_back(odd_byte_);
+      out_.push_back(pcm.front());
+      pcm.remove_prefix(1);
+      has_odd_byte_ = false;
+      ++samples_;
+    }
+    if (pcm.size() % 2 == 1) {
+      odd_byte_ = pcm.back();
+      has_odd_byte_ = true;
+      pcm.remove_suffix(1);
+    }
+    out_.append(pcm.data(), pcm.size());
+    samples_ += static_cast<int64_t>(pcm.size() / 2);
+    return absl::OkStatus();
+  }
+
+  absl::Status Finish() override {
+    if (finished_) return absl::FailedPreconditionError("Finish called twice");
+    finished_ = true;
+    if (format_ != AudioFormat::kWav) return absl::OkStatus();
+    // RIFF sizes are 32-bit: saturate (readers then take the data to the end of the file).
+    const uint64_t data_bytes = static_cast<uint64_t>(samples_) * 2;
+    const uint32_t data_size = static_cast<uint32_t>(std::min<uint64_t>(data_bytes, 0xFFFFFFFFu - 36));
+    char* h = out_.data();
+    auto put32 = [](char* at, uint32_t v) {
+      for (int i = 0; i < 4; ++i) at[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+    };
+    auto put16 = [](char* at, uint16_t v) {
+      at[0] = static_cast<char>(v & 0xff);
+      at[1] = static_cast<char>(v >> 8);
+    };
+    std::memcpy(h, "RIFF", 4);
+    put32(h + 4, 36 + data_size);
+    std::memcpy(h + 8, "WAVEfmt ", 8);
+    put32(h + 16, 16);           // fmt chunk size
+    put16(h + 20, 1);            // PCM
+    put16(h + 22, 1);            // mono
+    put32(h + 24, rate_);        // sample rate
+    put32(h + 28, rate_ * 2);    // byte rate
+    put16(h + 32, 2);            // block align
+    put16(h + 34, 16);           // bits per sample
+    std::memcpy(h + 36, "data", 4);
+    put32(h + 40, data_size);
+    return absl::OkStatus();
+  }
+
+  std::string Take() override {
+    // WAV comes out whole at Finish (its header needs the sizes); PCM as it arrives.
+    if (format_ == AudioFormat::kWav && !finished_) return std::string();
+    std::string taken = std::move(out_);
+    out_.clear();
+    return taken;
+  }
+
+  AudioFormat format() const override { return format_; }
+  uint32_t output_rate() const override { return rate_; }
+  uint32_t channels() const override { return 1; }
+  absl::Duration duration() const override { return absl::Seconds(1) * samples_ / rate_; }
+
+ private:
+  const AudioFormat format_;
+  const uint32_t rate_;
+  std::string out_;
+  bool finished_ = false;
+  bool has_odd_byte_ = false;
+  char odd_byte_ = 0;
+  int64_t samples_ = 0;
+};
+
 absl::StatusOr<std::unique_ptr<AudioEncoder>> AudioEncoder::Create(const EncoderOptions& options) {
   const FormatSpec* spec = FindSpec(options.format);
   if (spec == nullptr) return UnknownFormatError(options.format);
@@ -543,6 +629,10 @@ absl::StatusOr<std::unique_ptr<AudioEncoder>> AudioEncoder::Create(const Encoder
                                    : DefaultSampleRate(options.format, options.input_rate);
   RETURN_IF_ERROR(CheckSampleRate(options.format, output_rate, "output_rate"));
 
+  if ((options.format == AudioFormat::kWav || options.format == AudioFormat::kPcm) &&
+      output_rate == options.input_rate) {
+    return std::make_unique<PassThroughEncoder>(options.format, output_rate);
+  }
   QuietFfmpegLogs();
   auto encoder =
       std::make_unique<FfmpegAudioEncoder>(options.format, *spec, options.input_rate, output_rate);

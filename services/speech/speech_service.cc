@@ -81,7 +81,11 @@ class UnaryReactor final : public grpc::ServerUnaryReactor {
         data->clear();
         return Action::kStop;
       }
-      data->append(bytes);
+      if (data->empty()) {
+        *data = std::move(bytes);  // WAV and m4a arrive in one piece: no copy
+      } else {
+        data->append(bytes);
+      }
       return Action::kContinue;
     }
     void OnDone(absl::StatusOr<Summary> result) override {
