@@ -19,6 +19,7 @@
 #include "services/cache/cache_service.h"
 #include "services/generation/generation_service.h"
 #include "services/render/render_service.h"
+#include "services/speech/espeak_pool.h"
 #include "services/speech/speech_service.h"
 
 ABSL_FLAG(std::string, config, "", "YAML config file (defaults apply when empty)");
@@ -57,6 +58,12 @@ std::string Usage() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A worker process of the speech service's espeak pool (started by montaged itself):
+  // `montaged espeak-worker [DATA_PATH]`, frames on stdin/stdout.
+  if (argc >= 2 && std::strcmp(argv[1], "espeak-worker") == 0) {
+    return montage::speech::RunEspeakWorker(argc >= 3 ? argv[2] : "");
+  }
+  montage::speech::SetEspeakWorkerCommand({"/proc/self/exe", "espeak-worker"});
   absl::SetProgramUsageMessage(Usage());
   // --set may repeat and its values may contain commas, so it is taken out before absl's parser.
   std::vector<std::string> overrides;

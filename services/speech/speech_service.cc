@@ -2,10 +2,14 @@
 // a thread while audio is made: jobs report through sinks, on executor or engine threads.
 #include "services/speech/speech_service.h"
 
+#include <algorithm>
+#include <thread>
+
 #include <deque>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -18,6 +22,7 @@
 #include "common/status.h"
 #include "montage/speech/v1/speech.grpc.pb.h"
 #include "services/speech/espeak_engine.h"
+#include "services/speech/espeak_pool.h"
 #include "services/speech/http_engine.h"
 #include "services/speech/synthesizer.h"
 
@@ -324,9 +329,14 @@ absl::StatusOr<std::unique_ptr<ServiceModule>> NewSpeechModule(ServiceContext& c
   for (const auto& [name, engine] : c.engines()) {
     absl::StatusOr<std::unique_ptr<TtsEngine>> made;
     if (engine.kind() == config::v1::SpeechEngineConfig::ESPEAK) {
-      EspeakOptions options;
-      options.data_path = engine.data_path();
-      made = NewEspeakEngine(options);
+      EspeakPoolOptions options;
+      options.espeak.data_path = engine.data_path();
+      options.worker_command = EspeakWorkerCommand();
+      options.lanes = engine.max_concurrency() != 0
+                          ? engine.max_concurrency()
+                          : std::clamp<size_t>(std::thread::hardware_concurrency(), 1, 4);
+      made = NewEspeakEngine(options.espeak);
+      if (made.ok()) made = NewEspeakPool(*std::move(made), options);
     } else {
       made = NewOpenAiSpeechEngine(engine, http);
     }

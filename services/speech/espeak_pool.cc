@@ -1,0 +1,572 @@
+#include "services/speech/espeak_pool.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <future>
+#include <limits>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "common/logging.h"
+
+extern char** environ;
+
+namespace montage::speech {
+namespace {
+
+// A frame is a 4-byte little-endian length, then that many bytes.
+constexpr uint32_t kMaxFrame = 512u << 20;
+constexpr uint32_t kNoTimeout = std::numeric_limits<uint32_t>::max();
+enum : uint8_t { kSsml = 1, kHasRate = 2, kHasPitch = 4, kHasVolume = 8 };
+
+void PutU32(std::string& out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+uint32_t GetU32(const char* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(static_cast<uint8_t>(p[i])) << (8 * i);
+  return v;
+}
+
+std::string EncodeRequest(const Segment& segment, absl::Time deadline) {
+  std::string payload;
+  uint8_t flags = 0;
+  if (segment.ssml) flags |= kSsml;
+  if (segment.voice.rate.has_value()) flags |= kHasRate;
+  if (segment.voice.pitch.has_value()) flags |= kHasPitch;
+  if (segment.voice.volume.has_value()) flags |= kHasVolume;
+  payload.push_back(static_cast<char>(flags));
+  const double rate = segment.voice.rate.value_or(0);
+  char rate_bytes[sizeof(double)];
+  std::memcpy(rate_bytes, &rate, sizeof(double));
+  payload.append(rate_bytes, sizeof(double));
+  PutU32(payload, segment.voice.pitch.value_or(0));
+  PutU32(payload, segment.voice.volume.value_or(0));
+  uint32_t timeout_ms = kNoTimeout;
+  if (deadline != absl::InfiniteFuture()) {
+    const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    timeout_ms = static_cast<uint32_t>(std::clamp<int64_t>(ms, 0, kNoTimeout - 1));
+  }
+  PutU32(payload, timeout_ms);
+  PutU32(payload, static_cast<uint32_t>(segment.voice.voice.size()));
+  payload += segment.voice.voice;
+  payload += segment.text;
+  std::string frame;
+  frame.reserve(4 + payload.size());
+  PutU32(frame, static_cast<uint32_t>(payload.size()));
+  frame += payload;
+  return frame;
+}
+
+absl::StatusOr<std::pair<Segment, absl::Time>> DecodeRequest(const std::string& payload) {
+  constexpr size_t kFixed = 1 + sizeof(double) + 4 * 4;
+  if (payload.size() < kFixed) return absl::InvalidArgumentError("short request frame");
+  const char* p = payload.data();
+  const uint8_t flags = static_cast<uint8_t>(p[0]);
+  double rate;
+  std::memcpy(&rate, p + 1, sizeof(double));
+  const char* q = p + 1 + sizeof(double);
+  const uint32_t pitch = GetU32(q);
+  const uint32_t volume = GetU32(q + 4);
+  const uint32_t timeout_ms = GetU32(q + 8);
+  const uint32_t voice_len = GetU32(q + 12);
+  if (payload.size() - kFixed < voice_len) return absl::InvalidArgumentError("bad voice length");
+  Segment segment;
+  segment.ssml = (flags & kSsml) != 0;
+  if (flags & kHasRate) segment.voice.rate = rate;
+  if (flags & kHasPitch) segment.voice.pitch = pitch;
+  if (flags & kHasVolume) segment.voice.volume = volume;
+  segment.voice.voice = payload.substr(kFixed, voice_len);
+  segment.text = payload.substr(kFixed + voice_len);
+  const absl::Time deadline = timeout_ms == kNoTimeout
+                                  ? absl::InfiniteFuture()
+                                  : absl::Now() + absl::Milliseconds(timeout_ms);
+  return std::make_pair(std::move(segment), deadline);
+}
+
+std::string EncodeResponse(const absl::StatusOr<std::string>& result) {
+  std::string payload;
+  PutU32(payload, static_cast<uint32_t>(result.status().code()));
+  if (result.ok()) {
+    payload += *result;
+  } else {
+    payload.append(result.status().message().data(), result.status().message().size());
+  }
+  std::string frame;
+  frame.reserve(4 + payload.size());
+  PutU32(frame, static_cast<uint32_t>(payload.size()));
+  frame += payload;
+  return frame;
+}
+
+absl::StatusOr<std::string> DecodeResponse(std::string payload) {
+  if (payload.size() < 4) return absl::InternalError("short response from an espeak worker");
+  const uint32_t code = GetU32(payload.data());
+  if (code == 0) {
+    payload.erase(0, 4);
+    return payload;
+  }
+  if (code > 16) return absl::InternalError("bad status from an espeak worker");
+  return absl::Status(static_cast<absl::StatusCode>(code), payload.substr(4));
+}
+
+// Blocking whole reads and writes, for the worker process only.
+bool ReadFull(int fd, char* data, size_t size) {
+  while (size > 0) {
+    const ssize_t n = read(fd, data, size);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+  return true;
+}
+bool WriteFull(int fd, const char* data, size_t size) {
+  while (size > 0) {
+    const ssize_t n = write(fd, data, size);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+  return true;
+}
+
+absl::Mutex g_command_mu;
+std::vector<std::string>* g_command ABSL_GUARDED_BY(g_command_mu) = nullptr;
+
+// One segment in the pool. `done` runs once: by whoever moves `state` to kFinished.
+struct PoolJob {
+  enum State { kQueued, kRunning, kFinished };
+  Segment segment;
+  absl::Time deadline;
+  TtsEngine::Done done;
+  std::atomic<int> state{kQueued};
+  std::shared_ptr<SynthesisHandle> local;  // the in-process lane's handle
+  absl::Mutex mu;                          // guards `local`
+
+  bool Finish(absl::StatusOr<std::string> result) {
+    int expected = kRunning;
+    if (!state.compare_exchange_strong(expected, kFinished)) {
+      expected = kQueued;
+      if (!state.compare_exchange_strong(expected, kFinished)) return false;
+    }
+    std::move(done)(std::move(result));
+    return true;
+  }
+};
+
+class PoolHandle final : public SynthesisHandle {
+ public:
+  explicit PoolHandle(std::weak_ptr<PoolJob> job) : job_(std::move(job)) {}
+  void Cancel() override {
+    std::shared_ptr<PoolJob> job = job_.lock();
+    if (job == nullptr) return;
+    std::shared_ptr<SynthesisHandle> local;
+    {
+      absl::MutexLock lock(&job->mu);
+      local = job->local;
+    }
+    // In the in-process lane the engine reports CANCELLED itself; elsewhere the answer of a
+    // worker that is still speaking is dropped when it comes.
+    if (local != nullptr) {
+      local->Cancel();
+    } else {
+      job->Finish(absl::CancelledError("synthesis cancelled"));
+    }
+  }
+
+ private:
+  std::weak_ptr<PoolJob> job_;
+};
+
+class EspeakPool final : public TtsEngine {
+ public:
+  EspeakPool(std::unique_ptr<TtsEngine> local, EspeakPoolOptions options)
+      : local_(std::move(local)), options_(std::move(options)) {
+    workers_.resize(options_.lanes > 1 ? options_.lanes - 1 : 0);
+  }
+
+  ~EspeakPool() override { Shutdown(); }
+
+  absl::Status Start() {
+    wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (wake_fd_ < 0) return absl::InternalError(absl::StrCat("eventfd: ", strerror(errno)));
+    {
+      absl::MutexLock lock(&mu_);
+      for (Worker& w : workers_) {
+        if (absl::Status s = Spawn(w); !s.ok()) {
+          for (Worker& started : workers_) Stop(started);
+          return s;
+        }
+      }
+    }
+    thread_ = std::thread([this] { Poll(); });
+    return absl::OkStatus();
+  }
+
+  absl::string_view kind() const override { return local_->kind(); }
+  uint32_t sample_rate() const override { return local_->sample_rate(); }
+  bool supports_ssml() const override { return local_->supports_ssml(); }
+  size_t max_segment_chars() const override { return local_->max_segment_chars(); }
+  size_t max_concurrency() const override { return 1 + workers_.size(); }
+  std::vector<VoiceInfo> Voices() const override { return local_->Voices(); }
+  absl::Status Validate(const VoiceParams& voice) const override {
+    return local_->Validate(voice);
+  }
+
+  std::shared_ptr<SynthesisHandle> Synthesize(Segment segment, absl::Time deadline,
+                                              Done done) override {
+    auto job = std::make_shared<PoolJob>();
+    job->segment = std::move(segment);
+    job->deadline = deadline;
+    job->done = std::move(done);
+    auto handle = std::make_shared<PoolHandle>(job);
+    std::shared_ptr<PoolJob> local;
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) {
+        local = nullptr;
+      } else {
+        queue_.push_back(job);
+        local = DispatchLocked();
+        job = nullptr;
+      }
+    }
+    if (job != nullptr) job->Finish(absl::CancelledError("the espeak engine is shutting down"));
+    if (local != nullptr) RunLocal(std::move(local));
+    return handle;
+  }
+
+  void Shutdown() override {
+    std::deque<std::shared_ptr<PoolJob>> dropped;
+    std::vector<std::shared_ptr<PoolJob>> running;
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return;
+      stopping_ = true;
+      dropped.swap(queue_);
+      for (Worker& w : workers_) {
+        if (w.job != nullptr) running.push_back(std::move(w.job));
+      }
+    }
+    Wake();
+    if (thread_.joinable()) thread_.join();
+    {
+      absl::MutexLock lock(&mu_);
+      for (Worker& w : workers_) Stop(w);
+    }
+    if (wake_fd_ >= 0) close(wake_fd_);
+    wake_fd_ = -1;
+    for (auto& job : dropped) job->Finish(absl::CancelledError("the espeak engine is shutting down"));
+    for (auto& job : running) job->Finish(absl::CancelledError("the espeak engine is shutting down"));
+    local_->Shutdown();
+  }
+
+ private:
+  struct Worker {
+    pid_t pid = -1;
+    int fd = -1;
+    std::shared_ptr<PoolJob> job;  // the segment it speaks now
+    std::string out;               // request bytes not yet written
+    size_t out_offset = 0;
+    std::string in;                // response bytes read so far
+  };
+
+  absl::Status Spawn(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    int fds[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+      return absl::InternalError(absl::StrCat("socketpair: ", strerror(errno)));
+    }
+    std::vector<std::string> args = options_.worker_command;
+    if (!options_.espeak.data_path.empty()) args.push_back(options_.espeak.data_path);
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], 0);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
+    pid_t pid = -1;
+    const int spawned = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    close(fds[1]);
+    if (spawned != 0) {
+      close(fds[0]);
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot start an espeak worker (", args[0], "): ", strerror(spawned)));
+    }
+    fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK);
+    w.pid = pid;
+    w.fd = fds[0];
+    w.out.clear();
+    w.out_offset = 0;
+    w.in.clear();
+    return absl::OkStatus();
+  }
+
+  // Closes the socket (the worker exits on EOF) and reaps the process.
+  void Stop(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (w.fd >= 0) close(w.fd);
+    w.fd = -1;
+    if (w.pid > 0) {
+      // A worker in the middle of a long text would finish it first: it is not waited for.
+      kill(w.pid, SIGKILL);
+      waitpid(w.pid, nullptr, 0);
+    }
+    w.pid = -1;
+  }
+
+  void Wake() {
+    const uint64_t one = 1;
+    if (wake_fd_ >= 0) (void)!write(wake_fd_, &one, sizeof(one));
+  }
+
+  // Hands queued segments to free lanes: the in-process engine first, then the workers. Returns
+  // the segment for the in-process engine, which the caller starts once it let go of mu_ (the
+  // engine may report at once, and its report takes mu_).
+  [[nodiscard]] std::shared_ptr<PoolJob> DispatchLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    bool wrote = false;
+    std::shared_ptr<PoolJob> local;
+    while (!queue_.empty()) {
+      std::shared_ptr<PoolJob> job = queue_.front();
+      if (job->state.load() != PoolJob::kQueued) {  // cancelled while queued
+        queue_.pop_front();
+        continue;
+      }
+      if (!local_busy_) {
+        queue_.pop_front();
+        int expected = PoolJob::kQueued;
+        if (!job->state.compare_exchange_strong(expected, PoolJob::kRunning)) continue;
+        local_busy_ = true;
+        local = std::move(job);
+        continue;
+      }
+      Worker* free = nullptr;
+      for (Worker& w : workers_) {
+        if (w.job == nullptr) {
+          if (w.fd < 0 && !Spawn(w).ok()) continue;  // respawn a worker that died
+          free = &w;
+          break;
+        }
+      }
+      if (free == nullptr) break;
+      queue_.pop_front();
+      int expected = PoolJob::kQueued;
+      if (!job->state.compare_exchange_strong(expected, PoolJob::kRunning)) continue;
+      free->job = job;
+      free->out = EncodeRequest(job->segment, job->deadline);
+      free->out_offset = 0;
+      free->in.clear();
+      wrote = true;
+    }
+    if (wrote) Wake();  // the poll thread writes the requests
+    return local;
+  }
+
+  // Runs `job` (already kRunning, local_busy_ set) on the in-process engine.
+  void RunLocal(std::shared_ptr<PoolJob> job) ABSL_LOCKS_EXCLUDED(mu_) {
+    Segment segment = job->segment;
+    std::shared_ptr<SynthesisHandle> handle = local_->Synthesize(
+        std::move(segment), job->deadline,
+        [this, job](absl::StatusOr<std::string> pcm) mutable {
+          job->Finish(std::move(pcm));
+          std::shared_ptr<PoolJob> next;
+          {
+            absl::MutexLock lock(&mu_);
+            local_busy_ = false;
+            if (!stopping_) next = DispatchLocked();
+          }
+          if (next != nullptr) RunLocal(std::move(next));
+        });
+    absl::MutexLock lock(&job->mu);
+    job->local = std::move(handle);
+  }
+
+  // The poll thread: writes requests, reads answers, notices workers that died.
+  void Poll() {
+    std::vector<pollfd> fds;
+    std::vector<Worker*> owners;
+    for (;;) {
+      fds.clear();
+      owners.clear();
+      fds.push_back({wake_fd_, POLLIN, 0});
+      owners.push_back(nullptr);
+      {
+        absl::MutexLock lock(&mu_);
+        if (stopping_) return;
+        for (Worker& w : workers_) {
+          if (w.fd < 0) continue;
+          short events = POLLIN;
+          if (w.out_offset < w.out.size()) events |= POLLOUT;
+          fds.push_back({w.fd, events, 0});
+          owners.push_back(&w);
+        }
+      }
+      if (poll(fds.data(), fds.size(), -1) < 0 && errno != EINTR) {
+        LogError("espeak pool: poll failed", {{"error", std::string(strerror(errno))}});
+        return;
+      }
+      if (fds[0].revents & POLLIN) {
+        uint64_t count;
+        (void)!read(wake_fd_, &count, sizeof(count));
+      }
+      std::vector<std::pair<std::shared_ptr<PoolJob>, absl::StatusOr<std::string>>> finished;
+      std::shared_ptr<PoolJob> local;
+      {
+        absl::MutexLock lock(&mu_);
+        if (stopping_) return;
+        for (size_t i = 1; i < fds.size(); ++i) {
+          Worker& w = *owners[i];
+          if (w.fd != fds[i].fd) continue;
+          if (fds[i].revents & POLLOUT) WriteSome(w);
+          if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) ReadSome(w, finished);
+        }
+        local = DispatchLocked();
+      }
+      for (auto& [job, result] : finished) job->Finish(std::move(result));
+      if (local != nullptr) RunLocal(std::move(local));
+    }
+  }
+
+  void WriteSome(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    while (w.out_offset < w.out.size()) {
+      const ssize_t n = write(w.fd, w.out.data() + w.out_offset, w.out.size() - w.out_offset);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return;  // EAGAIN, or the worker died (the read side notices)
+      w.out_offset += static_cast<size_t>(n);
+    }
+    std::string().swap(w.out);
+    w.out_offset = 0;
+  }
+
+  void ReadSome(Worker& w,
+                std::vector<std::pair<std::shared_ptr<PoolJob>, absl::StatusOr<std::string>>>&
+                    finished) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    char buffer[64 << 10];
+    for (;;) {
+      const ssize_t n = read(w.fd, buffer, sizeof(buffer));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+      if (n <= 0) {
+        // The worker is gone: its segment fails, and a new worker takes the next one.
+        LogWarning("espeak pool: a worker exited; starting another for the next segment",
+                   {{"pid", static_cast<int64_t>(w.pid)}});
+        if (w.job != nullptr) {
+          finished.emplace_back(std::move(w.job),
+                                absl::UnavailableError("the espeak worker process exited"));
+        }
+        w.job = nullptr;
+        Stop(w);
+        return;
+      }
+      w.in.append(buffer, static_cast<size_t>(n));
+      if (w.in.size() >= 4) {
+        const uint32_t length = GetU32(w.in.data());
+        if (length > kMaxFrame) {
+          if (w.job != nullptr) {
+            finished.emplace_back(std::move(w.job),
+                                  absl::InternalError("an espeak worker sent a bad frame"));
+          }
+          w.job = nullptr;
+          Stop(w);
+          return;
+        }
+        if (w.in.size() >= 4 + size_t{length}) {
+          std::string payload = w.in.substr(4, length);
+          w.in.erase(0, 4 + size_t{length});
+          if (w.job != nullptr) {
+            finished.emplace_back(std::move(w.job), DecodeResponse(std::move(payload)));
+          }
+          w.job = nullptr;
+        }
+      }
+    }
+  }
+
+  std::unique_ptr<TtsEngine> local_;
+  const EspeakPoolOptions options_;
+  int wake_fd_ = -1;
+  std::thread thread_;
+  absl::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool local_busy_ ABSL_GUARDED_BY(mu_) = false;
+  std::deque<std::shared_ptr<PoolJob>> queue_ ABSL_GUARDED_BY(mu_);
+  std::vector<Worker> workers_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<TtsEngine>> NewEspeakPool(std::unique_ptr<TtsEngine> local,
+                                                          const EspeakPoolOptions& options) {
+  if (options.lanes <= 1 || options.worker_command.empty()) return local;
+  auto pool = std::make_unique<EspeakPool>(std::move(local), options);
+  if (absl::Status s = pool->Start(); !s.ok()) return s;
+  return pool;
+}
+
+void SetEspeakWorkerCommand(std::vector<std::string> argv) {
+  absl::MutexLock lock(&g_command_mu);
+  delete g_command;
+  g_command = new std::vector<std::string>(std::move(argv));
+}
+
+std::vector<std::string> EspeakWorkerCommand() {
+  absl::MutexLock lock(&g_command_mu);
+  return g_command == nullptr ? std::vector<std::string>() : *g_command;
+}
+
+int RunEspeakWorker(const std::string& data_path) {
+  // Ends with the parent, even when the parent is killed.
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  signal(SIGPIPE, SIG_IGN);
+  EspeakOptions options;
+  options.data_path = data_path;
+  absl::StatusOr<std::unique_ptr<TtsEngine>> engine = NewEspeakEngine(options);
+  if (!engine.ok()) {
+    std::string frame = EncodeResponse(engine.status());
+    // Answer the first request with the failure, so the parent reports why.
+    char head[4];
+    if (ReadFull(0, head, 4)) WriteFull(1, frame.data(), frame.size());
+    return 1;
+  }
+  for (;;) {
+    char head[4];
+    if (!ReadFull(0, head, 4)) return 0;  // the parent closed the socket
+    const uint32_t length = GetU32(head);
+    if (length > kMaxFrame) return 2;
+    std::string payload(length, '\0');
+    if (!ReadFull(0, payload.data(), length)) return 0;
+    absl::StatusOr<std::pair<Segment, absl::Time>> request = DecodeRequest(payload);
+    absl::StatusOr<std::string> result;
+    if (!request.ok()) {
+      result = request.status();
+    } else {
+      std::promise<absl::StatusOr<std::string>> answer;
+      (*engine)->Synthesize(std::move(request->first), request->second,
+                            [&answer](absl::StatusOr<std::string> pcm) {
+                              answer.set_value(std::move(pcm));
+                            });
+      result = answer.get_future().get();
+    }
+    const std::string frame = EncodeResponse(result);
+    if (!WriteFull(1, frame.data(), frame.size())) return 0;
+  }
+}
+
+}  // namespace montage::speech
