@@ -382,7 +382,14 @@ bool H2UpstreamConnection::Connect() {
   nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, &OnFrameRecv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, &OnDataChunk);
   nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, &OnStreamClose);
-  const int created = nghttp2_session_client_new(&session_, callbacks, this);
+  nghttp2_option* option = nullptr;
+  if (nghttp2_option_new(&option) != 0) {
+    nghttp2_session_callbacks_del(callbacks);
+    return false;
+  }
+  nghttp2_option_set_no_closed_streams(option, 1);  // no priority tree: keep no closed streams
+  const int created = nghttp2_session_client_new2(&session_, callbacks, this, option);
+  nghttp2_option_del(option);
   nghttp2_session_callbacks_del(callbacks);
   if (created != 0) return false;
   const config::Http2Options& h2 = cluster.http2_options;
