@@ -51,10 +51,7 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
 
   ~H2UpstreamConnection() {
     // Calls still open are dropped without a report (the pool is going away).
-    for (auto& [id, stream] : streams_) {
-      if (stream->deadline_timer != nullptr) event_free(stream->deadline_timer);
-    }
-    streams_.clear();
+    for (auto it = streams_.begin(); it != streams_.end();) DropStream(it++);
     if (session_ != nullptr) nghttp2_session_del(session_);
     if (flush_event_ != nullptr) event_free(flush_event_);
     if (bev_ != nullptr) bufferevent_free(bev_);
@@ -66,8 +63,10 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
 
   bool accepting() const { return !closing_ && !draining_; }
 
-  // NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE (or another nghttp2 error) when the request could not
-  // be submitted here; the stream id otherwise.
+  // kPendingOverflow when the request would wait for a stream and the cluster's
+  // max_pending_requests are taken; NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE (or another nghttp2
+  // error) when it could not be submitted here; the stream id otherwise.
+  static constexpr int32_t kPendingOverflow = -100000;
   int32_t Submit(H2UnaryRequest& request, std::function<void(UnaryResult&)> done);
 
   void CancelStream(int32_t id) {
@@ -98,11 +97,13 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
     HeaderList trailing;
     std::string body;
     bool timed_out = false;
+    bool pending = false;  // counted in the cluster's pending requests until HEADERS go out
   };
   using StreamMap = absl::flat_hash_map<int32_t, std::unique_ptr<Stream>>;
 
   void DropStream(StreamMap::iterator it) {
     if (it->second->deadline_timer != nullptr) event_free(it->second->deadline_timer);
+    if (it->second->pending) cluster_.RemovePending();
     streams_.erase(it);
   }
 
@@ -311,6 +312,18 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
     return 0;
   }
 
+  // A request's HEADERS went out: it holds a stream now, no longer waits for one.
+  static int OnFrameSend(nghttp2_session*, const nghttp2_frame* frame, void* self) {
+    auto* c = static_cast<H2UpstreamConnection*>(self);
+    if (frame->hd.type != NGHTTP2_HEADERS) return 0;
+    Stream* stream = c->Find(frame->hd.stream_id);
+    if (stream != nullptr && stream->pending) {
+      stream->pending = false;
+      c->cluster_.RemovePending();
+    }
+    return 0;
+  }
+
   static int OnFrameRecv(nghttp2_session*, const nghttp2_frame* frame, void* self) {
     auto* c = static_cast<H2UpstreamConnection*>(self);
     if (frame->hd.type == NGHTTP2_GOAWAY) {
@@ -355,6 +368,8 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
   bool counted_ = false;
   bool closing_ = false;
   bool draining_ = false;
+  // Open streams, and requests nghttp2 holds back until one of those closes (the upstream's
+  // SETTINGS_MAX_CONCURRENT_STREAMS; Stream::pending).
   StreamMap streams_;
   std::vector<std::pair<std::function<void(UnaryResult&)>, UnaryResult>> completions_;
 };
@@ -380,6 +395,7 @@ bool H2UpstreamConnection::Connect() {
   if (nghttp2_session_callbacks_new(&callbacks) != 0) return false;
   nghttp2_session_callbacks_set_on_header_callback(callbacks, &OnHeader);
   nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, &OnFrameRecv);
+  nghttp2_session_callbacks_set_on_frame_send_callback(callbacks, &OnFrameSend);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, &OnDataChunk);
   nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, &OnStreamClose);
   nghttp2_option* option = nullptr;
@@ -430,7 +446,14 @@ bool H2UpstreamConnection::Connect() {
 
 int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request,
                                      std::function<void(UnaryResult&)> done) {
+  // Every stream the upstream allows is taken (or queued before this one): the request waits,
+  // within the cluster's max_pending_requests.
+  const size_t allowed = nghttp2_session_get_remote_settings(
+      session_, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+  const bool pending = streams_.size() >= allowed;
+  if (pending && !cluster_.TryAddPending()) return kPendingOverflow;
   auto stream = std::make_unique<Stream>();
+  stream->pending = pending;
   stream->connection = this;
   stream->done = std::move(done);
   const size_t length = request.message.size();
@@ -474,6 +497,7 @@ int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request,
   const int32_t id =
       nghttp2_submit_request(session_, nullptr, nva.data(), nva.size(), &provider, nullptr);
   if (id < 0) {
+    if (pending) cluster_.RemovePending();
     if (id == NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE) draining_ = true;
     return id;
   }
@@ -553,6 +577,16 @@ std::unique_ptr<H2UnaryCall> H2UpstreamPool::Start(Cluster& cluster, UpstreamHos
     if (id >= 0) {
       call->connection_ = connection;
       call->stream_id_ = id;
+      return call;
+    }
+    if (id == H2UpstreamConnection::kPendingOverflow) {
+      loop_.Post([done = std::move(done)]() mutable {
+        UnaryResult result;
+        result.status = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                     "upstream overflow: the cluster's max_pending_requests are "
+                                     "waiting for a stream already");
+        done(result);
+      });
       return call;
     }
     // Out of stream ids (the connection now drains): once more on a new connection.

@@ -178,6 +178,18 @@ bool Cluster::TryStartRequest() {
 
 void Cluster::FinishRequest() { active_requests_.fetch_sub(1); }
 
+bool Cluster::TryAddPending() {
+  const int64_t limit = config_.circuit_breakers.max_pending_requests;
+  if (pending_requests_.fetch_add(1) + 1 > limit) {
+    pending_requests_.fetch_sub(1);
+    stats_.upstream_rq_pending_overflow.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  return true;
+}
+
+void Cluster::RemovePending() { pending_requests_.fetch_sub(1); }
+
 bool Cluster::TryStartRetry() {
   const auto& cb = config_.circuit_breakers;
   int64_t limit = cb.max_retries;

@@ -135,6 +135,11 @@ class Cluster {
   // Circuit breaker on active requests (max_requests). False: the caller answers 503 overflow.
   bool TryStartRequest();
   void FinishRequest();
+  // Circuit breaker on requests waiting for a stream (max_pending_requests): a request the
+  // upstream's SETTINGS_MAX_CONCURRENT_STREAMS holds back. False: the caller answers 503
+  // overflow (counted in upstream_rq_pending_overflow).
+  bool TryAddPending();
+  void RemovePending();
   // Retries admitted now: the retry budget when configured (budget_percent of active requests,
   // at least min_retry_concurrency), else max_retries concurrent retries.
   bool TryStartRetry();
@@ -149,6 +154,7 @@ class Cluster {
   std::atomic<uint64_t> next_{0};
   ClusterStats stats_;
   std::atomic<int64_t> active_requests_{0};
+  std::atomic<int64_t> pending_requests_{0};
   std::atomic<int64_t> active_retries_{0};
 };
 

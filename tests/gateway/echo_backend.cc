@@ -367,10 +367,14 @@ class EchoBackend::Impl {
 
 EchoBackend::EchoBackend(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-absl::StatusOr<std::unique_ptr<EchoBackend>> EchoBackend::Start(int port) {
+absl::StatusOr<std::unique_ptr<EchoBackend>> EchoBackend::Start(int port,
+                                                                int max_concurrent_streams) {
   auto impl = std::make_unique<Impl>();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
+  if (max_concurrent_streams > 0) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, max_concurrent_streams);
+  }
   builder.AddListeningPort(absl::StrCat("127.0.0.1:", port), grpc::InsecureServerCredentials(),
                            &impl->port);
   builder.RegisterService(&impl->service);

@@ -83,8 +83,9 @@ class H2UpstreamTest : public ::testing::Test {
     loop_.reset();
   }
 
-  void UseHost(int port) {
+  void UseHost(int port, uint32_t max_pending_requests = 1024) {
     config::Cluster c;
+    c.circuit_breakers.max_pending_requests = max_pending_requests;
     c.name = "backend";
     c.type = config::Cluster::Type::kStatic;
     c.connect_timeout = absl::Seconds(2);
@@ -283,6 +284,35 @@ TEST_F(H2UpstreamTest, BackendGoingAwayFailsCallsInFlightAsUnavailable) {
               r.status.error_code() == grpc::StatusCode::CANCELLED)
       << r.status.error_code() << " " << r.status.error_message();
   EXPECT_TRUE(testing::Eventually([&] { return Connections() == 0; }));
+}
+
+TEST_F(H2UpstreamTest, RequestsWaitingForAStreamAreBoundedByMaxPendingRequests) {
+  // Two streams at a time upstream; one request may wait for a stream.
+  auto backend = EchoBackend::Start(0, /*max_concurrent_streams=*/2);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  UseHost((*backend)->port(), /*max_pending_requests=*/1);
+  EchoRequest slow;
+  slow.mutable_delay()->set_seconds(1);
+  std::future<UnaryResult> a = Start(Request(slow));
+  std::future<UnaryResult> b = Start(Request(slow));
+  ASSERT_TRUE(testing::Eventually([&] { return (*backend)->in_flight() == 2; }));
+  EchoRequest quick;
+  quick.set_message("waited");
+  std::future<UnaryResult> waiting = Start(Request(quick));  // waits for a stream
+  std::future<UnaryResult> over = Start(Request(quick));     // over the pending limit
+  ASSERT_EQ(over.wait_for(std::chrono::seconds(30)), std::future_status::ready);
+  UnaryResult refused = over.get();
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("max_pending_requests"));
+  EXPECT_EQ(cluster_->stats().upstream_rq_pending_overflow.load(), 1u);
+  for (std::future<UnaryResult>* f : {&a, &b, &waiting}) {
+    ASSERT_EQ(f->wait_for(std::chrono::seconds(30)), std::future_status::ready);
+    UnaryResult r = f->get();
+    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  }
+  // The pending slot is free again.
+  EXPECT_TRUE(Call(Request(quick)).status.ok());
+  EXPECT_EQ(cluster_->stats().upstream_rq_pending_overflow.load(), 1u);
 }
 
 // nghttpd (Debian's nghttp2-server) speaks HTTP/2 but not gRPC: its 404 without grpc-status is
