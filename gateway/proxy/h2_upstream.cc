@@ -523,6 +523,7 @@ int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request,
 }
 
 void H2UnaryCall::Cancel() {
+  if (failed_ != nullptr) *failed_ = true;
   std::shared_ptr<H2UpstreamConnection> connection = connection_.lock();
   connection_.reset();
   if (connection != nullptr) connection->CancelStream(stream_id_);
@@ -580,26 +581,30 @@ std::unique_ptr<H2UnaryCall> H2UpstreamPool::Start(Cluster& cluster, UpstreamHos
       return call;
     }
     if (id == H2UpstreamConnection::kPendingOverflow) {
-      loop_.Post([done = std::move(done)]() mutable {
-        UnaryResult result;
-        result.status = grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                     "upstream overflow: the cluster's max_pending_requests are "
-                                     "waiting for a stream already");
-        done(result);
-      });
-      return call;
+      return FailSoon(std::move(call), std::move(done),
+                      "upstream overflow: the cluster's max_pending_requests are waiting for a "
+                      "stream already");
     }
     // Out of stream ids (the connection now drains): once more on a new connection.
   }
   if (list.empty()) connections_.erase(&host);
-  loop_.Post([done = std::move(done)]() mutable {
+  return FailSoon(std::move(call), std::move(done),
+                  "upstream connect error or disconnect/reset before headers. reset reason: "
+                  "connection failure");
+}
+
+std::unique_ptr<H2UnaryCall> H2UpstreamPool::FailSoon(std::unique_ptr<H2UnaryCall> call,
+                                                      std::function<void(UnaryResult&)> done,
+                                                      std::string message) {
+  // Reported from the loop, never inside Start(), and not at all once the call is cancelled.
+  call->failed_ = std::make_shared<bool>(false);
+  loop_.Post([cancelled = call->failed_, done = std::move(done),
+              message = std::move(message)]() mutable {
+    if (*cancelled) return;
     UnaryResult result;
-    result.status = grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                 "upstream connect error or disconnect/reset before headers. "
-                                 "reset reason: connection failure");
+    result.status = grpc::Status(grpc::StatusCode::UNAVAILABLE, std::move(message));
     done(result);
   });
-  // The post above reports; the call has nothing to cancel but the report itself.
   return call;
 }
 

@@ -55,6 +55,7 @@ class H2UnaryCall {
   friend class H2UpstreamPool;
   std::weak_ptr<H2UpstreamConnection> connection_;
   int32_t stream_id_ = -1;
+  std::shared_ptr<bool> failed_;  // set when a failure report is on its way (loop thread only)
 };
 
 // One per worker loop: that loop's connections to every host. Created and destroyed on the loop
@@ -80,6 +81,10 @@ class H2UpstreamPool {
  private:
   friend class H2UpstreamConnection;
   void Remove(H2UpstreamConnection* connection);
+  // Reports UNAVAILABLE with `message` on the next loop turn unless `call` is cancelled first.
+  std::unique_ptr<H2UnaryCall> FailSoon(std::unique_ptr<H2UnaryCall> call,
+                                        std::function<void(UnaryResult&)> done,
+                                        std::string message);
 
   EventLoop& loop_;
   absl::flat_hash_map<UpstreamHost*, std::vector<std::shared_ptr<H2UpstreamConnection>>>

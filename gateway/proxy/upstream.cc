@@ -166,26 +166,30 @@ void Cluster::RecordHostResult(UpstreamHost& host, int http_status) {
   stats_.outlier_detection_ejections_enforced_total.fetch_add(1, std::memory_order_relaxed);
 }
 
-bool Cluster::TryStartRequest() {
-  const int64_t limit = config_.circuit_breakers.max_requests;
-  if (active_requests_.fetch_add(1) + 1 > limit) {
-    active_requests_.fetch_sub(1);
-    stats_.upstream_rq_pending_overflow.fetch_add(1, std::memory_order_relaxed);
+namespace {
+
+// Takes one of `limit` slots counted in `in_use`; false (and one more overflow) when none is left.
+bool TakeSlot(std::atomic<int64_t>& in_use, int64_t limit, std::atomic<uint64_t>& overflow) {
+  if (in_use.fetch_add(1) + 1 > limit) {
+    in_use.fetch_sub(1);
+    overflow.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
   return true;
 }
 
+}  // namespace
+
+bool Cluster::TryStartRequest() {
+  return TakeSlot(active_requests_, config_.circuit_breakers.max_requests,
+                  stats_.upstream_rq_pending_overflow);
+}
+
 void Cluster::FinishRequest() { active_requests_.fetch_sub(1); }
 
 bool Cluster::TryAddPending() {
-  const int64_t limit = config_.circuit_breakers.max_pending_requests;
-  if (pending_requests_.fetch_add(1) + 1 > limit) {
-    pending_requests_.fetch_sub(1);
-    stats_.upstream_rq_pending_overflow.fetch_add(1, std::memory_order_relaxed);
-    return false;
-  }
-  return true;
+  return TakeSlot(pending_requests_, config_.circuit_breakers.max_pending_requests,
+                  stats_.upstream_rq_pending_overflow);
 }
 
 void Cluster::RemovePending() { pending_requests_.fetch_sub(1); }

@@ -970,41 +970,45 @@ CachingTypeResolver::CachingTypeResolver(const pb::DescriptorPool& pool)
 
 CachingTypeResolver::~CachingTypeResolver() = default;
 
-pb::util::Status CachingTypeResolver::ResolveMessageType(const std::string& type_url,
-                                                         pb::Type* message_type) {
+namespace {
+
+// The cached answer for `url`, or the inner resolver's, remembered. The inner resolver runs
+// outside the lock: it only reads the (immutable) pool.
+template <typename T, typename Resolve>
+pb::util::Status ResolveCached(absl::Mutex& mu, absl::flat_hash_map<std::string, T>& cache,
+                               const std::string& url, T* out, Resolve resolve) {
   {
-    absl::MutexLock lock(&mu_);
-    if (auto it = types_.find(type_url); it != types_.end()) {
-      *message_type = it->second;
+    absl::MutexLock lock(&mu);
+    if (auto it = cache.find(url); it != cache.end()) {
+      *out = it->second;
       return pb::util::Status();
     }
   }
-  // Resolved outside the lock: the inner resolver only reads the (immutable) pool.
-  pb::Type resolved;
-  pb::util::Status status = inner_->ResolveMessageType(type_url, &resolved);
+  T resolved;
+  pb::util::Status status = resolve(url, &resolved);
   if (!status.ok()) return status;
-  *message_type = resolved;
-  absl::MutexLock lock(&mu_);
-  types_.emplace(type_url, std::move(resolved));
+  *out = resolved;
+  absl::MutexLock lock(&mu);
+  cache.emplace(url, std::move(resolved));
   return status;
+}
+
+}  // namespace
+
+pb::util::Status CachingTypeResolver::ResolveMessageType(const std::string& type_url,
+                                                         pb::Type* message_type) {
+  return ResolveCached(mu_, types_, type_url, message_type,
+                       [this](const std::string& url, pb::Type* t) {
+                         return inner_->ResolveMessageType(url, t);
+                       });
 }
 
 pb::util::Status CachingTypeResolver::ResolveEnumType(const std::string& type_url,
                                                       pb::Enum* enum_type) {
-  {
-    absl::MutexLock lock(&mu_);
-    if (auto it = enums_.find(type_url); it != enums_.end()) {
-      *enum_type = it->second;
-      return pb::util::Status();
-    }
-  }
-  pb::Enum resolved;
-  pb::util::Status status = inner_->ResolveEnumType(type_url, &resolved);
-  if (!status.ok()) return status;
-  *enum_type = resolved;
-  absl::MutexLock lock(&mu_);
-  enums_.emplace(type_url, std::move(resolved));
-  return status;
+  return ResolveCached(mu_, enums_, type_url, enum_type,
+                       [this](const std::string& url, pb::Enum* e) {
+                         return inner_->ResolveEnumType(url, e);
+                       });
 }
 
 Transcoder::Transcoder(const pb::DescriptorPool& pool)

@@ -78,6 +78,26 @@ def echo_request():
 BATCH_SERVICE = "montage.gateway.v1.BatchService"
 
 
+def cluster_yaml(name, port):
+    """One STATIC HTTP/2 cluster of one host on 127.0.0.1, as a bootstrap's clusters[] entry."""
+    return f"""  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+"""
+
+
 def bootstrap(backend_port, descriptors, self_port):
     """The gateway's Envoy v3 bootstrap: one listener on a free port, gRPC routed to the backend,
     REST/JSON transcoded first (re-matched on the gRPC path, the transcoder's default). The
@@ -114,37 +134,7 @@ def bootstrap(backend_port, descriptors, self_port):
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
-  - name: echo
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {{}}
-    load_assignment:
-      cluster_name: echo
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {backend_port} }}
-  - name: self
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {{}}
-    load_assignment:
-      cluster_name: self
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {self_port} }}
-"""
+{cluster_yaml("echo", backend_port)}{cluster_yaml("self", self_port)}"""
 
 
 def read_varint(data, pos):
