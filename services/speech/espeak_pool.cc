@@ -545,6 +545,15 @@ int RunEspeakWorker(const std::string& data_path) {
     if (ReadFull(0, head, 4)) WriteFull(1, frame.data(), frame.size());
     return 1;
   }
+  {
+    // Load the default voice now, not on the first segment a request waits for.
+    Segment warm_up;
+    warm_up.text = "Ready.";
+    std::promise<void> spoken;
+    (*engine)->Synthesize(std::move(warm_up), absl::Now() + absl::Seconds(10),
+                          [&spoken](absl::StatusOr<std::string>) { spoken.set_value(); });
+    spoken.get_future().wait();
+  }
   for (;;) {
     char head[4];
     if (!ReadFull(0, head, 4)) return 0;  // the parent closed the socket
