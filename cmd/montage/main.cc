@@ -21,8 +21,11 @@ void UseHugePagesForDownloads(int argc, char** argv) {
     if (argv[i][0] != '-') command = argv[i];
   }
   if (command != "speak" && command != "podcast") return;
+  // Once only, even where glibc drops GLIBC_TUNABLES (secure mode).
+  if (std::getenv("MONTAGE_CLI_RESTARTED") != nullptr) return;
   const char* current = std::getenv("GLIBC_TUNABLES");
   if (current != nullptr && std::strstr(current, "glibc.malloc.hugetlb") != nullptr) return;
+  if (setenv("MONTAGE_CLI_RESTARTED", "1", 1) != 0) return;
   std::string tunables = "glibc.malloc.hugetlb=1";
   if (current != nullptr && *current != '\0') tunables = std::string(current) + ":" + tunables;
   if (setenv("GLIBC_TUNABLES", tunables.c_str(), 1) != 0) return;

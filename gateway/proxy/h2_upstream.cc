@@ -54,6 +54,7 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
     for (auto it = streams_.begin(); it != streams_.end();) DropStream(it++);
     if (session_ != nullptr) nghttp2_session_del(session_);
     if (flush_event_ != nullptr) event_free(flush_event_);
+    if (ping_timer_ != nullptr) event_free(ping_timer_);
     if (bev_ != nullptr) bufferevent_free(bev_);
     if (counted_) host_.direct_connections_.fetch_sub(1, std::memory_order_relaxed);
   }
@@ -67,7 +68,8 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
   // max_pending_requests are taken; NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE (or another nghttp2
   // error) when it could not be submitted here; the stream id otherwise.
   static constexpr int32_t kPendingOverflow = -100000;
-  int32_t Submit(H2UnaryRequest& request, std::function<void(UnaryResult&)> done);
+  int32_t Submit(H2UnaryRequest& request, std::shared_ptr<bool> cancelled,
+                 std::function<void(UnaryResult&)> done);
 
   void CancelStream(int32_t id) {
     auto it = streams_.find(id);
@@ -98,6 +100,7 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
     std::string body;
     bool timed_out = false;
     bool pending = false;  // counted in the cluster's pending requests until HEADERS go out
+    std::shared_ptr<bool> cancelled;
   };
   using StreamMap = absl::flat_hash_map<int32_t, std::unique_ptr<Stream>>;
 
@@ -158,16 +161,50 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
       bufferevent_set_timeouts(bev_, nullptr, nullptr);
       const int one = 1;
       setsockopt(bufferevent_getfd(bev_), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      setsockopt(bufferevent_getfd(bev_), SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
       host_.direct_connections_.fetch_add(1, std::memory_order_relaxed);
       counted_ = true;
+      StartKeepalive();
       return;
     }
     if (!connected_) {
-      stats_.upstream_cx_connect_fail.fetch_add(1, std::memory_order_relaxed);
       Fail((what & BEV_EVENT_TIMEOUT) != 0 ? "connection timeout" : "connection failure");
       return;
     }
     Fail(what & BEV_EVENT_EOF ? "upstream closed the connection" : "upstream connection error");
+  }
+
+  // HTTP/2 PINGs every connection_keepalive.interval when the cluster asks for them; no answer
+  // within connection_keepalive.timeout (20 s when unset) ends the connection, so a host that
+  // vanished without a FIN or RST does not keep taking calls.
+  void StartKeepalive() {
+    const config::Http2Options& h2 = cluster_.config().http2_options;
+    if (!h2.keepalive_interval.has_value() || *h2.keepalive_interval <= absl::ZeroDuration()) {
+      return;
+    }
+    ping_timeout_ = h2.keepalive_timeout.value_or(absl::Seconds(20));
+    ping_timer_ = event_new(
+        pool_.loop_.base(), -1, EV_PERSIST,
+        [](evutil_socket_t, short, void* self) {
+          auto* c = static_cast<H2UpstreamConnection*>(self);
+          std::shared_ptr<H2UpstreamConnection> keep = c->shared_from_this();
+          c->Ping();
+        },
+        this);
+    const timeval tv = absl::ToTimeval(*h2.keepalive_interval);
+    if (ping_timer_ != nullptr) evtimer_add(ping_timer_, &tv);
+  }
+
+  void Ping() {
+    if (closing_) return;
+    if (ping_outstanding_) {
+      if (absl::Now() - ping_sent_ > ping_timeout_) Fail("keepalive timeout");
+      return;
+    }
+    if (nghttp2_submit_ping(session_, NGHTTP2_FLAG_NONE, nullptr) != 0) return;
+    ping_outstanding_ = true;
+    ping_sent_ = absl::Now();
+    ScheduleFlush();
   }
 
   // The connection is unusable: every open call fails UNAVAILABLE (a connect failure or a reset
@@ -183,7 +220,7 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
       result.status = stream->timed_out
                           ? grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded")
                           : grpc::Status(grpc::StatusCode::UNAVAILABLE, message);
-      completions_.emplace_back(std::move(stream->done), std::move(result));
+      completions_.push_back({stream->cancelled, std::move(stream->done), std::move(result)});
     }
     for (auto it = streams_.begin(); it != streams_.end();) DropStream(it++);
     if (bev_ != nullptr) bufferevent_disable(bev_, EV_READ | EV_WRITE);
@@ -194,10 +231,13 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
   // Reports run after nghttp2 has returned: a report may start or cancel other calls.
   void RunCompletions() {
     if (completions_.empty()) return;
-    std::vector<std::pair<std::function<void(UnaryResult&)>, UnaryResult>> ready;
+    std::vector<Completion> ready;
     ready.swap(completions_);
     std::shared_ptr<H2UpstreamConnection> keep = shared_from_this();
-    for (auto& [done, result] : ready) done(result);
+    // A report may cancel a call whose report is also ready: that one is dropped.
+    for (Completion& c : ready) {
+      if (!*c.cancelled) c.done(c.result);
+    }
   }
 
   void Complete(Stream& stream, uint32_t error_code) {
@@ -245,7 +285,7 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
         }
       }
     }
-    completions_.emplace_back(std::move(stream.done), std::move(result));
+    completions_.push_back({stream.cancelled, std::move(stream.done), std::move(result)});
     stream.done = nullptr;
   }
 
@@ -326,6 +366,10 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
 
   static int OnFrameRecv(nghttp2_session*, const nghttp2_frame* frame, void* self) {
     auto* c = static_cast<H2UpstreamConnection*>(self);
+    if (frame->hd.type == NGHTTP2_PING && (frame->hd.flags & NGHTTP2_FLAG_ACK)) {
+      c->ping_outstanding_ = false;
+      return 0;
+    }
     if (frame->hd.type == NGHTTP2_GOAWAY) {
       // Streams above last_stream_id are closed by nghttp2 (REFUSED_STREAM: retriable); the rest
       // finish here, and new calls go to a new connection.
@@ -364,6 +408,10 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
   nghttp2_session* session_ = nullptr;
   event* flush_event_ = nullptr;
   bool flush_scheduled_ = false;
+  event* ping_timer_ = nullptr;
+  absl::Duration ping_timeout_;
+  bool ping_outstanding_ = false;
+  absl::Time ping_sent_;
   bool connected_ = false;
   bool counted_ = false;
   bool closing_ = false;
@@ -371,7 +419,12 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
   // Open streams, and requests nghttp2 holds back until one of those closes (the upstream's
   // SETTINGS_MAX_CONCURRENT_STREAMS; Stream::pending).
   StreamMap streams_;
-  std::vector<std::pair<std::function<void(UnaryResult&)>, UnaryResult>> completions_;
+  struct Completion {
+    std::shared_ptr<bool> cancelled;  // the call's: set by H2UnaryCall::Cancel
+    std::function<void(UnaryResult&)> done;
+    UnaryResult result;
+  };
+  std::vector<Completion> completions_;
 };
 
 bool H2UpstreamConnection::Connect() {
@@ -437,14 +490,13 @@ bool H2UpstreamConnection::Connect() {
   const UpstreamHost::DirectAddress& address = *host_.direct_address();
   if (bufferevent_socket_connect(bev_, reinterpret_cast<const sockaddr*>(&address.storage),
                                  static_cast<int>(address.length)) != 0) {
-    stats_.upstream_cx_connect_fail.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
   ScheduleFlush();
   return true;
 }
 
-int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request,
+int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request, std::shared_ptr<bool> cancelled,
                                      std::function<void(UnaryResult&)> done) {
   // Every stream the upstream allows is taken (or queued before this one): the request waits,
   // within the cluster's max_pending_requests.
@@ -454,6 +506,7 @@ int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request,
   if (pending && !cluster_.TryAddPending()) return kPendingOverflow;
   auto stream = std::make_unique<Stream>();
   stream->pending = pending;
+  stream->cancelled = std::move(cancelled);
   stream->connection = this;
   stream->done = std::move(done);
   const size_t length = request.message.size();
@@ -498,7 +551,10 @@ int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request,
       nghttp2_submit_request(session_, nullptr, nva.data(), nva.size(), &provider, nullptr);
   if (id < 0) {
     if (pending) cluster_.RemovePending();
-    if (id == NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE) draining_ = true;
+    if (id == NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE) {
+      draining_ = true;
+      if (streams_.empty()) ScheduleFlush();  // nothing left to finish: close
+    }
     return id;
   }
   stream->id = id;
@@ -509,8 +565,15 @@ int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request,
           auto* s = static_cast<Stream*>(arg);
           H2UpstreamConnection* c = s->connection;
           s->timed_out = true;
-          // The stream closes with CANCEL; OnStreamClose reports DEADLINE_EXCEEDED.
-          nghttp2_submit_rst_stream(c->session_, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_CANCEL);
+          const int32_t id = s->id;
+          if (s->pending) {
+            // Still waiting for a stream: nghttp2 would close it (and let OnStreamClose report)
+            // only when another stream ends. Report now.
+            c->Complete(*s, NGHTTP2_CANCEL);
+            c->DropStream(c->streams_.find(id));  // frees this timer and `s`
+          }
+          // Otherwise the stream closes with CANCEL and OnStreamClose reports DEADLINE_EXCEEDED.
+          nghttp2_submit_rst_stream(c->session_, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
           c->ScheduleFlush();
         },
         stream.get());
@@ -523,7 +586,7 @@ int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request,
 }
 
 void H2UnaryCall::Cancel() {
-  if (failed_ != nullptr) *failed_ = true;
+  if (cancelled_ != nullptr) *cancelled_ = true;
   std::shared_ptr<H2UpstreamConnection> connection = connection_.lock();
   connection_.reset();
   if (connection != nullptr) connection->CancelStream(stream_id_);
@@ -560,6 +623,7 @@ std::unique_ptr<H2UnaryCall> H2UpstreamPool::Start(Cluster& cluster, UpstreamHos
                                                    H2UnaryRequest request,
                                                    std::function<void(UnaryResult&)> done) {
   auto call = std::make_unique<H2UnaryCall>();
+  call->cancelled_ = std::make_shared<bool>(false);
   std::vector<std::shared_ptr<H2UpstreamConnection>>& list = connections_[&host];
   for (int attempt = 0; attempt < 2; ++attempt) {
     std::shared_ptr<H2UpstreamConnection> connection;
@@ -574,7 +638,7 @@ std::unique_ptr<H2UnaryCall> H2UpstreamPool::Start(Cluster& cluster, UpstreamHos
       if (!connection->Connect()) break;
       list.push_back(connection);
     }
-    const int32_t id = connection->Submit(request, done);
+    const int32_t id = connection->Submit(request, call->cancelled_, done);
     if (id >= 0) {
       call->connection_ = connection;
       call->stream_id_ = id;
@@ -597,8 +661,7 @@ std::unique_ptr<H2UnaryCall> H2UpstreamPool::FailSoon(std::unique_ptr<H2UnaryCal
                                                       std::function<void(UnaryResult&)> done,
                                                       std::string message) {
   // Reported from the loop, never inside Start(), and not at all once the call is cancelled.
-  call->failed_ = std::make_shared<bool>(false);
-  loop_.Post([cancelled = call->failed_, done = std::move(done),
+  loop_.Post([cancelled = call->cancelled_, done = std::move(done),
               message = std::move(message)]() mutable {
     if (*cancelled) return;
     UnaryResult result;

@@ -55,7 +55,8 @@ class H2UnaryCall {
   friend class H2UpstreamPool;
   std::weak_ptr<H2UpstreamConnection> connection_;
   int32_t stream_id_ = -1;
-  std::shared_ptr<bool> failed_;  // set when a failure report is on its way (loop thread only)
+  // Set by Cancel; every report of the call checks it first (loop thread only).
+  std::shared_ptr<bool> cancelled_;
 };
 
 // One per worker loop: that loop's connections to every host. Created and destroyed on the loop

@@ -263,7 +263,11 @@ void UnaryUpstreamCall::Cancel() {
   if (cancelled_) return;
   cancelled_ = true;
   done_ = nullptr;
-  if (h2_ != nullptr) h2_->Cancel();
+  if (h2_ != nullptr) {
+    h2_->Cancel();
+    // No report comes on this path after a cancel: the attempt's span ends here.
+    EndAttemptSpan(span_, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+  }
   if (context_ != nullptr) context_->TryCancel();
 }
 

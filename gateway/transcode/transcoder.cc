@@ -1284,7 +1284,8 @@ absl::StatusOr<std::string> Transcoder::ProtoToJson(const pb::Descriptor& type,
       pb::util::BinaryToJsonString(resolver_.get(), TypeUrl(type),
                                    std::string(proto_bytes.data(), proto_bytes.size()), &json,
                                    ToJsonPrintOptions(options))
-          .ok()) {
+          .ok() &&
+      IsValidUtf8(json)) {  // a string field holding invalid UTF-8 is refused below
     return json;
   }
   json.clear();

@@ -5,7 +5,6 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/eventfd.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -32,6 +31,10 @@ namespace {
 // A frame is a 4-byte little-endian length, then that many bytes.
 constexpr uint32_t kMaxFrame = 512u << 20;
 constexpr uint32_t kNoTimeout = std::numeric_limits<uint32_t>::max();
+// How often the poll thread looks at busy workers, and how long past a segment's deadline a
+// worker may go on before it is killed.
+constexpr int kBusyCheckMs = 100;
+constexpr absl::Duration kStuckGrace = absl::Seconds(2);
 enum : uint8_t { kSsml = 1, kHasRate = 2, kHasPitch = 4, kHasVolume = 8 };
 
 void PutU32(std::string& out, uint32_t v) {
@@ -260,6 +263,10 @@ class EspeakPool final : public TtsEngine {
       absl::MutexLock lock(&mu_);
       if (stopping_) return;
       stopping_ = true;
+      // A segment handed to the in-process engine but not yet given to it is either given now
+      // or refused; wait for that, so local_->Shutdown() below sees it.
+      mu_.Await(absl::Condition(
+          +[](int* handing) { return *handing == 0; }, &local_handoffs_));
       dropped.swap(queue_);
       for (Worker& w : workers_) {
         if (w.job != nullptr) running.push_back(std::move(w.job));
@@ -354,6 +361,7 @@ class EspeakPool final : public TtsEngine {
         int expected = PoolJob::kQueued;
         if (!job->state.compare_exchange_strong(expected, PoolJob::kRunning)) continue;
         local_busy_ = true;
+        ++local_handoffs_;
         local = std::move(job);
         continue;
       }
@@ -379,8 +387,22 @@ class EspeakPool final : public TtsEngine {
     return local;
   }
 
-  // Runs `job` (already kRunning, local_busy_ set) on the in-process engine.
+  // Runs `job` (already kRunning, local_busy_ set, counted in local_handoffs_) on the in-process
+  // engine.
   void RunLocal(std::shared_ptr<PoolJob> job) ABSL_LOCKS_EXCLUDED(mu_) {
+    bool refused = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) {
+        local_busy_ = false;
+        --local_handoffs_;
+        refused = true;
+      }
+    }
+    if (refused) {
+      job->Finish(absl::CancelledError("the espeak engine is shutting down"));
+      return;
+    }
     Segment segment = job->segment;
     std::shared_ptr<SynthesisHandle> handle = local_->Synthesize(
         std::move(segment), job->deadline,
@@ -394,8 +416,12 @@ class EspeakPool final : public TtsEngine {
           }
           if (next != nullptr) RunLocal(std::move(next));
         });
-    absl::MutexLock lock(&job->mu);
-    job->local = std::move(handle);
+    {
+      absl::MutexLock lock(&job->mu);
+      job->local = std::move(handle);
+    }
+    absl::MutexLock lock(&mu_);
+    --local_handoffs_;
   }
 
   // The poll thread: writes requests, reads answers, notices workers that died.
@@ -407,18 +433,22 @@ class EspeakPool final : public TtsEngine {
       owners.clear();
       fds.push_back({wake_fd_, POLLIN, 0});
       owners.push_back(nullptr);
+      int timeout_ms = -1;
       {
         absl::MutexLock lock(&mu_);
         if (stopping_) return;
         for (Worker& w : workers_) {
           if (w.fd < 0) continue;
+          // A busy worker is looked at every so often: its segment may have been cancelled or
+          // be long past its deadline.
+          if (w.job != nullptr) timeout_ms = kBusyCheckMs;
           short events = POLLIN;
           if (w.out_offset < w.out.size()) events |= POLLOUT;
           fds.push_back({w.fd, events, 0});
           owners.push_back(&w);
         }
       }
-      if (poll(fds.data(), fds.size(), -1) < 0 && errno != EINTR) {
+      if (poll(fds.data(), fds.size(), timeout_ms) < 0 && errno != EINTR) {
         LogError("espeak pool: poll failed", {{"error", std::string(strerror(errno))}});
         return;
       }
@@ -437,6 +467,7 @@ class EspeakPool final : public TtsEngine {
           if (fds[i].revents & POLLOUT) WriteSome(w);
           if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) ReadSome(w, finished);
         }
+        ReclaimStuckWorkers(finished);
         local = DispatchLocked();
       }
       for (auto& [job, result] : finished) job->Finish(std::move(result));
@@ -444,9 +475,33 @@ class EspeakPool final : public TtsEngine {
     }
   }
 
+  // A worker still speaking a cancelled segment, or one far past its deadline (the worker stops
+  // at the deadline itself; this is for one that hangs), is killed so that its lane serves the
+  // next segment; a new worker is started when one is needed.
+  void ReclaimStuckWorkers(
+      std::vector<std::pair<std::shared_ptr<PoolJob>, absl::StatusOr<std::string>>>& finished)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const absl::Time now = absl::Now();
+    for (Worker& w : workers_) {
+      if (w.job == nullptr || w.fd < 0) continue;
+      if (w.job->state.load() == PoolJob::kFinished) {
+        w.job = nullptr;
+        Stop(w);
+      } else if (w.job->deadline != absl::InfiniteFuture() &&
+                 now > w.job->deadline + kStuckGrace) {
+        finished.emplace_back(std::move(w.job), absl::DeadlineExceededError(
+                                                    "the espeak worker passed the deadline"));
+        w.job = nullptr;
+        Stop(w);
+      }
+    }
+  }
+
   void WriteSome(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     while (w.out_offset < w.out.size()) {
-      const ssize_t n = write(w.fd, w.out.data() + w.out_offset, w.out.size() - w.out_offset);
+      // MSG_NOSIGNAL: a worker that died makes this EPIPE, not a SIGPIPE for the whole process.
+      const ssize_t n = send(w.fd, w.out.data() + w.out_offset, w.out.size() - w.out_offset,
+                             MSG_NOSIGNAL);
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) return;  // EAGAIN, or the worker died (the read side notices)
       w.out_offset += static_cast<size_t>(n);
@@ -506,6 +561,8 @@ class EspeakPool final : public TtsEngine {
   absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool local_busy_ ABSL_GUARDED_BY(mu_) = false;
+  // Segments DispatchLocked handed to the in-process engine that RunLocal has not given it yet.
+  int local_handoffs_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<std::shared_ptr<PoolJob>> queue_ ABSL_GUARDED_BY(mu_);
   std::vector<Worker> workers_ ABSL_GUARDED_BY(mu_);
 };
@@ -532,8 +589,9 @@ std::vector<std::string> EspeakWorkerCommand() {
 }
 
 int RunEspeakWorker(const std::string& data_path) {
-  // Ends with the parent, even when the parent is killed.
-  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  // The parent's end of the socket closes when the parent exits, however it exits: the next read
+  // sees EOF and the worker ends. (PR_SET_PDEATHSIG would follow the thread that spawned the
+  // worker, not the process.)
   signal(SIGPIPE, SIG_IGN);
   EspeakOptions options;
   options.data_path = data_path;

@@ -181,6 +181,25 @@ TEST_F(EspeakPoolTest, CancelReportsCancelledAndShutdownEndsTheQueue) {
   EXPECT_EQ(Get(late).status().code(), absl::StatusCode::kCancelled);
 }
 
+TEST_F(EspeakPoolTest, CancellingAWorkersSegmentFreesItsLane) {
+  std::vector<pid_t> workers = WorkerPids();
+  ASSERT_EQ(workers.size(), 1u);
+  // The in-process lane is busy for a long while; the worker starts a long text too.
+  std::future<absl::StatusOr<std::string>> local = Speak(Words(20000));
+  std::shared_ptr<SynthesisHandle> remote_handle;
+  std::future<absl::StatusOr<std::string>> remote = Speak(Words(20000), &remote_handle);
+  remote_handle->Cancel();
+  EXPECT_EQ(Get(remote).status().code(), absl::StatusCode::kCancelled);
+  // The worker speaking the cancelled text is replaced, and the next segment does not wait for
+  // that text (nor for the in-process one).
+  std::future<absl::StatusOr<std::string>> next = Speak("A short one.");
+  EXPECT_TRUE(Get(next).ok());
+  EXPECT_EQ(local.wait_for(std::chrono::seconds(0)), std::future_status::timeout);
+  std::vector<pid_t> now = WorkerPids();
+  ASSERT_EQ(now.size(), 1u);
+  EXPECT_NE(now[0], workers[0]);
+}
+
 TEST(EspeakPoolSetupTest, WithoutAWorkerCommandTheEngineStaysInProcess) {
   absl::StatusOr<std::unique_ptr<TtsEngine>> local = NewEspeakEngine({});
   ASSERT_TRUE(local.ok()) << local.status();
