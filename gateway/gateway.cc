@@ -776,6 +776,8 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
       codec.initial_stream_window = *l.http.http2_protocol_options.initial_stream_window_size;
     }
     codec.max_request_headers_bytes = size_t{l.http.max_request_headers_kb} << 10;
+    // Envoy: 1 hour when unset, 0s disables.
+    codec.idle_timeout = l.http.idle_timeout.value_or(absl::Hours(1));
     const std::string address =
         JoinHostPort(l.address.address, static_cast<int>(l.address.port_value));
     absl::StatusOr<std::unique_ptr<Listener>> listener =

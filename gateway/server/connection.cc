@@ -38,11 +38,16 @@ class ConnectionSet::Sniffer {
     if (bev_ != nullptr) bufferevent_free(bev_);
   }
 
-  void Start() {
+  // A client that sends nothing (or never finishes its TLS handshake) for `timeout` is dropped.
+  void Start(absl::Duration timeout) {
     bufferevent_setcb(
         bev_, [](bufferevent*, void* self) { static_cast<Sniffer*>(self)->OnRead(); }, nullptr,
         [](bufferevent*, short what, void* self) { static_cast<Sniffer*>(self)->OnEvent(what); },
         this);
+    if (timeout > absl::ZeroDuration()) {
+      const timeval tv = absl::ToTimeval(timeout);
+      bufferevent_set_timeouts(bev_, &tv, nullptr);
+    }
     bufferevent_enable(bev_, EV_READ);
   }
 
@@ -50,6 +55,7 @@ class ConnectionSet::Sniffer {
     bufferevent* bev = bev_;
     bev_ = nullptr;
     bufferevent_setcb(bev, nullptr, nullptr, nullptr, nullptr);
+    bufferevent_set_timeouts(bev, nullptr, nullptr);  // the codec keeps its own idle timer
     return bev;
   }
   const std::string& peer_ip() const { return peer_ip_; }
@@ -65,6 +71,10 @@ class ConnectionSet::Sniffer {
     owner_->Sniffed(this, prefix_of_preface);
   }
   void OnEvent(short what) {
+    if (what & BEV_EVENT_TIMEOUT) {
+      owner_->Drop(this);  // silent for too long: nobody to answer
+      return;
+    }
     if (!handshaking_) {
       owner_->Sniffed(this, /*http2=*/false);
       return;
@@ -138,7 +148,7 @@ void ConnectionSet::Adopt(int fd, std::string peer_ip) {
   auto sniffer = std::make_unique<Sniffer>(this, bev, std::move(peer_ip), tls_ != nullptr);
   Sniffer* raw = sniffer.get();
   sniffing_.emplace(raw, std::move(sniffer));
-  raw->Start();
+  raw->Start(options_.idle_timeout);
 }
 
 void ConnectionSet::Sniffed(Sniffer* sniffer, bool http2) {
@@ -166,5 +176,32 @@ void ConnectionSet::Remove(Connection* connection) {
 }
 
 void ConnectionSet::Reap() { dead_.clear(); }
+
+IdleTimer::~IdleTimer() {
+  if (timer_ != nullptr) event_free(timer_);
+}
+
+void IdleTimer::Init(event_base* base, absl::Duration timeout, std::function<void()> on_idle) {
+  if (timeout <= absl::ZeroDuration()) return;
+  timeout_ = timeout;
+  on_idle_ = std::move(on_idle);
+  timer_ = event_new(
+      base, -1, 0,
+      [](evutil_socket_t, short, void* self) {
+        auto* t = static_cast<IdleTimer*>(self);
+        if (t->on_idle_ != nullptr) t->on_idle_();
+      },
+      this);
+}
+
+void IdleTimer::Arm() {
+  if (timer_ == nullptr) return;
+  const timeval tv = absl::ToTimeval(timeout_);
+  evtimer_add(timer_, &tv);
+}
+
+void IdleTimer::Disarm() {
+  if (timer_ != nullptr) evtimer_del(timer_);
+}
 
 }  // namespace montage::gateway

@@ -7,14 +7,17 @@
 #define MONTAGE_GATEWAY_SERVER_CONNECTION_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/time/time.h"
 #include "gateway/server/http_stream.h"
 
 struct bufferevent;
 struct event;
+struct event_base;
 
 namespace montage::gateway {
 
@@ -28,6 +31,28 @@ struct CodecOptions {
   size_t max_request_headers_bytes = 60 << 10;
   // Set by the listener: its connections are TLS, so requests have the scheme "https".
   bool tls = false;
+  // A connection with no request in progress for this long is closed
+  // (common_http_protocol_options.idle_timeout; Envoy's default is 1 hour). Zero: never.
+  absl::Duration idle_timeout = absl::Hours(1);
+};
+
+// Closes an idle connection: armed while it has no request in progress, disarmed while it has
+// one. Loop thread only.
+class IdleTimer {
+ public:
+  IdleTimer() = default;
+  ~IdleTimer();
+  IdleTimer(const IdleTimer&) = delete;
+  IdleTimer& operator=(const IdleTimer&) = delete;
+  // `on_idle` runs on the loop once the connection has been idle for `timeout` (zero: never).
+  void Init(event_base* base, absl::Duration timeout, std::function<void()> on_idle);
+  void Arm();     // no request in progress (again): the countdown starts over
+  void Disarm();  // a request began
+
+ private:
+  event* timer_ = nullptr;
+  absl::Duration timeout_ = absl::ZeroDuration();
+  std::function<void()> on_idle_;
 };
 
 class ConnectionSet;

@@ -166,6 +166,8 @@ class H1Connection final : public Connection {
         this);
     bufferevent_setwatermark(bev_, EV_READ, 0, kMaxBufferedInput);
     if (bufferevent_enable(bev_, EV_READ | EV_WRITE) != 0) return false;
+    idle_.Init(loop_.base(), options_.idle_timeout, [this] { Close(); });
+    idle_.Arm();
     // The sniffer left the first bytes in the input buffer.
     if (evbuffer_get_length(bufferevent_get_input(bev_)) > 0) Advance();
     return true;
@@ -218,6 +220,7 @@ class H1Connection final : public Connection {
     H1Connection* c = Self(parser);
     if (c->stream_ != nullptr) return -1;  // cannot happen: the parser is not fed meanwhile
     c->stream_ = std::make_unique<H1Stream>(c);
+    c->idle_.Disarm();
     c->url_.clear();
     c->header_bytes_ = 0;
     c->in_value_ = false;
@@ -468,6 +471,7 @@ class H1Connection final : public Connection {
   void FinishStream(bool completed) {
     std::unique_ptr<H1Stream> s = std::move(stream_);
     s->finished_ = true;
+    idle_.Arm();
     if (s->handler_ != nullptr) s->handler_->OnStreamClosed(completed);
   }
 
@@ -563,6 +567,7 @@ class H1Connection final : public Connection {
   event* linger_event_ = nullptr;
   // The request being parsed or answered.
   std::unique_ptr<H1Stream> stream_;
+  IdleTimer idle_;  // armed while no request is in progress
   std::string url_;
   size_t header_bytes_ = 0;
   bool in_value_ = false;  // the last header callback was for a value

@@ -616,6 +616,36 @@ TEST_F(H1ConnectionTest, PostWithChunkedBodyIsEchoed) {
   EXPECT_EQ(r->Header("transfer-encoding"), nullptr);
 }
 
+// common_http_protocol_options.idle_timeout: a connection with no request in progress, or one
+// that never sends a byte, is closed.
+TEST_F(H1ConnectionTest, IdleConnectionsAreClosed) {
+  CodecOptions options;
+  options.idle_timeout = absl::Milliseconds(100);
+  absl::StatusOr<std::unique_ptr<Listener>> idle =
+      Listener::Start("127.0.0.1:0", {loop_.get()}, dispatcher_, options);
+  ASSERT_TRUE(idle.ok()) << idle.status();
+  {
+    RawClient client((*idle)->port());
+    ASSERT_TRUE(client.Send("GET /echo/idle HTTP/1.1\r\nHost: x\r\n\r\n"));
+    std::optional<Response> r = client.Read();
+    ASSERT_TRUE(r.has_value());
+    EXPECT_EQ(r->status, 200);
+    EXPECT_TRUE(client.ReadEof());  // kept alive, then idle: closed
+  }
+  {
+    RawClient silent((*idle)->port());
+    EXPECT_TRUE(silent.ReadEof());  // never sent a byte
+  }
+  {
+    // HTTP/2: the connection preface and an empty SETTINGS frame, then no stream.
+    RawClient h2((*idle)->port());
+    ASSERT_TRUE(h2.Send(std::string("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") +
+                        std::string("\x00\x00\x00\x04\x00\x00\x00\x00\x00", 9)));
+    EXPECT_TRUE(h2.ReadEof());
+  }
+  idle->reset();
+}
+
 TEST_F(H1ConnectionTest, KeepAliveServesTwoRequestsOnOneConnection) {
   CurlHandle curl = NewCurl();
   curl_easy_setopt(curl.get(), CURLOPT_URL, Url("/echo/1").c_str());

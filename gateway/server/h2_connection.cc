@@ -127,6 +127,10 @@ class H2Connection final : public Connection {
         [](bufferevent*, short, void* self) { static_cast<H2Connection*>(self)->Close(); }, this);
     if (bufferevent_enable(bev_, EV_READ | EV_WRITE) != 0) return false;
     // The sniffer left the preface (and maybe more) in the input buffer.
+    // Idle: no stream open for idle_timeout. (A GOAWAY first would be politer; the client sees
+    // the close and opens a new connection, as after any idle close.)
+    idle_.Init(loop_.base(), options_.idle_timeout, [this] { Close(); });
+    idle_.Arm();
     if (evbuffer_get_length(bufferevent_get_input(bev_)) > 0) OnRead();
     if (!closed_) Flush();
     return true;
@@ -264,6 +268,7 @@ class H2Connection final : public Connection {
       stream->head_.peer_ip = c->peer_ip_;
       stream->head_.http2 = true;
       c->streams_[frame->hd.stream_id] = std::move(stream);
+      c->idle_.Disarm();
     }
     return 0;
   }
@@ -341,6 +346,7 @@ class H2Connection final : public Connection {
     if (it == c->streams_.end()) return 0;
     std::unique_ptr<H2Stream> s = std::move(it->second);
     c->streams_.erase(it);
+    if (c->streams_.empty()) c->idle_.Arm();
     const bool completed = error_code == NGHTTP2_NO_ERROR && s->body_ended_ && s->headers_sent_;
     if (s->handler_ != nullptr) s->handler_->OnStreamClosed(completed);
     return 0;
@@ -423,6 +429,7 @@ class H2Connection final : public Connection {
   bool flush_scheduled_ = false;
   bool closed_ = false;
   absl::flat_hash_map<int32_t, std::unique_ptr<H2Stream>> streams_;
+  IdleTimer idle_;  // armed while streams_ is empty
   std::vector<int32_t> drained_;
 };
 
