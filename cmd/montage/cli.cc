@@ -1,5 +1,6 @@
 #include "cmd/montage/cli.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iomanip>
@@ -20,6 +21,7 @@
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "common/status.h"
+#include "common/wav.h"
 #include "google/protobuf/util/json_util.h"
 #include "google/protobuf/util/time_util.h"
 #include "google/rpc/error_details.pb.h"
@@ -677,6 +679,51 @@ void PrintAudio(const std::string& path, uint64_t bytes, const speechpb::Synthes
                          r.segments_from_cache());
 }
 
+// WAV is PCM behind a 44-byte header: it is asked for as a PCM stream and written as it comes,
+// the header (which needs the length) last. The file is the one the unary answer would be, but
+// no whole copy of it is held in memory, and writing overlaps synthesis.
+int SpeakWav(const Options& o, speechpb::SpeechService::Stub& stub, grpc::ClientContext& ctx,
+             speechpb::SynthesizeRequest req, std::ostream& out, std::ostream& err) {
+  req.set_format(speechpb::PCM);
+  std::ofstream f(o.out_path, std::ios::binary | std::ios::trunc);
+  if (!f) {
+    err << "montage: cannot write " << o.out_path << "\n";
+    return 1;
+  }
+  f.write(std::string(kWavHeaderBytes, '\0').data(), kWavHeaderBytes);
+  auto reader = stub.StreamSynthesize(&ctx, req);
+  speechpb::AudioChunk chunk;
+  speechpb::SynthesizeResponse summary;  // what the unary answer would say, for PrintAudio
+  uint64_t bytes = 0;
+  while (reader->Read(&chunk)) {
+    f.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
+    bytes += chunk.data().size();
+    if (chunk.sample_rate() != 0) summary.set_sample_rate(chunk.sample_rate());
+    if (chunk.last()) {
+      *summary.mutable_duration() = chunk.duration();
+      summary.set_segments(chunk.segments());
+      summary.set_segments_from_cache(chunk.segments_from_cache());
+    }
+  }
+  grpc::Status s = reader->Finish();
+  if (s.ok()) {
+    const std::string header = WavHeader(summary.sample_rate(), bytes);
+    f.seekp(0);
+    f.write(header.data(), static_cast<std::streamsize>(header.size()));
+  }
+  f.close();
+  if (!s.ok()) {
+    std::remove(o.out_path.c_str());  // no half file where the unary call would leave none
+    return Fail(err, s, o.json);
+  }
+  if (!f) {
+    err << "montage: cannot write " << o.out_path << "\n";
+    return 1;
+  }
+  PrintAudio(o.out_path, kWavHeaderBytes + bytes, summary, out);
+  return 0;
+}
+
 int Speak(const Options& o, Client& client, std::istream& in, std::ostream& out,
           std::ostream& err) {
   std::vector<std::string> words(o.positional.begin() + 1, o.positional.end());
@@ -731,6 +778,7 @@ int Speak(const Options& o, Client& client, std::istream& in, std::ostream& out,
                            Seconds(absl::Now() - start));
     return 0;
   }
+  if (*format == speechpb::WAV) return SpeakWav(o, *stub, ctx, std::move(req), out, err);
   speechpb::SynthesizeResponse resp;
   grpc::Status s = stub->Synthesize(&ctx, req, &resp);
   if (!s.ok()) return Fail(err, s, o.json);

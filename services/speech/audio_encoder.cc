@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/types/span.h"
 #include "common/status.h"
+#include "common/wav.h"
 
 extern "C" {
 #include <libavcodec/avcodec.h>
@@ -538,10 +539,8 @@ absl::Status FfmpegAudioEncoder::WritePackets() {
 // through the encoder and a growing buffer: most of a cached request's time.)
 class PassThroughEncoder final : public AudioEncoder {
  public:
-  static constexpr size_t kWavHeader = 44;
-
   PassThroughEncoder(AudioFormat format, uint32_t rate) : format_(format), rate_(rate) {
-    if (format_ == AudioFormat::kWav) out_.assign(kWavHeader, '\0');
+    if (format_ == AudioFormat::kWav) out_.assign(kWavHeaderBytes, '\0');
   }
 
   absl::Status Write(absl::string_view pcm) override {
@@ -568,29 +567,8 @@ class PassThroughEncoder final : public AudioEncoder {
     if (finished_) return absl::FailedPreconditionError("Finish called twice");
     finished_ = true;
     if (format_ != AudioFormat::kWav) return absl::OkStatus();
-    // RIFF sizes are 32-bit: saturate (readers then take the data to the end of the file).
-    const uint64_t data_bytes = static_cast<uint64_t>(samples_) * 2;
-    const uint32_t data_size = static_cast<uint32_t>(std::min<uint64_t>(data_bytes, 0xFFFFFFFFu - 36));
-    char* h = out_.data();
-    auto put32 = [](char* at, uint32_t v) {
-      for (int i = 0; i < 4; ++i) at[i] = static_cast<char>((v >> (8 * i)) & 0xff);
-    };
-    auto put16 = [](char* at, uint16_t v) {
-      at[0] = static_cast<char>(v & 0xff);
-      at[1] = static_cast<char>(v >> 8);
-    };
-    std::memcpy(h, "RIFF", 4);
-    put32(h + 4, 36 + data_size);
-    std::memcpy(h + 8, "WAVEfmt ", 8);
-    put32(h + 16, 16);           // fmt chunk size
-    put16(h + 20, 1);            // PCM
-    put16(h + 22, 1);            // mono
-    put32(h + 24, rate_);        // sample rate
-    put32(h + 28, rate_ * 2);    // byte rate
-    put16(h + 32, 2);            // block align
-    put16(h + 34, 16);           // bits per sample
-    std::memcpy(h + 36, "data", 4);
-    put32(h + 40, data_size);
+    const std::string header = WavHeader(rate_, static_cast<uint64_t>(samples_) * 2);
+    std::memcpy(out_.data(), header.data(), header.size());
     return absl::OkStatus();
   }
 

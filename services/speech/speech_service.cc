@@ -218,6 +218,8 @@ class StreamReactor final : public grpc::ServerWriteReactor<v1::AudioChunk> {
           last.set_sample_rate(sample_rate_);
         }
         *last.mutable_duration() = ToProtoDuration(result->duration);
+        last.set_segments(result->segments);
+        last.set_segments_from_cache(result->segments_from_cache);
         last.set_last(true);
         if (!broken_) queue_.push_back(std::move(last));
       }

@@ -1,6 +1,8 @@
 // The speech service in a real montaged: audio decoded with libavformat, the segment cache across
 // calls, streaming, dialogue, the unary size limit, the http engine against the fake provider,
 // bad input, and the CLI's podcast command (the README's main job).
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
@@ -287,6 +289,49 @@ TEST(SpeechIntegrationTest, AnOpenAiCompatibleEngineFromConfig) {
   EXPECT_THAT(stats.recent.back().body, HasSubstr("\"shimmer\""));
   EXPECT_EQ((*process)->Stop().exit_code, 0) << (*process)->log();
   EXPECT_THAT((*process)->log(), ::testing::Not(HasSubstr("sk-test-speech-key")));
+}
+
+// `montage speak --format=wav` streams PCM and writes the WAV itself: the file must be what the
+// unary Synthesize answers, byte for byte.
+TEST(SpeechIntegrationTest, TheSpeakCommandWritesTheSameWavAsTheUnaryAnswer) {
+  auto process = MontagedProcess::Start({"speech"});
+  ASSERT_TRUE(process.ok()) << process.status();
+  const std::string text = "The first sentence is here. And a second one follows it.";
+  const std::string out = absl::StrCat(MakeTempDir(), "/speech.wav");
+  const auto speak = [&] {
+    return RunCommand({MontageCliPath(), absl::StrCat("--addr=", (*process)->grpc_address()),
+                       "speak", text, "--format=wav", "--voice=en-us",
+                       absl::StrCat("--out=", out)},
+                      "", 60);
+  };
+  CommandResult first = speak();
+  ASSERT_EQ(first.exit_code, 0) << first.out << first.err;
+  EXPECT_THAT(first.out, HasSubstr("22050 Hz, 2 segments (0 from the cache)"));
+  CommandResult again = speak();
+  ASSERT_EQ(again.exit_code, 0) << again.out << again.err;
+  EXPECT_THAT(again.out, HasSubstr("2 segments (2 from the cache)"));
+  std::ifstream file(out, std::ios::binary);
+  const std::string written((std::istreambuf_iterator<char>(file)), {});
+
+  auto stub = speech::v1::SpeechService::NewStub((*process)->channel());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  speech::v1::SynthesizeRequest req;
+  req.set_text(text);
+  req.set_format(speech::v1::WAV);
+  req.mutable_voice()->set_voice("en-us");
+  speech::v1::SynthesizeResponse resp;
+  ASSERT_TRUE(stub->Synthesize(&ctx, req, &resp).ok());
+  EXPECT_EQ(resp.segments_from_cache(), 2u);  // the same segments, so the same samples
+  EXPECT_TRUE(written == resp.audio().data()) << written.size() << " vs "
+                                              << resp.audio().data().size();
+  absl::StatusOr<speech::testing::AudioInfo> info = speech::testing::ProbeAudio(written);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->container, "wav");
+  EXPECT_EQ(info->sample_rate, 22050u);
+  EXPECT_GT(info->duration_seconds, 2.0);
+  EXPECT_GT(info->rms, 0.02);
+  EXPECT_EQ((*process)->Stop().exit_code, 0) << (*process)->log();
 }
 
 TEST(SpeechIntegrationTest, ThePodcastCommandWritesAPlayableEpisode) {
