@@ -2,8 +2,9 @@
 """Speech benchmark: `montaged speech` against the espeak-ng command line, same text and voice.
 
   1. script:  a 780-word script as WAV (22,050 Hz mono, voice en-us) through the service (the
-              `montage speak` CLI, one unary Synthesize) against `espeak-ng -v en-us -w` on the
-              same text, both timed from process start to file written. Target: <= 1.2x the CLI.
+              `montage speak` CLI, which streams the samples (StreamSynthesize, PCM) and writes
+              the WAV as they come) against `espeak-ng -v en-us -w` on the same text, both timed
+              from process start to file written. Target: <= 1.2x the CLI.
   2. again:   the same script again: engine calls (montage_speech_segments_total{source="engine"})
               must not grow (every segment from the cache); target <= 0.2x the first run.
   3. long:    a 10,000-word text streamed as PCM (StreamSynthesize) from a fresh montaged: time
