@@ -6,6 +6,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/wav.h"
 #include "nlohmann/json.hpp"
 
 namespace montage::testing {
@@ -693,27 +694,7 @@ std::string SpeechBody(const SpeechRequest& request, std::string* content_type) 
     return pcm;
   }
   *content_type = "audio/wav";
-  std::string wav;
-  auto put32 = [&wav](uint32_t v) {
-    for (int i = 0; i < 4; ++i) wav.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
-  };
-  auto put16 = [&wav](uint16_t v) {
-    wav.push_back(static_cast<char>(v & 0xFF));
-    wav.push_back(static_cast<char>(v >> 8));
-  };
-  const auto data_bytes = static_cast<uint32_t>(pcm.size());
-  wav += "RIFF";
-  put32(36 + data_bytes);
-  wav += "WAVEfmt ";
-  put32(16);                     // fmt chunk size
-  put16(1);                      // PCM
-  put16(1);                      // mono
-  put32(kSpeechSampleRate);      // sample rate
-  put32(kSpeechSampleRate * 2);  // byte rate
-  put16(2);                      // block align
-  put16(16);                     // bits per sample
-  wav += "data";
-  put32(data_bytes);
+  std::string wav = WavHeader(kSpeechSampleRate, pcm.size());
   wav += pcm;
   return wav;
 }
