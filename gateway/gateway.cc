@@ -764,10 +764,9 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Start(config::Bootstrap bootst
       }
       rest = *std::move(loaded);
     }
-    impl->dispatchers.push_back(
-        std::make_unique<ListenerDispatcher>(l, *std::move(router), std::move(rest),
-                                             impl->worker_index, impl->h2_pools, impl->options,
-                                             impl->live_calls));
+    impl->dispatchers.push_back(std::make_unique<ListenerDispatcher>(
+        l, *std::move(router), std::move(rest), impl->worker_index, impl->h2_pools, impl->options,
+        impl->live_calls));
     CodecOptions codec;
     if (l.http.http2_protocol_options.max_concurrent_streams.has_value()) {
       codec.max_concurrent_streams = *l.http.http2_protocol_options.max_concurrent_streams;

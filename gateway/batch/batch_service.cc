@@ -83,8 +83,8 @@ pb::util::TypeResolver* ValueResolver() {
   return resolver;
 }
 const std::string& ValueTypeUrl() {
-  static const auto* url = new std::string(
-      absl::StrCat("type.googleapis.com/", pb::Value::descriptor()->full_name()));
+  static const auto* url =
+      new std::string(absl::StrCat("type.googleapis.com/", pb::Value::descriptor()->full_name()));
   return *url;
 }
 

@@ -146,8 +146,8 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
       const uint8_t* data = evbuffer_pullup(in, static_cast<ev_ssize_t>(len));
       const ssize_t used = nghttp2_session_mem_recv(session_, data, len);
       if (used < 0) {
-        Fail(absl::StrCat("HTTP/2 error from upstream: ",
-                          nghttp2_strerror(static_cast<int>(used))));
+        Fail(
+            absl::StrCat("HTTP/2 error from upstream: ", nghttp2_strerror(static_cast<int>(used))));
         return;
       }
       evbuffer_drain(in, static_cast<size_t>(used));
@@ -251,16 +251,16 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
       result.status = grpc::Status(static_cast<grpc::StatusCode>(stream.grpc_status),
                                    std::move(stream.grpc_message), std::move(stream.grpc_details));
     } else if (error_code != NGHTTP2_NO_ERROR) {
-      result.status =
-          grpc::Status(GrpcCodeForH2Error(error_code),
-                       absl::StrCat("upstream reset the stream: ", nghttp2_http2_strerror(error_code)));
+      result.status = grpc::Status(
+          GrpcCodeForH2Error(error_code),
+          absl::StrCat("upstream reset the stream: ", nghttp2_http2_strerror(error_code)));
     } else if (stream.http_status != 200 && stream.http_status != 0) {
-      result.status = grpc::Status(GrpcCodeForHttpStatus(stream.http_status),
-                                   absl::StrCat("upstream answered HTTP ", stream.http_status,
-                                                " without a grpc-status"));
+      result.status = grpc::Status(
+          GrpcCodeForHttpStatus(stream.http_status),
+          absl::StrCat("upstream answered HTTP ", stream.http_status, " without a grpc-status"));
     } else {
-      result.status = grpc::Status(grpc::StatusCode::INTERNAL,
-                                   "upstream ended the call without a grpc-status");
+      result.status =
+          grpc::Status(grpc::StatusCode::INTERNAL, "upstream ended the call without a grpc-status");
     }
     if (result.status.ok()) {
       // Exactly one uncompressed message.
@@ -277,9 +277,8 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
                                        "upstream sent a compressed message the gateway did not "
                                        "ask for (grpc-accept-encoding: identity)");
         } else if (body.size() != kFrameHeader + length) {
-          result.status = grpc::Status(
-              grpc::StatusCode::INTERNAL,
-              "upstream's unary answer was not exactly one gRPC message");
+          result.status = grpc::Status(grpc::StatusCode::INTERNAL,
+                                       "upstream's unary answer was not exactly one gRPC message");
         } else {
           result.response = body.substr(kFrameHeader);
         }
@@ -464,7 +463,8 @@ bool H2UpstreamConnection::Connect() {
   const config::Http2Options& h2 = cluster.http2_options;
   const nghttp2_settings_entry settings[] = {
       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
-      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, h2.initial_stream_window_size.value_or(kDefaultWindow)},
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE,
+       h2.initial_stream_window_size.value_or(kDefaultWindow)},
   };
   if (nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, settings, std::size(settings)) != 0 ||
       nghttp2_session_set_local_window_size(
@@ -500,8 +500,8 @@ int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request, std::shared_ptr<bo
                                      std::function<void(UnaryResult&)> done) {
   // Every stream the upstream allows is taken (or queued before this one): the request waits,
   // within the cluster's max_pending_requests.
-  const size_t allowed = nghttp2_session_get_remote_settings(
-      session_, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+  const size_t allowed =
+      nghttp2_session_get_remote_settings(session_, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
   const bool pending = streams_.size() >= allowed;
   if (pending && !cluster_.TryAddPending()) return kPendingOverflow;
   auto stream = std::make_unique<Stream>();
@@ -577,7 +577,8 @@ int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request, std::shared_ptr<bo
           c->ScheduleFlush();
         },
         stream.get());
-    const timeval tv = absl::ToTimeval(std::max(absl::ZeroDuration(), request.deadline - absl::Now()));
+    const timeval tv =
+        absl::ToTimeval(std::max(absl::ZeroDuration(), request.deadline - absl::Now()));
     evtimer_add(stream->deadline_timer, &tv);
   }
   streams_.emplace(id, std::move(stream));

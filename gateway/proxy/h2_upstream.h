@@ -72,8 +72,7 @@ class H2UpstreamPool {
   // address). `done` runs
   // once on the loop, never inside this call, unless the returned call is cancelled or destroyed
   // first.
-  std::unique_ptr<H2UnaryCall> Start(Cluster& cluster, UpstreamHost& host,
-                                     H2UnaryRequest request,
+  std::unique_ptr<H2UnaryCall> Start(Cluster& cluster, UpstreamHost& host, H2UnaryRequest request,
                                      std::function<void(UnaryResult&)> done);
 
   // Connections open now (all hosts), for tests.

@@ -38,8 +38,8 @@ RetrySettings RetrySettings::FromPolicy(const std::optional<config::RetryPolicy>
 
 std::shared_ptr<UnaryExchange> UnaryExchange::Start(EventLoop& loop, Cluster& cluster,
                                                     UpstreamHost* first_host, size_t worker,
-                                                    UpstreamCallParams params,
-                                                    std::string request, RetrySettings retry,
+                                                    UpstreamCallParams params, std::string request,
+                                                    RetrySettings retry,
                                                     std::function<void(Outcome&)> done) {
   std::shared_ptr<UnaryExchange> x(new UnaryExchange(loop, cluster, worker));
   x->params_ = std::move(params);

@@ -211,11 +211,12 @@ std::shared_ptr<UnaryUpstreamCall> UnaryUpstreamCall::Start(EventLoop& loop,
     h2.deadline = params.deadline;
     h2.metadata = std::move(params.metadata);
     h2.message = std::move(request);
-    call->h2_ = params.h2_pool->Start(
-        *params.cluster, *params.host, std::move(h2),
-        [weak = std::weak_ptr<UnaryUpstreamCall>(call)](Result& result) {
-          if (std::shared_ptr<UnaryUpstreamCall> self = weak.lock()) self->Finish(result);
-        });
+    call->h2_ =
+        params.h2_pool->Start(*params.cluster, *params.host, std::move(h2),
+                              [weak = std::weak_ptr<UnaryUpstreamCall>(call)](Result& result) {
+                                if (std::shared_ptr<UnaryUpstreamCall> self = weak.lock())
+                                  self->Finish(result);
+                              });
     return call;
   }
   call->context_ = std::make_unique<grpc::ClientContext>();

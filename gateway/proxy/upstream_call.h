@@ -147,7 +147,7 @@ class UnaryUpstreamCall : public std::enable_shared_from_this<UnaryUpstreamCall>
   explicit UnaryUpstreamCall(EventLoop& loop) : loop_(loop), started_(absl::Now()) {}
   void Finish(Result& result);
   EventLoop& loop_;
-  std::unique_ptr<H2UnaryCall> h2_;  // the direct path
+  std::unique_ptr<H2UnaryCall> h2_;               // the direct path
   std::unique_ptr<grpc::ClientContext> context_;  // gRPC's client
   grpc::ByteBuffer request_;
   grpc::ByteBuffer response_;

@@ -20,10 +20,10 @@
 #include "google/protobuf/descriptor.pb.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/message.h"
-#include "google/protobuf/wire_format_lite.h"
 #include "google/protobuf/util/json_util.h"
-#include "google/protobuf/util/type_resolver_util.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "google/protobuf/util/type_resolver_util.h"
+#include "google/protobuf/wire_format_lite.h"
 
 namespace montage::gateway::transcode {
 namespace {
@@ -860,9 +860,8 @@ std::string TypeUrl(const pb::Descriptor& type) {
 // `json` as the serialized bytes of `type`, with ParseJson's rules and errors.
 // `depth` (optional) is set to the JSON's nesting depth.
 absl::StatusOr<std::string> JsonToBinary(pb::util::TypeResolver* resolver, absl::string_view json,
-                                         const pb::Descriptor& type,
-                                         const RequestOptions& options, size_t prefix_len = 0,
-                                         int* depth = nullptr) {
+                                         const pb::Descriptor& type, const RequestOptions& options,
+                                         size_t prefix_len = 0, int* depth = nullptr) {
   if (auto status = CheckJsonShape(json.substr(std::min(prefix_len, json.size())), false, depth);
       !status.ok()) {
     return status;
@@ -883,13 +882,11 @@ absl::StatusOr<std::string> JsonToBinary(pb::util::TypeResolver* resolver, absl:
   }
   if (status.ok()) return binary;
   return absl::InvalidArgumentError(DescribeJsonError(
-      absl::string_view(status.message().data(), status.message().size()), json, prefix_len,
-      type));
+      absl::string_view(status.message().data(), status.message().size()), json, prefix_len, type));
 }
 
 absl::Status ParseJson(pb::util::TypeResolver* resolver, absl::string_view json,
-                       pb::Message* message, const RequestOptions& options,
-                       size_t prefix_len = 0) {
+                       pb::Message* message, const RequestOptions& options, size_t prefix_len = 0) {
   absl::StatusOr<std::string> binary =
       JsonToBinary(resolver, json, *message->GetDescriptor(), options, prefix_len);
   if (!binary.ok()) return binary.status();
@@ -997,18 +994,16 @@ pb::util::Status ResolveCached(absl::Mutex& mu, absl::flat_hash_map<std::string,
 
 pb::util::Status CachingTypeResolver::ResolveMessageType(const std::string& type_url,
                                                          pb::Type* message_type) {
-  return ResolveCached(mu_, types_, type_url, message_type,
-                       [this](const std::string& url, pb::Type* t) {
-                         return inner_->ResolveMessageType(url, t);
-                       });
+  return ResolveCached(
+      mu_, types_, type_url, message_type,
+      [this](const std::string& url, pb::Type* t) { return inner_->ResolveMessageType(url, t); });
 }
 
 pb::util::Status CachingTypeResolver::ResolveEnumType(const std::string& type_url,
                                                       pb::Enum* enum_type) {
-  return ResolveCached(mu_, enums_, type_url, enum_type,
-                       [this](const std::string& url, pb::Enum* e) {
-                         return inner_->ResolveEnumType(url, e);
-                       });
+  return ResolveCached(
+      mu_, enums_, type_url, enum_type,
+      [this](const std::string& url, pb::Enum* e) { return inner_->ResolveEnumType(url, e); });
 }
 
 Transcoder::Transcoder(const pb::DescriptorPool& pool)
@@ -1045,7 +1040,8 @@ absl::StatusOr<std::string> Transcoder::RequestToProto(const HttpBinding& bindin
     if (IsHttpBody(&type)) {
       SetHttpBody(message.get(), request.body, request.content_type);
     } else if (!IsBlank(request.body)) {
-      if (auto status = ParseJson(resolver_.get(), request.body, message.get(), options); !status.ok()) {
+      if (auto status = ParseJson(resolver_.get(), request.body, message.get(), options);
+          !status.ok()) {
         return status;
       }
     }
@@ -1075,7 +1071,8 @@ absl::StatusOr<std::string> Transcoder::RequestToProto(const HttpBinding& bindin
       }
       const std::string prefix = absl::StrCat("{", JsonQuote(field->json_name()), ":");
       const std::string wrapped = absl::StrCat(prefix, request.body, "}");
-      if (auto status = ParseJson(resolver_.get(), wrapped, message.get(), options, prefix.size()); !status.ok()) {
+      if (auto status = ParseJson(resolver_.get(), wrapped, message.get(), options, prefix.size());
+          !status.ok()) {
         return status;
       }
     }

@@ -229,9 +229,7 @@ class EspeakPool final : public TtsEngine {
   size_t max_segment_chars() const override { return local_->max_segment_chars(); }
   size_t max_concurrency() const override { return 1 + workers_.size(); }
   std::vector<VoiceInfo> Voices() const override { return local_->Voices(); }
-  absl::Status Validate(const VoiceParams& voice) const override {
-    return local_->Validate(voice);
-  }
+  absl::Status Validate(const VoiceParams& voice) const override { return local_->Validate(voice); }
 
   std::shared_ptr<SynthesisHandle> Synthesize(Segment segment, absl::Time deadline,
                                               Done done) override {
@@ -280,8 +278,10 @@ class EspeakPool final : public TtsEngine {
     }
     if (wake_fd_ >= 0) close(wake_fd_);
     wake_fd_ = -1;
-    for (auto& job : dropped) job->Finish(absl::CancelledError("the espeak engine is shutting down"));
-    for (auto& job : running) job->Finish(absl::CancelledError("the espeak engine is shutting down"));
+    for (auto& job : dropped)
+      job->Finish(absl::CancelledError("the espeak engine is shutting down"));
+    for (auto& job : running)
+      job->Finish(absl::CancelledError("the espeak engine is shutting down"));
     local_->Shutdown();
   }
 
@@ -292,7 +292,7 @@ class EspeakPool final : public TtsEngine {
     std::shared_ptr<PoolJob> job;  // the segment it speaks now
     std::string out;               // request bytes not yet written
     size_t out_offset = 0;
-    std::string in;                // response bytes read so far
+    std::string in;  // response bytes read so far
   };
 
   absl::Status Spawn(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -405,8 +405,7 @@ class EspeakPool final : public TtsEngine {
     }
     Segment segment = job->segment;
     std::shared_ptr<SynthesisHandle> handle = local_->Synthesize(
-        std::move(segment), job->deadline,
-        [this, job](absl::StatusOr<std::string> pcm) mutable {
+        std::move(segment), job->deadline, [this, job](absl::StatusOr<std::string> pcm) mutable {
           job->Finish(std::move(pcm));
           std::shared_ptr<PoolJob> next;
           {
@@ -487,10 +486,9 @@ class EspeakPool final : public TtsEngine {
       if (w.job->state.load() == PoolJob::kFinished) {
         w.job = nullptr;
         Stop(w);
-      } else if (w.job->deadline != absl::InfiniteFuture() &&
-                 now > w.job->deadline + kStuckGrace) {
-        finished.emplace_back(std::move(w.job), absl::DeadlineExceededError(
-                                                    "the espeak worker passed the deadline"));
+      } else if (w.job->deadline != absl::InfiniteFuture() && now > w.job->deadline + kStuckGrace) {
+        finished.emplace_back(std::move(w.job),
+                              absl::DeadlineExceededError("the espeak worker passed the deadline"));
         w.job = nullptr;
         Stop(w);
       }
@@ -500,8 +498,8 @@ class EspeakPool final : public TtsEngine {
   void WriteSome(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     while (w.out_offset < w.out.size()) {
       // MSG_NOSIGNAL: a worker that died makes this EPIPE, not a SIGPIPE for the whole process.
-      const ssize_t n = send(w.fd, w.out.data() + w.out_offset, w.out.size() - w.out_offset,
-                             MSG_NOSIGNAL);
+      const ssize_t n =
+          send(w.fd, w.out.data() + w.out_offset, w.out.size() - w.out_offset, MSG_NOSIGNAL);
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) return;  // EAGAIN, or the worker died (the read side notices)
       w.out_offset += static_cast<size_t>(n);
@@ -510,9 +508,10 @@ class EspeakPool final : public TtsEngine {
     w.out_offset = 0;
   }
 
-  void ReadSome(Worker& w,
-                std::vector<std::pair<std::shared_ptr<PoolJob>, absl::StatusOr<std::string>>>&
-                    finished) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void ReadSome(
+      Worker& w,
+      std::vector<std::pair<std::shared_ptr<PoolJob>, absl::StatusOr<std::string>>>& finished)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     char buffer[64 << 10];
     for (;;) {
       const ssize_t n = read(w.fd, buffer, sizeof(buffer));
@@ -570,7 +569,7 @@ class EspeakPool final : public TtsEngine {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<TtsEngine>> NewEspeakPool(std::unique_ptr<TtsEngine> local,
-                                                          const EspeakPoolOptions& options) {
+                                                         const EspeakPoolOptions& options) {
   if (options.lanes <= 1 || options.worker_command.empty()) return local;
   auto pool = std::make_unique<EspeakPool>(std::move(local), options);
   if (absl::Status s = pool->Start(); !s.ok()) return s;
@@ -625,10 +624,9 @@ int RunEspeakWorker(const std::string& data_path) {
       result = request.status();
     } else {
       std::promise<absl::StatusOr<std::string>> answer;
-      (*engine)->Synthesize(std::move(request->first), request->second,
-                            [&answer](absl::StatusOr<std::string> pcm) {
-                              answer.set_value(std::move(pcm));
-                            });
+      (*engine)->Synthesize(
+          std::move(request->first), request->second,
+          [&answer](absl::StatusOr<std::string> pcm) { answer.set_value(std::move(pcm)); });
       result = answer.get_future().get();
     }
     const std::string frame = EncodeResponse(result);

@@ -32,7 +32,7 @@ struct EspeakPoolOptions {
 // Wraps `local` (an espeak engine in this process) in a pool. FAILED_PRECONDITION when the first
 // worker cannot start.
 absl::StatusOr<std::unique_ptr<TtsEngine>> NewEspeakPool(std::unique_ptr<TtsEngine> local,
-                                                          const EspeakPoolOptions& options);
+                                                         const EspeakPoolOptions& options);
 
 // The command that starts a worker of this program, when the program has one (montaged sets it
 // before starting services; test binaries do not). Empty: the speech service runs one lane.

@@ -103,11 +103,9 @@ class EspeakPoolTest : public ::testing::Test {
     std::future<absl::StatusOr<std::string>> future = promise->get_future();
     Segment segment;
     segment.text = text;
-    std::shared_ptr<SynthesisHandle> h =
-        pool_->Synthesize(std::move(segment), absl::Now() + absl::Seconds(60),
-                          [promise](absl::StatusOr<std::string> pcm) {
-                            promise->set_value(std::move(pcm));
-                          });
+    std::shared_ptr<SynthesisHandle> h = pool_->Synthesize(
+        std::move(segment), absl::Now() + absl::Seconds(60),
+        [promise](absl::StatusOr<std::string> pcm) { promise->set_value(std::move(pcm)); });
     if (handle != nullptr) *handle = std::move(h);
     return future;
   }

@@ -3,8 +3,6 @@
 #include "services/speech/speech_service.h"
 
 #include <algorithm>
-#include <thread>
-
 #include <deque>
 #include <memory>
 #include <optional>

@@ -17,7 +17,7 @@ class EchoBackend {
   // Listens on 127.0.0.1:`port` (0: a free port). `max_concurrent_streams` > 0 is announced in
   // HTTP/2 SETTINGS (gRPC's default otherwise).
   static absl::StatusOr<std::unique_ptr<EchoBackend>> Start(int port = 0,
-                                                          int max_concurrent_streams = 0);
+                                                            int max_concurrent_streams = 0);
   ~EchoBackend();
 
   int port() const;

@@ -676,9 +676,8 @@ class GatewayUpstreamTest : public ::testing::TestWithParam<bool> {
     for (auto& b : backends_) ports.push_back(b->port());
     const std::string path = MakeTempDir() + "/envoy.yaml";
     std::ofstream(path) << ClusterBootstrap(ports, cluster_extra);
-    std::vector<std::string> args = {"gateway",
-                                     absl::StrCat("--set=gateway.envoy_bootstrap=", path),
-                                     TransportArg(GetParam())};
+    std::vector<std::string> args = {
+        "gateway", absl::StrCat("--set=gateway.envoy_bootstrap=", path), TransportArg(GetParam())};
     for (auto& a : extra_args) args.push_back(std::move(a));
     auto gateway = MontagedProcess::Start(args);
     ASSERT_TRUE(gateway.ok()) << gateway.status();

@@ -5,8 +5,8 @@
 
 #include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -29,8 +29,8 @@ namespace montage::gateway {
 namespace {
 
 using ::testing::Contains;
-using ::testing::HasSubstr;
 using testing::EchoBackend;
+using ::testing::HasSubstr;
 using testing::v1::EchoRequest;
 using testing::v1::EchoResponse;
 
@@ -121,8 +121,7 @@ class H2UpstreamTest : public ::testing::Test {
     done.get_future().wait();
   }
 
-  H2UnaryRequest Request(const EchoRequest& message,
-                         absl::Duration timeout = absl::Seconds(10)) {
+  H2UnaryRequest Request(const EchoRequest& message, absl::Duration timeout = absl::Seconds(10)) {
     H2UnaryRequest r;
     r.method = "/montage.testing.v1.EchoService/Unary";
     r.deadline = absl::Now() + timeout;
@@ -136,12 +135,11 @@ class H2UpstreamTest : public ::testing::Test {
     auto promise = std::make_shared<std::promise<UnaryResult>>();
     std::future<UnaryResult> future = promise->get_future();
     OnLoop([&] {
-      std::unique_ptr<H2UnaryCall> call =
-          pool_->Start(*cluster_, *cluster_->hosts()[0], std::move(request),
-                       [this, promise](UnaryResult& r) {
-                         reports_.fetch_add(1);
-                         promise->set_value(std::move(r));
-                       });
+      std::unique_ptr<H2UnaryCall> call = pool_->Start(
+          *cluster_, *cluster_->hosts()[0], std::move(request), [this, promise](UnaryResult& r) {
+            reports_.fetch_add(1);
+            promise->set_value(std::move(r));
+          });
       if (handle != nullptr) {
         *handle = std::move(call);
       } else {
@@ -268,8 +266,8 @@ TEST_F(H2UpstreamTest, NobodyListeningIsUnavailableAndALaterBackendIsReached) {
   EXPECT_THAT(r.status.error_message(), HasSubstr("connection failure"));
   EXPECT_EQ(Connections(), 0u);
   // A backend that comes up on that port is reached by the next call.
-  const auto* address = reinterpret_cast<const sockaddr_in*>(
-      &cluster_->hosts()[0]->direct_address()->storage);
+  const auto* address =
+      reinterpret_cast<const sockaddr_in*>(&cluster_->hosts()[0]->direct_address()->storage);
   auto backend = EchoBackend::Start(ntohs(address->sin_port));
   ASSERT_TRUE(backend.ok()) << backend.status();
   EXPECT_TRUE(Call(Request(EchoRequest())).status.ok());
