@@ -679,48 +679,55 @@ void PrintAudio(const std::string& path, uint64_t bytes, const speechpb::Synthes
                          r.segments_from_cache());
 }
 
-// WAV is PCM behind a 44-byte header: it is asked for as a PCM stream and written as it comes,
-// the header (which needs the length) last. The file is the one the unary answer would be, but
-// no whole copy of it is held in memory, and writing overlaps synthesis.
-int SpeakWav(const Options& o, speechpb::SpeechService::Stub& stub, grpc::ClientContext& ctx,
-             speechpb::SynthesizeRequest req, std::ostream& out, std::ostream& err) {
-  req.set_format(speechpb::PCM);
+// What StreamAudio wrote.
+struct StreamedAudio {
+  uint64_t bytes = 0;                    // audio bytes (a WAV header excluded)
+  std::optional<absl::Duration> first;   // time to the first chunk
+  speechpb::SynthesizeResponse summary;  // rate, duration and segments, as a unary answer says
+};
+
+// Streams `req` into o.out_path as the chunks come. With `wav`, the samples are asked for as PCM
+// and the file gets a WAV header, written last since it needs their length: the file is the one
+// the unary answer would be, but no whole copy of it is held and writing overlaps synthesis.
+// A failed call leaves no file. Returns the exit code (errors already printed).
+int StreamAudio(const Options& o, speechpb::SpeechService::Stub& stub, grpc::ClientContext& ctx,
+                speechpb::SynthesizeRequest req, bool wav, StreamedAudio& got, std::ostream& err) {
+  if (wav) req.set_format(speechpb::PCM);
+  const absl::Time start = absl::Now();
   std::ofstream f(o.out_path, std::ios::binary | std::ios::trunc);
   if (!f) {
     err << "montage: cannot write " << o.out_path << "\n";
     return 1;
   }
-  f.write(std::string(kWavHeaderBytes, '\0').data(), kWavHeaderBytes);
+  if (wav) f.write(std::string(kWavHeaderBytes, '\0').data(), kWavHeaderBytes);
   auto reader = stub.StreamSynthesize(&ctx, req);
   speechpb::AudioChunk chunk;
-  speechpb::SynthesizeResponse summary;  // what the unary answer would say, for PrintAudio
-  uint64_t bytes = 0;
   while (reader->Read(&chunk)) {
+    if (!got.first) got.first = absl::Now() - start;
     f.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
-    bytes += chunk.data().size();
-    if (chunk.sample_rate() != 0) summary.set_sample_rate(chunk.sample_rate());
+    got.bytes += chunk.data().size();
+    if (chunk.sample_rate() != 0) got.summary.set_sample_rate(chunk.sample_rate());
     if (chunk.last()) {
-      *summary.mutable_duration() = chunk.duration();
-      summary.set_segments(chunk.segments());
-      summary.set_segments_from_cache(chunk.segments_from_cache());
+      *got.summary.mutable_duration() = chunk.duration();
+      got.summary.set_segments(chunk.segments());
+      got.summary.set_segments_from_cache(chunk.segments_from_cache());
     }
   }
   grpc::Status s = reader->Finish();
-  if (s.ok()) {
-    const std::string header = WavHeader(summary.sample_rate(), bytes);
+  if (s.ok() && wav) {
+    const std::string header = WavHeader(got.summary.sample_rate(), got.bytes);
     f.seekp(0);
     f.write(header.data(), static_cast<std::streamsize>(header.size()));
   }
   f.close();
   if (!s.ok()) {
-    std::remove(o.out_path.c_str());  // no half file where the unary call would leave none
+    std::remove(o.out_path.c_str());
     return Fail(err, s, o.json);
   }
   if (!f) {
     err << "montage: cannot write " << o.out_path << "\n";
     return 1;
   }
-  PrintAudio(o.out_path, kWavHeaderBytes + bytes, summary, out);
   return 0;
 }
 
@@ -752,33 +759,23 @@ int Speak(const Options& o, Client& client, std::istream& in, std::ostream& out,
   grpc::ClientContext ctx;
   client.Prepare(ctx);
   const absl::Time start = absl::Now();
-  if (o.stream) {
-    std::ofstream f(o.out_path, std::ios::binary | std::ios::trunc);
-    auto reader = stub->StreamSynthesize(&ctx, req);
-    speechpb::AudioChunk chunk;
-    uint64_t bytes = 0;
-    std::optional<absl::Duration> first;
-    double seconds = 0;
-    while (reader->Read(&chunk)) {
-      if (!first) first = absl::Now() - start;
-      f.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
-      bytes += chunk.data().size();
-      if (chunk.last()) seconds = TimeUtil::DurationToMilliseconds(chunk.duration()) / 1000.0;
+  if (o.stream || *format == speechpb::WAV) {
+    StreamedAudio got;
+    const bool wav = *format == speechpb::WAV && !o.stream;
+    if (int code = StreamAudio(o, *stub, ctx, std::move(req), wav, got, err); code != 0) {
+      return code;
     }
-    grpc::Status s = reader->Finish();
-    f.close();
-    if (!s.ok()) return Fail(err, s, o.json);
-    if (!f) {
-      err << "montage: cannot write " << o.out_path << "\n";
-      return 1;
+    if (wav) {
+      PrintAudio(o.out_path, kWavHeaderBytes + got.bytes, got.summary, out);
+      return 0;
     }
+    const double seconds = TimeUtil::DurationToMilliseconds(got.summary.duration()) / 1000.0;
     out << absl::StrFormat("%s: %s of audio, %s; first audio after %s, all after %s\n", o.out_path,
-                           Clock(seconds), HumanBytes(bytes),
-                           Seconds(first.value_or(absl::ZeroDuration())),
+                           Clock(seconds), HumanBytes(got.bytes),
+                           Seconds(got.first.value_or(absl::ZeroDuration())),
                            Seconds(absl::Now() - start));
     return 0;
   }
-  if (*format == speechpb::WAV) return SpeakWav(o, *stub, ctx, std::move(req), out, err);
   speechpb::SynthesizeResponse resp;
   grpc::Status s = stub->Synthesize(&ctx, req, &resp);
   if (!s.ok()) return Fail(err, s, o.json);

@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gateway/proxy/upstream.h"
+#include "gateway/proxy/upstream_call.h"
 #include "gateway/server/event_loop.h"
 
 namespace montage::gateway {
@@ -27,12 +28,6 @@ namespace {
 constexpr size_t kFrameHeader = 5;
 // Envoy's defaults for an upstream HTTP/2 connection's receive windows (256 MiB each).
 constexpr uint32_t kDefaultWindow = 256u << 20;
-
-// Response metadata the proxy does not pass on as metadata (gRPC's client hides the same).
-bool IsReservedResponseHeader(absl::string_view name) {
-  return absl::StartsWith(name, "grpc-") || name == "content-type" || name == "content-length" ||
-         name == "te" || name == "user-agent" || absl::StartsWith(name, ":");
-}
 
 nghttp2_nv Nv(absl::string_view name, absl::string_view value) {
   return nghttp2_nv{reinterpret_cast<uint8_t*>(const_cast<char*>(name.data())),
@@ -343,7 +338,7 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
       if (absl::Base64Unescape(v, &decoded)) stream->grpc_details = std::move(decoded);
       return 0;
     }
-    if (IsReservedResponseHeader(n)) return 0;
+    if (absl::StartsWith(n, ":") || IsReservedMetadata(n)) return 0;
     // The first block is the response's headers; a later one (or the only one, trailers-only)
     // carries trailers.
     const bool trailers = stream->headers_done || (frame->hd.flags & NGHTTP2_FLAG_END_STREAM);

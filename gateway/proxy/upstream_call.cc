@@ -11,11 +11,6 @@
 namespace montage::gateway {
 namespace {
 
-// Metadata gRPC manages itself or that must not cross the proxy as is.
-bool IsReservedMetadata(absl::string_view key) {
-  return absl::StartsWith(key, "grpc-") || key == "content-type" || key == "te" ||
-         key == "user-agent" || key == "content-length";
-}
 
 HeaderList ToHeaderList(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) {
   HeaderList out;
@@ -298,6 +293,11 @@ void EndAttemptSpan(telemetry::Span& span, const grpc::Status& status) {
   span.SetAttribute("rpc.grpc.status_code", static_cast<int64_t>(status.error_code()));
   if (!status.ok()) span.SetStatus(telemetry::SpanStatusCode::kError, status.error_message());
   span.End();
+}
+
+bool IsReservedMetadata(absl::string_view key) {
+  return absl::StartsWith(key, "grpc-") || key == "content-type" || key == "te" ||
+         key == "user-agent" || key == "content-length";
 }
 
 int HttpStatusForGrpc(int code) {

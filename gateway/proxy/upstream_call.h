@@ -158,6 +158,10 @@ class UnaryUpstreamCall : public std::enable_shared_from_this<UnaryUpstreamCall>
   telemetry::Span span_;
 };
 
+// Response metadata gRPC manages itself or that must not cross the proxy as is (grpc-*,
+// content-type, te, user-agent, content-length): never passed on as metadata.
+bool IsReservedMetadata(absl::string_view key);
+
 // The HTTP status Envoy answers for a gRPC status code (REST answers, stats, outlier detection).
 int HttpStatusForGrpc(int code);
 

@@ -298,10 +298,12 @@ TEST_F(H2UpstreamTest, RequestsWaitingForAStreamAreBoundedByMaxPendingRequests) 
   auto backend = EchoBackend::Start(0, /*max_concurrent_streams=*/2);
   ASSERT_TRUE(backend.ok()) << backend.status();
   UseHost((*backend)->port(), /*max_pending_requests=*/1);
-  EchoRequest slow;
-  slow.mutable_delay()->set_seconds(1);
-  std::future<UnaryResult> a = Start(Request(slow));
-  std::future<UnaryResult> b = Start(Request(slow));
+  // Two calls that hold both streams until this test lets them go (cancels them).
+  EchoRequest held;
+  held.mutable_delay()->set_seconds(600);
+  std::unique_ptr<H2UnaryCall> a, b;
+  Start(Request(held, absl::Seconds(600)), &a);
+  Start(Request(held, absl::Seconds(600)), &b);
   ASSERT_TRUE(testing::Eventually([&] { return (*backend)->in_flight() == 2; }));
   EchoRequest quick;
   quick.set_message("waited");
@@ -312,31 +314,37 @@ TEST_F(H2UpstreamTest, RequestsWaitingForAStreamAreBoundedByMaxPendingRequests) 
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_THAT(refused.status.error_message(), HasSubstr("max_pending_requests"));
   EXPECT_EQ(cluster_->stats().upstream_rq_pending_overflow.load(), 1u);
-  for (std::future<UnaryResult>* f : {&a, &b, &waiting}) {
-    ASSERT_EQ(f->wait_for(std::chrono::seconds(30)), std::future_status::ready);
-    UnaryResult r = f->get();
-    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
-  }
+  // Still waiting, as long as both streams are held.
+  EXPECT_EQ(waiting.wait_for(std::chrono::seconds(0)), std::future_status::timeout);
+  OnLoop([&] { a->Cancel(); });  // a stream frees: the waiting request takes it
+  ASSERT_EQ(waiting.wait_for(std::chrono::seconds(30)), std::future_status::ready);
+  UnaryResult served = waiting.get();
+  EXPECT_TRUE(served.status.ok()) << served.status.error_message();
   // The pending slot is free again.
   EXPECT_TRUE(Call(Request(quick)).status.ok());
   EXPECT_EQ(cluster_->stats().upstream_rq_pending_overflow.load(), 1u);
+  OnLoop([&] {  // calls belong to the loop
+    a.reset();
+    b.reset();
+  });
 }
 
 TEST_F(H2UpstreamTest, ADeadlineEndsARequestStillWaitingForAStream) {
   auto backend = EchoBackend::Start(0, /*max_concurrent_streams=*/1);
   ASSERT_TRUE(backend.ok()) << backend.status();
   UseHost((*backend)->port());
-  EchoRequest slow;
-  slow.mutable_delay()->set_seconds(5);
-  std::future<UnaryResult> busy = Start(Request(slow, absl::Seconds(30)));
+  // Holds the only stream until this test cancels it.
+  EchoRequest held;
+  held.mutable_delay()->set_seconds(600);
+  std::unique_ptr<H2UnaryCall> busy;
+  Start(Request(held, absl::Seconds(600)), &busy);
   ASSERT_TRUE(testing::Eventually([&] { return (*backend)->in_flight() == 1; }));
-  // Waits behind `busy` for the only stream, and times out there.
+  // Waits behind `busy` for the only stream, and times out there, while it is still taken.
   UnaryResult waited = Call(Request(EchoRequest(), absl::Milliseconds(200)));
   EXPECT_EQ(waited.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
-  // Reported while the stream it waited for is still taken.
-  EXPECT_EQ(busy.wait_for(std::chrono::seconds(0)), std::future_status::timeout);
-  ASSERT_EQ(busy.wait_for(std::chrono::seconds(30)), std::future_status::ready);
-  EXPECT_TRUE(busy.get().status.ok());
+  EXPECT_EQ((*backend)->in_flight(), 1);
+  OnLoop([&] { busy.reset(); });  // cancels it
+  EXPECT_TRUE(testing::Eventually([&] { return (*backend)->in_flight() == 0; }));
 }
 
 TEST_F(H2UpstreamTest, AnUpstreamThatStopsAnsweringPingsIsDropped) {
