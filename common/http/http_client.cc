@@ -41,6 +41,7 @@
 #include "absl/strings/strip.h"
 #include "common/http/internal/addresses.h"
 #include "common/http/internal/curl_errors.h"
+#include "common/http/internal/h2c_pool.h"
 #include "common/logging.h"
 #include "common/telemetry/metrics.h"
 #include "common/telemetry/tracer.h"
@@ -197,6 +198,11 @@ struct ParsedUrl {
   // Without credentials, query and fragment: what logs, errors and spans may show.
   std::string safe_url;
   bool https = false;
+  // For requests this client frames itself (h2c): the port (the scheme's default when the URL
+  // has none), host[:port] as the URL wrote it, and the path with its query.
+  std::string port;
+  std::string authority;
+  std::string path;
 };
 
 // Messages do not echo the URL: its query may carry a key.
@@ -223,6 +229,13 @@ absl::StatusOr<ParsedUrl> ParseUrl(const std::string& url) {
     return absl::InvalidArgumentError(absl::StrCat("unsupported URL scheme '", scheme, "'"));
   }
   parsed.https = scheme == "https";
+  if (!get(CURLUPART_PATH, parsed.path) || parsed.path.empty()) parsed.path = "/";
+  if (std::string query; get(CURLUPART_QUERY, query)) absl::StrAppend(&parsed.path, "?", query);
+  if (std::string port; get(CURLUPART_PORT, port)) {
+    parsed.authority = absl::StrCat(parsed.host, ":", port);
+  } else {
+    parsed.authority = parsed.host;
+  }
   for (CURLUPart part : {CURLUPART_USER, CURLUPART_PASSWORD, CURLUPART_OPTIONS, CURLUPART_QUERY,
                          CURLUPART_FRAGMENT}) {
     curl_url_set(handle.get(), part, nullptr, 0);
@@ -232,6 +245,7 @@ absl::StatusOr<ParsedUrl> ParseUrl(const std::string& url) {
   char* port = nullptr;
   if (curl_url_get(handle.get(), CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK) {
     parsed.origin = absl::StrCat(scheme, "://", parsed.host, ":", port);
+    parsed.port = port;
     curl_free(port);
   } else {
     parsed.origin = absl::StrCat(scheme, "://", parsed.host);
@@ -322,8 +336,14 @@ struct Inbox {
   HttpClientImpl* client = nullptr;  // to be used on the loop thread only
 };
 
-// Per call state. Owned by HttpClientImpl::calls_ and touched only on the loop thread.
-struct Call {
+// Per call state. Owned by HttpClientImpl::calls_ and touched only on the loop thread. An attempt
+// runs either as a libcurl transfer (`easy`) or as a stream of the client's h2c pool (`h2c`), which
+// reports to the call as its sink.
+struct Call final : internal::H2cStreamSink {
+  void OnH2cHeaders(int status, Headers headers) override;
+  DataAction OnH2cData(absl::string_view chunk) override;
+  void OnH2cClosed(absl::Status status, bool transient) override;
+
   uint64_t id = 0;
   HttpClientImpl* client = nullptr;
   HttpRequest request;
@@ -336,6 +356,10 @@ struct Call {
   std::string safe_url;
   bool https = false;
   size_t origin_hash = 0;
+  // HTTP/2 with prior knowledge to an http:// URL: framed by the h2c pool, not libcurl.
+  bool via_h2c = false;
+  internal::H2cTarget h2c_target;
+  std::string h2c_path;
   std::string span_name;
   bool inject_trace_context = true;
   PeerMetrics* metrics = nullptr;
@@ -349,6 +373,8 @@ struct Call {
 
   // State of the current attempt.
   CURL* easy = nullptr;
+  internal::H2cPool::Handle h2c;
+  Timer attempt_timer;     // h2c only (libcurl times its own transfers)
   Shard* shard = nullptr;  // holds `easy`
   curl_slist* header_list = nullptr;
   telemetry::Span span;
@@ -416,6 +442,16 @@ class HttpClientImpl final : public HttpClient {
     if (it != calls_.end()) it->second->cancel_requested = true;
   }
 
+  // What both transports do as an attempt's answer arrives (loop thread). HeadersArrived takes
+  // the final status once call.response.headers hold the headers; false: stop the attempt (the
+  // caller cancelled from on_headers).
+  bool HeadersArrived(Call& call, int status);
+  enum class BodyAction { kContinue, kPause, kStop };
+  // kStop: end the attempt (the size cap, an error body cut short, or a cancel).
+  BodyAction BodyArrived(Call& call, absl::string_view chunk);
+  // An h2c attempt ended (OK: its answer is complete, or a callback stopped it).
+  void OnH2cAttemptDone(Call& call, absl::Status transport, bool transient);
+
  private:
   std::shared_ptr<CallHandle> Start(std::unique_ptr<Call> call);
   void Run();
@@ -431,6 +467,7 @@ class HttpClientImpl final : public HttpClient {
   static curl_socket_t OnOpenSocket(void* call, curlsocktype purpose, curl_sockaddr* address);
   static void OnDeadline(evutil_socket_t, short, void* call);
   static void OnFirstByteTimeout(evutil_socket_t, short, void* call);
+  static void OnAttemptTimeout(evutil_socket_t, short, void* call);
   static void OnBackoffDone(evutil_socket_t, short, void* call);
 
   Shard* AddShard();
@@ -440,8 +477,10 @@ class HttpClientImpl final : public HttpClient {
   void CancelCall(uint64_t id);
   void ResumeCall(uint64_t id);
   void StartAttempt(Call& call);
+  absl::Status StartTransfer(Call& call);
+  absl::Status StartH2cStream(Call& call);
   absl::Status ConfigureEasy(Call& call);
-  void ReleaseEasy(Call& call);
+  void ReleaseAttempt(Call& call);
   void EndSpan(Call& call, int http_status, const absl::Status& error);
   void ProcessCompletedTransfers(Shard& shard);
   void OnAttemptDone(Call& call, CURLcode result);
@@ -464,6 +503,7 @@ class HttpClientImpl final : public HttpClient {
   // Loop thread only (the first shard is made by Init). Never shrinks: an idle shard costs a
   // multi handle and a timer, and keeps its warm connections.
   std::vector<std::unique_ptr<Shard>> shards_;
+  std::unique_ptr<internal::H2cPool> h2c_;
   absl::flat_hash_map<uint64_t, std::unique_ptr<Call>> calls_;
   absl::flat_hash_map<std::string, std::unique_ptr<PeerMetrics>> peers_;
   absl::BitGen random_;
@@ -488,6 +528,10 @@ absl::Status HttpClientImpl::Init() {
   if (wake_ == nullptr || AddShard() == nullptr) {
     return absl::ResourceExhaustedError("cannot create the HTTP client's event loop");
   }
+  h2c_ = std::make_unique<internal::H2cPool>(
+      base_,
+      internal::H2cPoolOptions{options_.max_connections_per_host, options_.max_concurrent_streams,
+                               options_.idle_connection_timeout});
   inbox_->wake = wake_;
   inbox_->client = this;
   thread_ = std::thread([this] { Run(); });
@@ -585,6 +629,7 @@ HttpClientImpl::~HttpClientImpl() {
     event_free(shard->timer);
   }
   shards_.clear();
+  h2c_.reset();
   if (wake_ != nullptr) event_free(wake_);
   if (base_ != nullptr) event_base_free(base_);
 }
@@ -636,7 +681,7 @@ void HttpClientImpl::Drain() {
   // which then finish at once (see Start), so this loop ends.
   while (!calls_.empty()) {
     Call& call = *calls_.begin()->second;
-    ReleaseEasy(call);
+    ReleaseAttempt(call);
     EndSpan(call, 0, absl::CancelledError("client destroyed"));
     Finish(call, CallError(call, absl::StatusCode::kCancelled, "HTTP client destroyed during"));
   }
@@ -748,6 +793,11 @@ void HttpClientImpl::Submit(std::unique_ptr<Call> owned) {
   call.safe_url = std::move(url->safe_url);
   call.https = url->https;
   call.origin_hash = std::hash<std::string>{}(url->origin);
+  if (call.request.version == HttpVersion::kHttp2PriorKnowledge && !url->https) {
+    call.via_h2c = true;
+    call.h2c_target = internal::H2cTarget{url->host, url->port, url->authority};
+    call.h2c_path = std::move(url->path);
+  }
   if (absl::Status valid = ValidateRequest(call.request); !valid.ok()) {
     return Finish(
         call, absl::InvalidArgumentError(absl::StrCat(valid.message(), " for ", call.safe_url)));
@@ -895,6 +945,22 @@ void HttpClientImpl::StartAttempt(Call& call) {
     call.span.SetAttribute("attempt", call.attempt);
   }
 
+  absl::Status status = call.via_h2c ? StartH2cStream(call) : StartTransfer(call);
+  if (!status.ok()) {
+    EndSpan(call, 0, status);
+    return Finish(call, status);
+  }
+  if (call.request.first_byte_timeout > absl::ZeroDuration()) {
+    call.first_byte_timer.Arm(base_, call.request.first_byte_timeout,
+                              &HttpClientImpl::OnFirstByteTimeout, &call);
+  }
+  if (call.via_h2c && call.request.attempt_timeout > absl::ZeroDuration()) {
+    call.attempt_timer.Arm(base_, call.request.attempt_timeout, &HttpClientImpl::OnAttemptTimeout,
+                           &call);
+  }
+}
+
+absl::Status HttpClientImpl::StartTransfer(Call& call) {
   call.easy = curl_easy_init();
   absl::Status status = call.easy == nullptr ? absl::ResourceExhaustedError("curl_easy_init failed")
                                              : ConfigureEasy(call);
@@ -903,28 +969,43 @@ void HttpClientImpl::StartAttempt(Call& call) {
     if (curl_multi_add_handle(shard.multi, call.easy) == CURLM_OK) {
       call.shard = &shard;
       ++shard.transfers;
-    } else {
-      status = absl::InternalError("curl_multi_add_handle failed");
+      return absl::OkStatus();
     }
+    status = absl::InternalError("curl_multi_add_handle failed");
   }
-  if (!status.ok()) {
-    if (call.easy != nullptr) {
-      curl_easy_cleanup(call.easy);
-      call.easy = nullptr;
-    }
-    curl_slist_free_all(call.header_list);
-    call.header_list = nullptr;
-    EndSpan(call, 0, status);
-    return Finish(call, status);
+  if (call.easy != nullptr) {
+    curl_easy_cleanup(call.easy);
+    call.easy = nullptr;
   }
-  if (call.request.first_byte_timeout > absl::ZeroDuration()) {
-    call.first_byte_timer.Arm(base_, call.request.first_byte_timeout,
-                              &HttpClientImpl::OnFirstByteTimeout, &call);
-  }
+  curl_slist_free_all(call.header_list);
+  call.header_list = nullptr;
+  return status;
 }
 
-void HttpClientImpl::ReleaseEasy(Call& call) {
+absl::Status HttpClientImpl::StartH2cStream(Call& call) {
+  internal::H2cRequest request;
+  request.method = call.request.method;
+  request.path = call.h2c_path;
+  request.headers = &call.request.headers;
+  request.body = call.request.body;
+  request.connect_timeout = call.request.connect_timeout;
+  if (call.inject_trace_context && call.span.context().IsValid()) {
+    telemetry::Inject(call.span.context(), [&](absl::string_view name, absl::string_view value) {
+      request.extra_headers.emplace_back(std::string(name), std::string(value));
+    });
+  }
+  absl::StatusOr<internal::H2cPool::Handle> handle =
+      h2c_->Start(call.h2c_target, std::move(request), &call);
+  if (!handle.ok()) return handle.status();
+  call.h2c = *std::move(handle);
+  return absl::OkStatus();
+}
+
+void HttpClientImpl::ReleaseAttempt(Call& call) {
   call.first_byte_timer.Disarm();
+  call.attempt_timer.Disarm();
+  // Mid-answer this resets the stream: the server sees the client go away.
+  h2c_->Reset(call.h2c);
   if (call.easy != nullptr) {
     // Mid-transfer this closes the connection (HTTP/1.1) or resets the stream (HTTP/2): the
     // server sees the client go away.
@@ -958,7 +1039,7 @@ void HttpClientImpl::OnAttemptDone(Call& call, CURLcode result) {
   long version = 0;
   curl_easy_getinfo(call.easy, CURLINFO_HTTP_VERSION, &version);
   call.response.http_version = internal::HttpVersionNumber(version);
-  ReleaseEasy(call);
+  ReleaseAttempt(call);
 
   if (call.cancel_requested) {
     EndSpan(call, 0, absl::CancelledError("cancelled"));
@@ -1022,7 +1103,7 @@ void HttpClientImpl::Finish(Call& call, absl::StatusOr<HttpResponse> result) {
   auto it = calls_.find(call.id);
   std::unique_ptr<Call> owned = std::move(it->second);
   calls_.erase(it);
-  ReleaseEasy(call);
+  ReleaseAttempt(call);
 
   PeerMetrics& metrics = *call.metrics;
   metrics.in_flight->Decrement();
@@ -1039,15 +1120,17 @@ void HttpClientImpl::CancelCall(uint64_t id) {
   auto it = calls_.find(id);
   if (it == calls_.end()) return;  // finished already
   Call& call = *it->second;
-  ReleaseEasy(call);
+  ReleaseAttempt(call);
   if (call.span.IsRecording()) EndSpan(call, 0, absl::CancelledError("cancelled"));
   Finish(call, CallError(call, absl::StatusCode::kCancelled, "cancelled"));
 }
 
 void HttpClientImpl::ResumeCall(uint64_t id) {
   auto it = calls_.find(id);
-  if (it == calls_.end() || it->second->easy == nullptr) return;
+  if (it == calls_.end()) return;
   Call& call = *it->second;
+  if (call.via_h2c) return h2c_->Resume(call.h2c);
+  if (call.easy == nullptr) return;
   // Delivery of what libcurl held back may happen inside this call (OnWrite runs).
   const CURLcode result = curl_easy_pause(call.easy, CURLPAUSE_CONT);
   if (result != CURLE_OK) OnAttemptDone(call, result);
@@ -1056,7 +1139,7 @@ void HttpClientImpl::ResumeCall(uint64_t id) {
 void HttpClientImpl::OnDeadline(evutil_socket_t, short, void* arg) {
   Call& call = *static_cast<Call*>(arg);
   HttpClientImpl& self = *call.client;
-  self.ReleaseEasy(call);
+  self.ReleaseAttempt(call);
   if (call.span.IsRecording()) {
     self.EndSpan(call, 0, absl::DeadlineExceededError("deadline passed"));
   }
@@ -1067,9 +1150,19 @@ void HttpClientImpl::OnDeadline(evutil_socket_t, short, void* arg) {
 void HttpClientImpl::OnFirstByteTimeout(evutil_socket_t, short, void* arg) {
   Call& call = *static_cast<Call*>(arg);
   HttpClientImpl& self = *call.client;
-  self.ReleaseEasy(call);
+  self.ReleaseAttempt(call);
   absl::Status error = absl::DeadlineExceededError(
       absl::StrCat("no response headers within ", Millis(call.request.first_byte_timeout)));
+  self.EndSpan(call, 0, error);
+  self.HandleTransportError(call, std::move(error), /*transient=*/true);
+}
+
+void HttpClientImpl::OnAttemptTimeout(evutil_socket_t, short, void* arg) {
+  Call& call = *static_cast<Call*>(arg);
+  HttpClientImpl& self = *call.client;
+  self.ReleaseAttempt(call);
+  absl::Status error = absl::DeadlineExceededError(
+      absl::StrCat("no complete answer within ", Millis(call.request.attempt_timeout)));
   self.EndSpan(call, 0, error);
   self.HandleTransportError(call, std::move(error), /*transient=*/true);
 }
@@ -1116,38 +1209,33 @@ size_t HttpClientImpl::OnHeader(char* data, size_t size, size_t count, void* arg
   long code = 0;
   curl_easy_getinfo(call.easy, CURLINFO_RESPONSE_CODE, &code);
   if (code >= 100 && code < 200) return length;  // interim; the final answer follows
-  call.headers_complete = true;
-  call.response.status = static_cast<int>(code);
-  call.first_byte_timer.Disarm();
-  if (call.streaming && code >= 200 && code < 300) {
-    call.headers_delivered = true;
-    if (call.on_headers) call.on_headers(call.response.status, call.response.headers);
-    if (call.cancel_requested) return 0;
-  }
-  return length;
+  return call.client->HeadersArrived(call, static_cast<int>(code)) ? length : 0;
 }
 
-size_t HttpClientImpl::OnWrite(char* data, size_t size, size_t count, void* arg) {
-  Call& call = *static_cast<Call*>(arg);
-  const size_t length = size * count;
-  if (call.cancel_requested) return 0;
-  absl::string_view chunk(data, length);
-  if (call.skip_bytes > 0) {
-    const size_t skip = std::min(call.skip_bytes, chunk.size());
-    chunk.remove_prefix(skip);
-    call.skip_bytes -= skip;
-    if (chunk.empty()) return length;
+bool HttpClientImpl::HeadersArrived(Call& call, int status) {
+  call.headers_complete = true;
+  call.response.status = status;
+  call.first_byte_timer.Disarm();
+  if (call.streaming && status >= 200 && status < 300) {
+    call.headers_delivered = true;
+    if (call.on_headers) call.on_headers(call.response.status, call.response.headers);
+    if (call.cancel_requested) return false;
   }
+  return true;
+}
+
+HttpClientImpl::BodyAction HttpClientImpl::BodyArrived(Call& call, absl::string_view chunk) {
+  if (call.cancel_requested) return BodyAction::kStop;
   std::string& body = call.response.body;
   if (!call.streaming) {
     if (body.size() + chunk.size() > call.request.max_response_bytes) {
       call.abort_status = absl::ResourceExhaustedError(
           absl::StrCat("response body of ", call.request.method, " ", call.safe_url, " exceeds ",
                        call.request.max_response_bytes, " bytes"));
-      return 0;
+      return BodyAction::kStop;
     }
     body.append(chunk.data(), chunk.size());
-    return length;
+    return BodyAction::kContinue;
   }
   if (!call.headers_delivered) {
     // A non-2xx answer to a stream: keep (the start of) the error document for on_done.
@@ -1156,26 +1244,90 @@ size_t HttpClientImpl::OnWrite(char* data, size_t size, size_t count, void* arg)
     body.append(chunk.data(), std::min(room, chunk.size()));
     if (chunk.size() > room) {
       call.error_body_truncated = true;
-      return 0;
+      return BodyAction::kStop;
     }
-    return length;
+    return BodyAction::kContinue;
   }
   if (call.delivered_bytes + chunk.size() > call.request.max_response_bytes) {
     call.abort_status = absl::ResourceExhaustedError(
         absl::StrCat("response stream of ", call.request.method, " ", call.safe_url, " exceeds ",
                      call.request.max_response_bytes, " bytes"));
-    return 0;
+    return BodyAction::kStop;
   }
   call.delivered_bytes += chunk.size();
   const DataAction action = call.on_data ? call.on_data(chunk) : DataAction::kContinue;
-  if (call.cancel_requested) return 0;
-  if (action == DataAction::kPause) {
-    // libcurl keeps the whole buffer it passed and hands it over again on resume; on_data has
-    // consumed it already, so those bytes are skipped then.
-    call.skip_bytes = length;
-    return CURL_WRITEFUNC_PAUSE;
+  if (call.cancel_requested) return BodyAction::kStop;
+  return action == DataAction::kPause ? BodyAction::kPause : BodyAction::kContinue;
+}
+
+size_t HttpClientImpl::OnWrite(char* data, size_t size, size_t count, void* arg) {
+  Call& call = *static_cast<Call*>(arg);
+  const size_t length = size * count;
+  absl::string_view chunk(data, length);
+  if (call.skip_bytes > 0 && !call.cancel_requested) {
+    const size_t skip = std::min(call.skip_bytes, chunk.size());
+    chunk.remove_prefix(skip);
+    call.skip_bytes -= skip;
+    if (chunk.empty()) return length;
   }
-  return length;
+  switch (call.client->BodyArrived(call, chunk)) {
+    case BodyAction::kContinue:
+      return length;
+    case BodyAction::kStop:
+      return 0;
+    case BodyAction::kPause:
+      // libcurl keeps the whole buffer it passed and hands it over again on resume; on_data has
+      // consumed it already, so those bytes are skipped then.
+      call.skip_bytes = length;
+      return CURL_WRITEFUNC_PAUSE;
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// h2c streams (the pool calls these on the loop thread, outside libcurl)
+
+void Call::OnH2cHeaders(int status, Headers headers) {
+  response.headers = std::move(headers);
+  response.http_version = 2;
+  if (!client->HeadersArrived(*this, status))
+    client->OnH2cAttemptDone(*this, absl::OkStatus(), false);
+}
+
+DataAction Call::OnH2cData(absl::string_view chunk) {
+  switch (client->BodyArrived(*this, chunk)) {
+    case HttpClientImpl::BodyAction::kContinue:
+      return DataAction::kContinue;
+    case HttpClientImpl::BodyAction::kPause:
+      return DataAction::kPause;
+    case HttpClientImpl::BodyAction::kStop:
+      client->OnH2cAttemptDone(*this, absl::OkStatus(), false);
+      return DataAction::kContinue;
+  }
+  return DataAction::kContinue;
+}
+
+void Call::OnH2cClosed(absl::Status status, bool transient) {
+  h2c = {};  // the stream is gone already
+  client->OnH2cAttemptDone(*this, std::move(status), transient);
+}
+
+void HttpClientImpl::OnH2cAttemptDone(Call& call, absl::Status transport, bool transient) {
+  ReleaseAttempt(call);
+  if (call.cancel_requested) {
+    EndSpan(call, 0, absl::CancelledError("cancelled"));
+    return Finish(call, CallError(call, absl::StatusCode::kCancelled, "cancelled"));
+  }
+  if (!call.abort_status.ok()) {
+    EndSpan(call, call.response.status, call.abort_status);
+    return Finish(call, call.abort_status);
+  }
+  if (transport.ok() || call.error_body_truncated) {
+    EndSpan(call, call.response.status, absl::OkStatus());
+    return HandleAnswer(call);
+  }
+  EndSpan(call, 0, transport);
+  HandleTransportError(call, std::move(transport), transient);
 }
 
 curl_socket_t HttpClientImpl::OnOpenSocket(void* arg, curlsocktype purpose,

@@ -1,0 +1,308 @@
+// HttpClient's h2c transport (internal/h2c_pool) against the fake LLM provider's h2c listener,
+// which counts connections, requests in flight and clients that went away.
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "common/http/http_client.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/fake_llm/fake_llm_server.h"
+#include "tests/testing/unused_port.h"
+
+namespace montage::http {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr absl::Duration kWait = absl::Seconds(20);
+
+struct Result {
+  absl::Notification done;
+  absl::StatusOr<HttpResponse> response = absl::UnknownError("not done");
+
+  DoneCallback Callback() {
+    return [this](absl::StatusOr<HttpResponse> r) {
+      response = std::move(r);
+      done.Notify();
+    };
+  }
+};
+
+// Polls `condition` every 5 ms until it holds or `limit` passes.
+template <typename F>
+bool Eventually(F condition, absl::Duration limit = kWait) {
+  const absl::Time end = absl::Now() + limit;
+  while (absl::Now() < end) {
+    if (condition()) return true;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  return condition();
+}
+
+// An SSE answer of the fake without what differs between two answers: the id (chatcmpl-fake-<n>)
+// and the "created" time.
+std::string WithoutIdAndTime(const std::string& sse) {
+  std::string out;
+  size_t i = 0;
+  while (i < sse.size()) {
+    const size_t id = sse.find("chatcmpl-fake-", i);
+    const size_t created = sse.find("\"created\":", i);
+    const size_t next = std::min(id, created);
+    if (next == std::string::npos) break;
+    const bool is_id = next == id;
+    size_t end = next + (is_id ? std::strlen("chatcmpl-fake-") : std::strlen("\"created\":"));
+    out.append(sse, i, end - i);
+    while (end < sse.size() && absl::ascii_isdigit(static_cast<unsigned char>(sse[end]))) ++end;
+    i = end;
+  }
+  out.append(sse, std::min(i, sse.size()), std::string::npos);
+  return out;
+}
+
+class H2cTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    testing::FakeLlmOptions options;
+    options.h2c_port = 0;
+    options.control_pages = false;
+    absl::StatusOr<std::unique_ptr<testing::FakeLlmServer>> fake =
+        testing::FakeLlmServer::Start(options);
+    ASSERT_TRUE(fake.ok()) << fake.status();
+    fake_ = *std::move(fake);
+  }
+
+  std::unique_ptr<HttpClient> MakeClient(uint32_t max_concurrent_streams = 100) {
+    HttpClientOptions options;
+    options.name = "h2c_test";
+    options.max_concurrent_streams = max_concurrent_streams;
+    absl::StatusOr<std::unique_ptr<HttpClient>> client = HttpClient::Create(options);
+    EXPECT_TRUE(client.ok()) << client.status();
+    return client.ok() ? *std::move(client) : nullptr;
+  }
+
+  HttpRequest Chat(bool stream = false, absl::string_view host = "127.0.0.1") const {
+    HttpRequest request;
+    request.method = "POST";
+    request.url = absl::StrCat("http://", host, ":", fake_->h2c_port(), "/v1/chat/completions");
+    request.version = HttpVersion::kHttp2PriorKnowledge;
+    request.headers = {{"Content-Type", "application/json"}, {"Authorization", "Bearer k"}};
+    request.body = absl::StrCat(
+        R"({"model":"m","messages":[{"role":"user","content":"Tell me about espresso"}],)",
+        R"("stream":)", stream ? "true" : "false", "}");
+    request.deadline = absl::Now() + kWait;
+    return request;
+  }
+
+  std::unique_ptr<testing::FakeLlmServer> fake_;
+};
+
+TEST_F(H2cTest, ConcurrentCallsShareConnectionsUpToTheStreamLimit) {
+  testing::Behaviour slow;
+  slow.delay = absl::Milliseconds(300);
+  constexpr int kCalls = 50;
+  for (int i = 0; i < kCalls; ++i) fake_->Enqueue(slow);
+  std::vector<Result> results(kCalls);
+  std::unique_ptr<HttpClient> client = MakeClient(/*max_concurrent_streams=*/10);
+  ASSERT_NE(client, nullptr);
+  for (Result& result : results) client->Send(Chat(), result.Callback());
+  for (Result& result : results) {
+    ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
+    ASSERT_TRUE(result.response.ok()) << result.response.status();
+    EXPECT_EQ(result.response->status, 200);
+    EXPECT_EQ(result.response->http_version, 2);
+    EXPECT_THAT(result.response->body, HasSubstr("chat.completion"));
+  }
+  // 50 calls at 10 streams each: five connections, every call sent before any answered.
+  testing::FakeLlmStats stats = fake_->stats();
+  EXPECT_EQ(stats.h2c_connections, 5u);
+  EXPECT_EQ(stats.openai_requests, static_cast<uint64_t>(kCalls));
+
+  // Idle connections are reused (libcurl 7.88 broke exactly this on h2c).
+  std::vector<Result> again(12);
+  for (Result& result : again) client->Send(Chat(), result.Callback());
+  for (Result& result : again) {
+    ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
+    ASSERT_TRUE(result.response.ok()) << result.response.status();
+    EXPECT_EQ(result.response->status, 200);
+  }
+  EXPECT_EQ(fake_->stats().h2c_connections, 5u);
+}
+
+TEST_F(H2cTest, CancelResetsOnlyItsStream) {
+  testing::Behaviour hang;
+  hang.hang = true;
+  fake_->Enqueue(hang);
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  Result hanging;
+  std::shared_ptr<CallHandle> handle = client->Send(Chat(), hanging.Callback());
+  ASSERT_TRUE(Eventually([&] { return fake_->stats().in_flight == 1; }));
+  Result normal;
+  client->Send(Chat(), normal.Callback());
+  ASSERT_TRUE(normal.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(normal.response.ok()) << normal.response.status();
+
+  handle->Cancel();
+  ASSERT_TRUE(hanging.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(hanging.response.status().code(), absl::StatusCode::kCancelled);
+  // The server sees the stream reset; the connection stays (one for both calls).
+  ASSERT_TRUE(Eventually([&] { return fake_->stats().disconnects == 1; }));
+  EXPECT_EQ(fake_->stats().h2c_connections, 1u);
+  Result after;
+  client->Send(Chat(), after.Callback());
+  ASSERT_TRUE(after.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(after.response.ok()) << after.response.status();
+  EXPECT_EQ(fake_->stats().h2c_connections, 1u);
+}
+
+TEST_F(H2cTest, DeadlineResetsTheStream) {
+  testing::Behaviour hang;
+  hang.hang = true;
+  fake_->Enqueue(hang);
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  HttpRequest request = Chat();
+  request.deadline = absl::Now() + absl::Milliseconds(200);
+  Result result;
+  client->Send(request, result.Callback());
+  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(result.response.status().code(), absl::StatusCode::kDeadlineExceeded);
+  ASSERT_TRUE(Eventually([&] { return fake_->stats().disconnects == 1; }));
+}
+
+TEST_F(H2cTest, PausedStreamResumesWithEverything) {
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  // The whole stream, read without pausing, is what a paused reader must get too.
+  auto read = [&](bool pause) -> std::string {
+    struct State {
+      std::string body;
+      std::atomic<int> chunks{0};
+      absl::Notification paused;
+      absl::Notification done;
+      absl::Status status;
+    } state;
+    StreamCallbacks callbacks;
+    callbacks.on_headers = [](int, const Headers&) {};
+    callbacks.on_data = [&state, pause](absl::string_view chunk) {
+      state.body.append(chunk.data(), chunk.size());
+      if (pause && state.chunks.fetch_add(1) == 0) {
+        state.paused.Notify();
+        return DataAction::kPause;
+      }
+      return DataAction::kContinue;
+    };
+    callbacks.on_done = [&state](absl::StatusOr<HttpResponse> r) {
+      state.status = r.status();
+      state.done.Notify();
+    };
+    std::shared_ptr<CallHandle> handle =
+        client->Stream(Chat(/*stream=*/true), std::move(callbacks));
+    if (pause) {
+      EXPECT_TRUE(state.paused.WaitForNotificationWithTimeout(kWait));
+      // While paused nothing more arrives, even once the server has sent everything.
+      EXPECT_TRUE(Eventually([&] { return fake_->stats().in_flight == 0; }));
+      EXPECT_EQ(state.chunks.load(), 1);
+      EXPECT_FALSE(state.done.HasBeenNotified());
+      handle->Resume();
+    }
+    EXPECT_TRUE(state.done.WaitForNotificationWithTimeout(kWait));
+    EXPECT_TRUE(state.status.ok()) << state.status;
+    return state.body;
+  };
+  const std::string whole = read(false);
+  EXPECT_THAT(whole, HasSubstr("data: [DONE]"));
+  EXPECT_EQ(WithoutIdAndTime(read(true)), WithoutIdAndTime(whole));
+}
+
+TEST_F(H2cTest, ResetAfterHeadersIsNotRetried) {
+  testing::Behaviour cut;
+  cut.stream_fail_after = 2;
+  fake_->Enqueue(cut);
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  HttpRequest request = Chat(/*stream=*/true);
+  request.retry.max_attempts = 3;
+  request.retry.initial_backoff = absl::Milliseconds(1);
+  absl::Notification done;
+  absl::Status status;
+  StreamCallbacks callbacks;
+  callbacks.on_headers = [](int, const Headers&) {};
+  callbacks.on_data = [](absl::string_view) { return DataAction::kContinue; };
+  callbacks.on_done = [&](absl::StatusOr<HttpResponse> r) {
+    status = r.status();
+    done.Notify();
+  };
+  client->Stream(request, std::move(callbacks));
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(status.message(), HasSubstr("reset the HTTP/2 stream"));
+  EXPECT_EQ(fake_->stats().openai_requests, 1u);
+}
+
+TEST_F(H2cTest, RefusedConnectionIsUnavailableAndRetried) {
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  HttpRequest request = Chat();
+  request.url = absl::StrCat("http://127.0.0.1:", testing::UnusedLoopbackPort(), "/v1/x");
+  request.retry.max_attempts = 2;
+  request.retry.initial_backoff = absl::Milliseconds(1);
+  Result result;
+  client->Send(request, result.Callback());
+  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(result.response.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(result.response.status().message(), HasSubstr("after 2 attempts"));
+}
+
+TEST_F(H2cTest, SizeCapEndsTheCall) {
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  HttpRequest request = Chat();
+  request.max_response_bytes = 16;
+  Result result;
+  client->Send(request, result.Callback());
+  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(result.response.status().code(), absl::StatusCode::kResourceExhausted);
+}
+
+TEST_F(H2cTest, HostNamesResolveWithoutBlocking) {
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  Result result;
+  client->Send(Chat(/*stream=*/false, "localhost"), result.Callback());
+  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(result.response.ok()) << result.response.status();
+  EXPECT_EQ(result.response->status, 200);
+  EXPECT_EQ(result.response->http_version, 2);
+  EXPECT_EQ(fake_->stats().h2c_connections, 1u);
+}
+
+TEST_F(H2cTest, ErrorStatusIsAnAnswerAndRetried) {
+  testing::Behaviour busy;
+  busy.status = 503;
+  busy.headers = {{"retry-after", "0"}};
+  fake_->Enqueue(busy);
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  HttpRequest request = Chat();
+  request.retry.max_attempts = 2;
+  Result result;
+  client->Send(request, result.Callback());
+  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(result.response.ok()) << result.response.status();
+  EXPECT_EQ(result.response->status, 200);
+  EXPECT_EQ(result.response->attempts, 2u);
+}
+
+}  // namespace
+}  // namespace montage::http

@@ -1,0 +1,647 @@
+#include "common/http/internal/h2c_pool.h"
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/dns.h>
+#include <event2/event.h>
+#include <event2/util.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <nghttp2/nghttp2.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+
+namespace montage::http::internal {
+namespace {
+
+// Per-stream receive window: what a paused stream may hold back.
+constexpr int32_t kStreamWindow = 1 << 20;
+// The connection's window; returned as soon as data arrives (see OnDataChunk).
+constexpr int32_t kConnectionWindow = 16 << 20;
+
+nghttp2_nv Nv(absl::string_view name, absl::string_view value) {
+  return nghttp2_nv{reinterpret_cast<uint8_t*>(const_cast<char*>(name.data())),
+                    reinterpret_cast<uint8_t*>(const_cast<char*>(value.data())), name.size(),
+                    value.size(), NGHTTP2_NV_FLAG_NONE};
+}
+
+// Headers that belong to an HTTP/1.1 connection and must not appear in HTTP/2 (RFC 9113 8.2.2),
+// and ones this client sets itself.
+bool IsDroppedRequestHeader(absl::string_view lower_name) {
+  return lower_name == "connection" || lower_name == "keep-alive" ||
+         lower_name == "proxy-connection" || lower_name == "transfer-encoding" ||
+         lower_name == "upgrade" || lower_name == "host" || lower_name == "expect" ||
+         lower_name == "content-length" || lower_name == "te";
+}
+
+}  // namespace
+
+// One HTTP/2 connection to one origin. Loop thread only. Owned by the pool; handles hold weak
+// references. A connection that failed or drained stays in the pool (not accepting) until its
+// last stream has reported, so that a paused stream that had its whole answer is still delivered.
+class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
+ public:
+  H2cConnection(H2cPool& pool, std::string key, H2cTarget target)
+      : pool_(pool), key_(std::move(key)), target_(std::move(target)) {}
+
+  ~H2cConnection() {
+    if (dns_request_ != nullptr) evdns_getaddrinfo_cancel(dns_request_);
+    if (session_ != nullptr) nghttp2_session_del(session_);
+    for (event* ev : {flush_event_, connect_event_, connect_timer_, idle_timer_}) {
+      if (ev != nullptr) event_free(ev);
+    }
+    if (bev_ != nullptr) bufferevent_free(bev_);
+  }
+
+  bool Init(absl::Duration connect_timeout);
+
+  const std::string& key() const { return key_; }
+  bool accepting() const { return !closing_ && !draining_; }
+  size_t open_streams() const { return open_; }
+  size_t stream_limit() const {
+    size_t limit =
+        nghttp2_session_get_remote_settings(session_, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+    const uint32_t ours = pool_.options_.max_concurrent_streams;
+    if (ours > 0) limit = std::min<size_t>(limit, ours);
+    return limit;
+  }
+  bool finished() const { return closing_ && streams_.empty(); }
+
+  // The stream id, or nghttp2's error (NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE: this connection is
+  // used up; it drains).
+  int32_t Submit(H2cRequest& request, H2cStreamSink* sink);
+
+  void ResetStream(int32_t id) {
+    auto it = streams_.find(id);
+    if (it == streams_.end()) return;
+    const bool open = !it->second->closed;
+    streams_.erase(it);
+    if (open) {
+      StreamEnded();
+      if (!closing_) nghttp2_submit_rst_stream(session_, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
+    }
+    ScheduleFlush();
+  }
+
+  void ResumeStream(int32_t id) {
+    Stream* stream = Find(id);
+    if (stream == nullptr || !stream->paused) return;
+    std::shared_ptr<H2cConnection> keep = shared_from_this();
+    stream->paused = false;
+    if (!stream->held.empty()) {
+      std::string held;
+      held.swap(stream->held);
+      if (!Deliver(id, held)) return;
+    }
+    ScheduleFlush();  // window updates, and the report of a stream that ended while paused
+  }
+
+ private:
+  friend class H2cPool;
+
+  struct Stream {
+    int32_t id = 0;
+    H2cStreamSink* sink = nullptr;
+    absl::string_view body;
+    size_t body_offset = 0;
+    int status = 0;
+    Headers headers;
+    bool headers_delivered = false;
+    bool paused = false;
+    std::string held;  // data that arrived while paused
+    bool closed = false;
+    absl::Status close_status;
+    bool close_transient = false;
+  };
+
+  Stream* Find(int32_t id) {
+    auto it = streams_.find(id);
+    return it == streams_.end() ? nullptr : it->second.get();
+  }
+
+  // A stream stopped counting against the connection's limit.
+  void StreamEnded() {
+    --open_;
+    if (open_ == 0 && !closing_ && idle_timer_ != nullptr) {
+      const timeval tv = absl::ToTimeval(pool_.options_.idle_timeout);
+      evtimer_add(idle_timer_, &tv);
+    }
+  }
+
+  // Hands `chunk` to the stream's sink. False when the stream is gone afterwards (reset by its
+  // sink).
+  bool Deliver(int32_t id, absl::string_view chunk) {
+    Stream* stream = Find(id);
+    const DataAction action = stream->sink->OnH2cData(chunk);
+    stream = Find(id);
+    if (stream == nullptr) return false;
+    if (!closing_) nghttp2_session_consume_stream(session_, id, chunk.size());
+    if (action == DataAction::kPause) stream->paused = true;
+    return true;
+  }
+
+  void ScheduleFlush() {
+    if (!flush_scheduled_ && flush_event_ != nullptr) {
+      flush_scheduled_ = true;
+      event_active(flush_event_, EV_TIMEOUT, 0);
+    }
+  }
+
+  // Sends what nghttp2 has queued, reports streams that ended, and closes a connection that is
+  // done. Runs from the loop, never inside nghttp2.
+  void Flush() {
+    flush_scheduled_ = false;
+    std::shared_ptr<H2cConnection> keep = shared_from_this();
+    if (!closing_) {
+      for (;;) {
+        const uint8_t* data = nullptr;
+        const ssize_t n = nghttp2_session_mem_send(session_, &data);
+        if (n < 0) {
+          return Fail(absl::UnavailableError(
+                          absl::StrCat("HTTP/2 error: ", nghttp2_strerror(static_cast<int>(n)))),
+                      true);
+        }
+        if (n == 0) break;
+        bufferevent_write(bev_, data, static_cast<size_t>(n));
+      }
+    }
+    ReportClosed();
+    if (closing_) {
+      if (streams_.empty()) pool_.Remove(this);
+      return;
+    }
+    if (nghttp2_session_want_read(session_) == 0 && nghttp2_session_want_write(session_) == 0) {
+      return Fail(absl::UnavailableError("the server ended the HTTP/2 session"), true);
+    }
+    if (draining_ && open_ == 0) Close();
+  }
+
+  // Streams that ended report in the order they ended; a paused one that still holds data waits
+  // for Resume.
+  void ReportClosed() {
+    for (auto it = streams_.begin(); it != streams_.end();) {
+      Stream& stream = *it->second;
+      if (!stream.closed || !stream.held.empty()) {
+        ++it;
+        continue;
+      }
+      std::unique_ptr<Stream> owned = std::move(it->second);
+      streams_.erase(it++);
+      owned->sink->OnH2cClosed(std::move(owned->close_status), owned->close_transient);
+      // The sink may have reset other streams: start over (erased entries are skipped).
+      it = streams_.begin();
+    }
+  }
+
+  void OnRead() {
+    std::shared_ptr<H2cConnection> keep = shared_from_this();
+    evbuffer* in = bufferevent_get_input(bev_);
+    while (!closing_) {
+      const size_t len = evbuffer_get_contiguous_space(in);
+      if (len == 0) break;
+      const uint8_t* data = evbuffer_pullup(in, static_cast<ev_ssize_t>(len));
+      const ssize_t used = nghttp2_session_mem_recv(session_, data, len);
+      if (used < 0) {
+        return Fail(absl::UnavailableError(absl::StrCat("HTTP/2 error from the server: ",
+                                                        nghttp2_strerror(static_cast<int>(used)))),
+                    true);
+      }
+      evbuffer_drain(in, static_cast<size_t>(used));
+    }
+    Flush();
+  }
+
+  void OnEvent(short what) {
+    std::shared_ptr<H2cConnection> keep = shared_from_this();
+    if ((what & BEV_EVENT_CONNECTED) != 0) {
+      connected_ = true;
+      evtimer_del(connect_timer_);
+      const int one = 1;
+      setsockopt(bufferevent_getfd(bev_), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      setsockopt(bufferevent_getfd(bev_), SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+      return;
+    }
+    if (!connected_) {
+      const int error = EVUTIL_SOCKET_ERROR();
+      return Fail(absl::UnavailableError(absl::StrCat("cannot connect to ", target_.authority, ": ",
+                                                      evutil_socket_error_to_string(error))),
+                  true);
+    }
+    Fail(absl::UnavailableError((what & BEV_EVENT_EOF) != 0 ? "the server closed the connection"
+                                                            : "the connection failed"),
+         true);
+  }
+
+  void StartConnect();
+  void ConnectTo(const sockaddr* address, int length);
+
+  // The connection is unusable: every stream still open ends with `status`.
+  void Fail(absl::Status status, bool transient) {
+    if (closing_) return;
+    closing_ = true;
+    for (auto& [id, stream] : streams_) {
+      if (stream->closed) continue;
+      stream->closed = true;
+      stream->held.clear();  // an unfinished answer is not delivered in part
+      stream->close_status = status;
+      stream->close_transient = transient;
+    }
+    open_ = 0;
+    ShutDownSocket();
+    ScheduleFlush();  // reports, then leaves the pool
+  }
+
+  // Closes a connection with no open streams (idle, or drained after GOAWAY).
+  void Close() {
+    if (closing_) return;
+    closing_ = true;
+    ShutDownSocket();
+    ScheduleFlush();
+  }
+
+  void ShutDownSocket() {
+    if (bev_ != nullptr) {
+      bufferevent_free(bev_);
+      bev_ = nullptr;
+    }
+    if (idle_timer_ != nullptr) evtimer_del(idle_timer_);
+    if (connect_timer_ != nullptr) evtimer_del(connect_timer_);
+  }
+
+  // nghttp2 callbacks. Streams are found by id: a stream reset by its sink is gone while nghttp2
+  // may still deliver frames for it.
+  static ssize_t ReadBody(nghttp2_session*, int32_t stream_id, uint8_t* buf, size_t length,
+                          uint32_t* flags, nghttp2_data_source*, void* self) {
+    Stream* stream = static_cast<H2cConnection*>(self)->Find(stream_id);
+    if (stream == nullptr) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    const size_t n = std::min(length, stream->body.size() - stream->body_offset);
+    std::memcpy(buf, stream->body.data() + stream->body_offset, n);
+    stream->body_offset += n;
+    if (stream->body_offset == stream->body.size()) *flags |= NGHTTP2_DATA_FLAG_EOF;
+    return static_cast<ssize_t>(n);
+  }
+
+  static int OnHeader(nghttp2_session*, const nghttp2_frame* frame, const uint8_t* name,
+                      size_t namelen, const uint8_t* value, size_t valuelen, uint8_t, void* self) {
+    Stream* stream = static_cast<H2cConnection*>(self)->Find(frame->hd.stream_id);
+    if (stream == nullptr || stream->headers_delivered) return 0;  // gone, or trailers
+    const absl::string_view n(reinterpret_cast<const char*>(name), namelen);
+    const absl::string_view v(reinterpret_cast<const char*>(value), valuelen);
+    if (n == ":status") {
+      if (!absl::SimpleAtoi(v, &stream->status)) stream->status = 0;
+      return 0;
+    }
+    if (!absl::StartsWith(n, ":")) stream->headers.emplace_back(std::string(n), std::string(v));
+    return 0;
+  }
+
+  static int OnFrameRecv(nghttp2_session*, const nghttp2_frame* frame, void* self) {
+    auto* c = static_cast<H2cConnection*>(self);
+    if (frame->hd.type == NGHTTP2_GOAWAY) {
+      // Streams above last_stream_id close with REFUSED_STREAM (retriable); the rest finish, and
+      // new requests go to another connection.
+      c->draining_ = true;
+      return 0;
+    }
+    if (frame->hd.type != NGHTTP2_HEADERS) return 0;
+    const int32_t id = frame->hd.stream_id;
+    Stream* stream = c->Find(id);
+    if (stream == nullptr || stream->headers_delivered) return 0;
+    if (stream->status >= 100 && stream->status < 200) {
+      stream->headers.clear();  // interim; the final answer follows
+      stream->status = 0;
+      return 0;
+    }
+    stream->headers_delivered = true;
+    stream->sink->OnH2cHeaders(stream->status, std::move(stream->headers));
+    return 0;
+  }
+
+  static int OnDataChunk(nghttp2_session* session, uint8_t, int32_t stream_id, const uint8_t* data,
+                         size_t len, void* self) {
+    auto* c = static_cast<H2cConnection*>(self);
+    nghttp2_session_consume_connection(session, len);
+    Stream* stream = c->Find(stream_id);
+    if (stream == nullptr) return 0;
+    const absl::string_view chunk(reinterpret_cast<const char*>(data), len);
+    if (stream->paused) {
+      stream->held.append(chunk.data(), chunk.size());
+      return 0;
+    }
+    c->Deliver(stream_id, chunk);
+    return 0;
+  }
+
+  static int OnStreamClose(nghttp2_session*, int32_t stream_id, uint32_t error_code, void* self) {
+    auto* c = static_cast<H2cConnection*>(self);
+    Stream* stream = c->Find(stream_id);
+    if (stream == nullptr || stream->closed) return 0;
+    stream->closed = true;
+    if (error_code == NGHTTP2_NO_ERROR && stream->headers_delivered) {
+      stream->close_status = absl::OkStatus();
+    } else if (error_code == NGHTTP2_REFUSED_STREAM) {
+      stream->close_status = absl::UnavailableError("the server refused the HTTP/2 stream");
+      stream->close_transient = true;
+    } else {
+      stream->close_status = absl::UnavailableError(
+          error_code == NGHTTP2_NO_ERROR
+              ? std::string("the server closed the HTTP/2 stream without an answer")
+              : absl::StrCat("the server reset the HTTP/2 stream: ",
+                             nghttp2_http2_strerror(error_code)));
+      stream->close_transient = !stream->headers_delivered;
+    }
+    c->StreamEnded();
+    c->ScheduleFlush();  // reports it once nghttp2 has returned
+    return 0;
+  }
+
+  H2cPool& pool_;
+  const std::string key_;
+  const H2cTarget target_;
+  nghttp2_session* session_ = nullptr;
+  bufferevent* bev_ = nullptr;
+  evdns_getaddrinfo_request* dns_request_ = nullptr;
+  event* flush_event_ = nullptr;
+  event* connect_event_ = nullptr;
+  event* connect_timer_ = nullptr;
+  event* idle_timer_ = nullptr;
+  absl::Duration connect_timeout_;
+  bool flush_scheduled_ = false;
+  bool connected_ = false;
+  bool resolved_ = false;
+  bool closing_ = false;
+  bool draining_ = false;
+  size_t open_ = 0;  // streams nghttp2 still runs (or queues)
+  absl::flat_hash_map<int32_t, std::unique_ptr<Stream>> streams_;
+};
+
+bool H2cConnection::Init(absl::Duration connect_timeout) {
+  event_base* base = pool_.base_;
+  connect_timeout_ = connect_timeout;
+  flush_event_ = event_new(
+      base, -1, 0,
+      [](evutil_socket_t, short, void* self) { static_cast<H2cConnection*>(self)->Flush(); }, this);
+  connect_event_ = event_new(
+      base, -1, 0,
+      [](evutil_socket_t, short, void* self) { static_cast<H2cConnection*>(self)->StartConnect(); },
+      this);
+  connect_timer_ = evtimer_new(
+      base,
+      [](evutil_socket_t, short, void* self) {
+        auto* c = static_cast<H2cConnection*>(self);
+        std::shared_ptr<H2cConnection> keep = c->shared_from_this();
+        c->Fail(absl::DeadlineExceededError(
+                    absl::StrCat("no connection to ", c->target_.authority, " within ",
+                                 absl::ToInt64Milliseconds(c->connect_timeout_), " ms")),
+                true);
+      },
+      this);
+  idle_timer_ = evtimer_new(
+      base,
+      [](evutil_socket_t, short, void* self) {
+        auto* c = static_cast<H2cConnection*>(self);
+        std::shared_ptr<H2cConnection> keep = c->shared_from_this();
+        if (c->open_ == 0) c->Close();
+      },
+      this);
+  if (flush_event_ == nullptr || connect_event_ == nullptr || connect_timer_ == nullptr ||
+      idle_timer_ == nullptr) {
+    return false;
+  }
+
+  nghttp2_session_callbacks* callbacks = nullptr;
+  if (nghttp2_session_callbacks_new(&callbacks) != 0) return false;
+  nghttp2_session_callbacks_set_on_header_callback(callbacks, &OnHeader);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, &OnFrameRecv);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, &OnDataChunk);
+  nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, &OnStreamClose);
+  nghttp2_option* option = nullptr;
+  if (nghttp2_option_new(&option) != 0) {
+    nghttp2_session_callbacks_del(callbacks);
+    return false;
+  }
+  nghttp2_option_set_no_closed_streams(option, 1);      // no priority tree: keep no closed streams
+  nghttp2_option_set_no_auto_window_update(option, 1);  // see OnDataChunk and Deliver
+  const int created = nghttp2_session_client_new2(&session_, callbacks, this, option);
+  nghttp2_option_del(option);
+  nghttp2_session_callbacks_del(callbacks);
+  if (created != 0) return false;
+  const nghttp2_settings_entry settings[] = {
+      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, kStreamWindow},
+  };
+  if (nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, settings, std::size(settings)) != 0 ||
+      nghttp2_session_set_local_window_size(session_, NGHTTP2_FLAG_NONE, 0, kConnectionWindow) !=
+          0) {
+    return false;
+  }
+  bev_ = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
+  if (bev_ == nullptr) return false;
+  bufferevent_setcb(
+      bev_, [](bufferevent*, void* self) { static_cast<H2cConnection*>(self)->OnRead(); }, nullptr,
+      [](bufferevent*, short what, void* self) {
+        static_cast<H2cConnection*>(self)->OnEvent(what);
+      },
+      this);
+  bufferevent_enable(bev_, EV_READ | EV_WRITE);
+  const timeval timeout = absl::ToTimeval(std::max(connect_timeout, absl::Milliseconds(1)));
+  evtimer_add(connect_timer_, &timeout);
+  // Connecting (and failing to) happens on the next loop turn, so that no sink hears anything
+  // from inside H2cPool::Start.
+  event_active(connect_event_, EV_TIMEOUT, 0);
+  return true;
+}
+
+void H2cConnection::StartConnect() {
+  if (closing_) return;
+  // An address needs no resolver ("[::1]:8080" or "127.0.0.1:8080").
+  sockaddr_storage address{};
+  int length = sizeof(address);
+  const std::string host_port = absl::StrCat(target_.host, ":", target_.port);
+  if (evutil_parse_sockaddr_port(host_port.c_str(), reinterpret_cast<sockaddr*>(&address),
+                                 &length) == 0) {
+    return ConnectTo(reinterpret_cast<sockaddr*>(&address), length);
+  }
+  evdns_base* dns = pool_.Resolver();
+  if (dns == nullptr) {
+    return Fail(absl::UnavailableError("cannot start the DNS resolver"), true);
+  }
+  evutil_addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_protocol = IPPROTO_TCP;
+  hints.ai_flags = EVUTIL_AI_ADDRCONFIG;
+  std::string name(absl::StripSuffix(absl::StripPrefix(target_.host, "["), "]"));
+  // The callback may run before evdns_getaddrinfo returns (names from /etc/hosts).
+  evdns_getaddrinfo_request* request = evdns_getaddrinfo(
+      dns, name.c_str(), target_.port.c_str(), &hints,
+      [](int result, evutil_addrinfo* found, void* self) {
+        if (result == EVUTIL_EAI_CANCEL) return;  // the connection is being destroyed
+        auto* c = static_cast<H2cConnection*>(self);
+        std::shared_ptr<H2cConnection> keep = c->shared_from_this();
+        c->dns_request_ = nullptr;
+        c->resolved_ = true;
+        if (result != 0 || found == nullptr) {
+          if (found != nullptr) evutil_freeaddrinfo(found);
+          return c->Fail(absl::UnavailableError(absl::StrCat("cannot resolve ", c->target_.host,
+                                                             ": ", evutil_gai_strerror(result))),
+                         true);
+        }
+        c->ConnectTo(found->ai_addr, static_cast<int>(found->ai_addrlen));
+        evutil_freeaddrinfo(found);
+      },
+      this);
+  if (!resolved_) dns_request_ = request;
+}
+
+void H2cConnection::ConnectTo(const sockaddr* address, int length) {
+  if (closing_) return;
+  if (bufferevent_socket_connect(bev_, address, length) != 0) {
+    Fail(absl::UnavailableError(absl::StrCat("cannot connect to ", target_.authority)), true);
+  }
+}
+
+int32_t H2cConnection::Submit(H2cRequest& request, H2cStreamSink* sink) {
+  std::vector<std::string> lowered;  // names in lower case, alive until submitted
+  const Headers empty;
+  const Headers& given = request.headers != nullptr ? *request.headers : empty;
+  lowered.reserve(given.size() + request.extra_headers.size());
+  std::vector<nghttp2_nv> nva;
+  nva.reserve(given.size() + request.extra_headers.size() + 6);
+  absl::string_view authority = target_.authority;
+  bool has_user_agent = false;
+  for (const Headers* list : {&given, static_cast<const Headers*>(&request.extra_headers)}) {
+    for (const auto& [name, value] : *list) {
+      lowered.push_back(absl::AsciiStrToLower(name));
+      const std::string& lower = lowered.back();
+      if (lower == "host") authority = value;
+      if (IsDroppedRequestHeader(lower)) continue;
+      has_user_agent = has_user_agent || lower == "user-agent";
+      nva.push_back(Nv(lower, value));
+    }
+  }
+  std::vector<nghttp2_nv> pseudo = {Nv(":method", request.method), Nv(":scheme", "http"),
+                                    Nv(":authority", authority), Nv(":path", request.path)};
+  nva.insert(nva.begin(), pseudo.begin(), pseudo.end());
+  const std::string content_length = absl::StrCat(request.body.size());
+  const bool has_body = !request.body.empty() || request.method == "POST" ||
+                        request.method == "PUT" || request.method == "PATCH";
+  if (has_body) nva.push_back(Nv("content-length", content_length));
+  if (!has_user_agent) nva.push_back(Nv("user-agent", "montage-http/1"));
+
+  auto stream = std::make_unique<Stream>();
+  stream->sink = sink;
+  stream->body = request.body;
+  nghttp2_data_provider provider;
+  provider.source.ptr = nullptr;
+  provider.read_callback = &ReadBody;
+  const int32_t id = nghttp2_submit_request(session_, nullptr, nva.data(), nva.size(),
+                                            request.body.empty() ? nullptr : &provider, nullptr);
+  if (id < 0) {
+    if (id == NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE) {
+      draining_ = true;
+      ScheduleFlush();  // closes once its streams are done
+    }
+    return id;
+  }
+  stream->id = id;
+  streams_.emplace(id, std::move(stream));
+  ++open_;
+  evtimer_del(idle_timer_);
+  ScheduleFlush();
+  return id;
+}
+
+H2cPool::H2cPool(event_base* base, H2cPoolOptions options) : base_(base), options_(options) {}
+
+H2cPool::~H2cPool() {
+  // Connections may be kept alive by a flush in progress further up the stack; clearing the map
+  // drops the owning references.
+  connections_.clear();
+  if (dns_ != nullptr) evdns_base_free(dns_, /*fail_requests=*/0);
+}
+
+evdns_base* H2cPool::Resolver() {
+  if (dns_ == nullptr) dns_ = evdns_base_new(base_, EVDNS_BASE_INITIALIZE_NAMESERVERS);
+  return dns_;
+}
+
+absl::StatusOr<H2cPool::Handle> H2cPool::Start(const H2cTarget& target, H2cRequest request,
+                                               H2cStreamSink* sink) {
+  const std::string key = absl::StrCat(target.host, ":", target.port);
+  auto& list = connections_[key];
+  // Two tries: a connection that ran out of stream ids drains, and the second try opens another.
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    H2cConnection* chosen = nullptr;
+    H2cConnection* least = nullptr;
+    size_t accepting = 0;
+    for (const auto& connection : list) {
+      if (!connection->accepting()) continue;
+      ++accepting;
+      if (connection->open_streams() < connection->stream_limit()) {
+        chosen = connection.get();
+        break;
+      }
+      if (least == nullptr || connection->open_streams() < least->open_streams()) {
+        least = connection.get();
+      }
+    }
+    if (chosen == nullptr &&
+        (options_.max_connections_per_host == 0 || accepting < options_.max_connections_per_host)) {
+      auto connection = std::make_shared<H2cConnection>(*this, key, target);
+      if (!connection->Init(request.connect_timeout)) {
+        return absl::ResourceExhaustedError("cannot set up an HTTP/2 connection");
+      }
+      list.push_back(connection);
+      chosen = connection.get();
+    }
+    if (chosen == nullptr) chosen = least;
+    const int32_t id = chosen->Submit(request, sink);
+    if (id > 0) return Handle{chosen->weak_from_this(), id};
+    if (id != NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cannot send the HTTP/2 request: ", nghttp2_strerror(id)));
+    }
+  }
+  return absl::UnavailableError("no HTTP/2 stream available");
+}
+
+void H2cPool::Reset(Handle& handle) {
+  std::shared_ptr<H2cConnection> connection = handle.connection.lock();
+  handle.connection.reset();
+  if (connection != nullptr) connection->ResetStream(handle.stream_id);
+}
+
+void H2cPool::Resume(const Handle& handle) {
+  std::shared_ptr<H2cConnection> connection = handle.connection.lock();
+  if (connection != nullptr) connection->ResumeStream(handle.stream_id);
+}
+
+size_t H2cPool::connection_count() const {
+  size_t count = 0;
+  for (const auto& [key, list] : connections_) {
+    for (const auto& connection : list) count += connection->finished() ? 0 : 1;
+  }
+  return count;
+}
+
+void H2cPool::Remove(H2cConnection* connection) {
+  auto it = connections_.find(connection->key());
+  if (it == connections_.end()) return;
+  auto& list = it->second;
+  list.erase(std::remove_if(list.begin(), list.end(),
+                            [&](const auto& c) { return c.get() == connection; }),
+             list.end());
+  if (list.empty()) connections_.erase(it);
+}
+
+}  // namespace montage::http::internal
