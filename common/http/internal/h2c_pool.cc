@@ -101,7 +101,9 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
       std::string held;
       held.swap(stream->held);
       if (!Deliver(id, held)) return;
+      stream = Find(id);
     }
+    if (stream->closed && !stream->paused) to_report_.push_back(id);
     ScheduleFlush();  // window updates, and the report of a stream that ended while paused
   }
 
@@ -185,20 +187,18 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     if (draining_ && open_ == 0) Close();
   }
 
-  // Streams that ended report in the order they ended; a paused one that still holds data waits
-  // for Resume.
+  // Streams that ended report in the order they ended; a paused one waits for Resume, which
+  // queues its report again.
   void ReportClosed() {
-    for (auto it = streams_.begin(); it != streams_.end();) {
-      Stream& stream = *it->second;
-      if (!stream.closed || !stream.held.empty()) {
-        ++it;
-        continue;
-      }
+    std::vector<int32_t> ids;
+    ids.swap(to_report_);
+    for (int32_t id : ids) {
+      auto it = streams_.find(id);
+      // Gone: reset by its sink (perhaps by another stream's report).
+      if (it == streams_.end() || it->second->paused) continue;
       std::unique_ptr<Stream> owned = std::move(it->second);
-      streams_.erase(it++);
+      streams_.erase(it);
       owned->sink->OnH2cClosed(std::move(owned->close_status), owned->close_transient);
-      // The sink may have reset other streams: start over (erased entries are skipped).
-      it = streams_.begin();
     }
   }
 
@@ -249,11 +249,14 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     if (closing_) return;
     closing_ = true;
     for (auto& [id, stream] : streams_) {
+      // One that ended already reports as it would have (a paused one after Resume).
       if (stream->closed) continue;
       stream->closed = true;
-      stream->held.clear();  // an unfinished answer is not delivered in part
       stream->close_status = status;
       stream->close_transient = transient;
+      stream->paused = false;  // an unfinished answer is not delivered in part
+      stream->held.clear();
+      to_report_.push_back(id);
     }
     open_ = 0;
     ShutDownSocket();
@@ -360,6 +363,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
       stream->close_transient = !stream->headers_delivered;
     }
     c->StreamEnded();
+    c->to_report_.push_back(stream_id);
     c->ScheduleFlush();  // reports it once nghttp2 has returned
     return 0;
   }
@@ -382,6 +386,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
   bool draining_ = false;
   size_t open_ = 0;  // streams nghttp2 still runs (or queues)
   absl::flat_hash_map<int32_t, std::unique_ptr<Stream>> streams_;
+  std::vector<int32_t> to_report_;  // streams that ended, to report after nghttp2 returns
 };
 
 bool H2cConnection::Init(absl::Duration connect_timeout) {
