@@ -216,7 +216,8 @@ Generator::Generator(const GenerationConfig& config, Clock& clock,
       catalogue_(std::move(catalogue)),
       has_cache_(cache != nullptr),
       cache_(std::move(cache)),
-      metrics_(std::make_unique<GeneratorMetrics>(telemetry::MetricsRegistry())) {}
+      metrics_(std::make_unique<GeneratorMetrics>(telemetry::MetricsRegistry())),
+      completions_(std::make_unique<ThreadPool>(0, size_t{1} << 20, "gen-complete")) {}
 
 Generator::~Generator() { Shutdown(); }
 
@@ -230,6 +231,8 @@ void Generator::Shutdown() {
   }
   // Its pending lookups complete now (cancelled), while every other member is still alive.
   if (cache != nullptr) cache->Close();
+  // Answers already received are reported; providers and flights are still alive.
+  completions_->Shutdown();
 }
 
 absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(
@@ -240,7 +243,7 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(
   absl::flat_hash_map<std::string, Provider*> providers;
   for (const auto& [name, pc] : config.providers()) {
     ASSIGN_OR_RETURN(std::unique_ptr<Provider> p,
-                     MakeProvider(name, pc, http, g->catalogue_.get()));
+                     MakeProvider(name, pc, http, g->catalogue_.get(), g->completions_.get()));
     providers[name] = p.get();
     g->providers_.push_back(std::move(p));
   }

@@ -23,6 +23,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/clock.h"
+#include "common/executor.h"
 #include "common/http/http_client.h"
 #include "common/telemetry/trace_context.h"
 #include "common/token_bucket.h"
@@ -132,6 +133,9 @@ class Generator {
   uint64_t next_waiter_id_ ABSL_GUARDED_BY(mu_) = 1;
   Stats stats_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // Where unary provider answers are parsed and reported (see MakeProvider). Last, so that it is
+  // gone before what its work touches; Shutdown drains it.
+  std::unique_ptr<ThreadPool> completions_;
 
   bool stopping() const {
     absl::MutexLock lock(&mu_);

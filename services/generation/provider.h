@@ -32,6 +32,10 @@
 #include "montage/generation/v1/generation.pb.h"
 #include "services/generation/catalogue/catalogue.h"
 
+namespace montage {
+class Executor;
+}  // namespace montage
+
 namespace montage::generation {
 
 inline constexpr char kErrorDomain[] = "generation.montage.dev";
@@ -85,11 +89,14 @@ class Provider {
 
 // Builds the provider `name` from its config. `http` (not owned) must outlive it; `catalogue` is
 // used by the offline provider. The API key is resolved from the environment or a file now, so a
-// missing key is an error at start, not on the first call.
+// missing key is an error at start, not on the first call. `completions` (not owned; may be null),
+// when given, parses unary answers and runs their ProviderDone instead of the HTTP client's loop
+// thread; it must outlive the provider's calls.
 absl::StatusOr<std::unique_ptr<Provider>> MakeProvider(const std::string& name,
                                                        const config::v1::ProviderConfig& config,
                                                        http::HttpClient* http,
-                                                       const Catalogue* catalogue);
+                                                       const Catalogue* catalogue,
+                                                       Executor* completions = nullptr);
 
 // Rough token count for rate limits before the provider reports the real one (≈ 4 chars/token).
 uint32_t EstimateTokens(absl::string_view text);

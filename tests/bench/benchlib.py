@@ -75,7 +75,8 @@ def grpc_frame(message):
 
 
 def h2load_grpc(port, method_path, body_path, requests, conns, streams, log_path):
-    """Unary gRPC calls with h2load pinned to core 1: req/s, completed, HTTP 200s, p50/p99 ms.
+    """Unary gRPC calls with h2load pinned to core 1: req/s, wall seconds, completed, HTTP 200s,
+    p50/p99 ms.
 
     h2load counts any HTTP 200 as success (gRPC errors arrive in trailers), so callers check
     the server's own counters for gRPC success.
@@ -84,7 +85,9 @@ def h2load_grpc(port, method_path, body_path, requests, conns, streams, log_path
            str(streams), "-t", "1", "-H", "content-type: application/grpc", "-H", "te: trailers",
            "-d", body_path, "--log-file", log_path, f"http://127.0.0.1:{port}{method_path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
-    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    finished = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", out)
+    wall_s = float(finished.group(1)) / (1000.0 if finished.group(2) == "ms" else 1.0)
+    rps = float(finished.group(3))
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
     latencies = []
     with open(log_path) as f:
@@ -93,7 +96,8 @@ def h2load_grpc(port, method_path, body_path, requests, conns, streams, log_path
             if len(parts) >= 3:
                 latencies.append(int(parts[2]) / 1000.0)  # µs → ms
     latencies.sort()
-    return {"rps": rps, "done": int(done.group(1)), "http_ok": int(done.group(2)),
+    return {"rps": rps, "wall_s": wall_s, "done": int(done.group(1)),
+            "http_ok": int(done.group(2)),
             "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
 
 
