@@ -225,6 +225,25 @@ TEST_F(H2cTest, PausedStreamResumesWithEverything) {
   EXPECT_EQ(WithoutIdAndTime(read(true)), WithoutIdAndTime(whole));
 }
 
+TEST_F(H2cTest, RequestWhoseWorkingConnectionDiesBeforeAnAnswerIsSentAgainOnce) {
+  testing::Behaviour hang;
+  hang.hang = true;
+  fake_->Enqueue(hang);
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  HttpRequest request = Chat();
+  request.retry.max_attempts = 1;  // no retries: only the replay can try again
+  Result result;
+  client->Send(request, result.Callback());
+  ASSERT_TRUE(Eventually([&] { return fake_->stats().in_flight == 1; }));
+  fake_.reset();  // the connection closes with the request unanswered; the port closes too
+  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
+  // Sent again once: that second try found the port closed. Without the replay the error would
+  // be the first one, the connection that closed.
+  EXPECT_EQ(result.response.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(result.response.status().message(), HasSubstr("cannot connect"));
+}
+
 TEST_F(H2cTest, ResetAfterHeadersIsNotRetried) {
   testing::Behaviour cut;
   cut.stream_fail_after = 2;

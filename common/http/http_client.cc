@@ -342,7 +342,7 @@ struct Inbox {
 struct Call final : internal::H2cStreamSink {
   void OnH2cHeaders(int status, Headers headers) override;
   DataAction OnH2cData(absl::string_view chunk) override;
-  void OnH2cClosed(absl::Status status, bool transient) override;
+  void OnH2cClosed(internal::H2cClose close) override;
 
   uint64_t id = 0;
   HttpClientImpl* client = nullptr;
@@ -374,8 +374,9 @@ struct Call final : internal::H2cStreamSink {
   // State of the current attempt.
   CURL* easy = nullptr;
   internal::H2cPool::Handle h2c;
-  Timer attempt_timer;     // h2c only (libcurl times its own transfers)
-  Shard* shard = nullptr;  // holds `easy`
+  bool h2c_replayed = false;  // an unprocessed request was sent again once
+  Timer attempt_timer;        // h2c only (libcurl times its own transfers)
+  Shard* shard = nullptr;     // holds `easy`
   curl_slist* header_list = nullptr;
   telemetry::Span span;
   HttpResponse response;
@@ -451,6 +452,10 @@ class HttpClientImpl final : public HttpClient {
   BodyAction BodyArrived(Call& call, absl::string_view chunk);
   // An h2c attempt ended (OK: its answer is complete, or a callback stopped it).
   void OnH2cAttemptDone(Call& call, absl::Status transport, bool transient);
+  void ReleaseAttempt(Call& call);
+  void EndSpan(Call& call, int http_status, const absl::Status& error);
+  event_base* base() const { return base_; }
+  static event_callback_fn backoff_callback() { return &HttpClientImpl::OnBackoffDone; }
 
  private:
   std::shared_ptr<CallHandle> Start(std::unique_ptr<Call> call);
@@ -480,8 +485,6 @@ class HttpClientImpl final : public HttpClient {
   absl::Status StartTransfer(Call& call);
   absl::Status StartH2cStream(Call& call);
   absl::Status ConfigureEasy(Call& call);
-  void ReleaseAttempt(Call& call);
-  void EndSpan(Call& call, int http_status, const absl::Status& error);
   void ProcessCompletedTransfers(Shard& shard);
   void OnAttemptDone(Call& call, CURLcode result);
   void HandleAnswer(Call& call);
@@ -1307,9 +1310,19 @@ DataAction Call::OnH2cData(absl::string_view chunk) {
   return DataAction::kContinue;
 }
 
-void Call::OnH2cClosed(absl::Status status, bool transient) {
+void Call::OnH2cClosed(internal::H2cClose close) {
   h2c = {};  // the stream is gone already
-  client->OnH2cAttemptDone(*this, std::move(status), transient);
+  if (!close.status.ok() && close.unprocessed && !h2c_replayed && !headers_complete &&
+      !cancel_requested) {
+    // Sent again once, right away, without counting as a retry (see H2cClose::unprocessed).
+    h2c_replayed = true;
+    client->ReleaseAttempt(*this);
+    client->EndSpan(*this, 0, close.status);
+    --attempt;
+    backoff_timer.Arm(client->base(), absl::ZeroDuration(), client->backoff_callback(), this);
+    return;
+  }
+  client->OnH2cAttemptDone(*this, std::move(close.status), close.transient);
 }
 
 void HttpClientImpl::OnH2cAttemptDone(Call& call, absl::Status transport, bool transient) {

@@ -423,6 +423,9 @@ class GenerationModule final : public ServiceModule {
  public:
   GenerationModule(std::unique_ptr<http::HttpClient> http, std::unique_ptr<Generator> generator)
       : generator_(std::move(generator)), http_(std::move(http)), service_(*generator_) {}
+  // Also when Stop never ran (start-up failed after the module was built): the completions pool
+  // drains while the HTTP client is still alive, since a completion may call it (a fallback).
+  ~GenerationModule() override { generator_->Shutdown(); }
 
   std::vector<grpc::Service*> GrpcServices() override { return {&service_}; }
   std::vector<std::string> HealthNames() const override {

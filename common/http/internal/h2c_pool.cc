@@ -119,10 +119,10 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     Headers headers;
     bool headers_delivered = false;
     bool paused = false;
-    std::string held;  // data that arrived while paused
+    std::string held;    // data that arrived while paused
+    bool ended = false;  // the server sent END_STREAM
     bool closed = false;
-    absl::Status close_status;
-    bool close_transient = false;
+    H2cClose close;
   };
 
   Stream* Find(int32_t id) {
@@ -130,13 +130,17 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     return it == streams_.end() ? nullptr : it->second.get();
   }
 
-  // A stream stopped counting against the connection's limit.
-  void StreamEnded() {
-    --open_;
+  void ArmIdleTimerIfUnused() {
     if (open_ == 0 && !closing_ && idle_timer_ != nullptr) {
       const timeval tv = absl::ToTimeval(pool_.options_.idle_timeout);
       evtimer_add(idle_timer_, &tv);
     }
+  }
+
+  // A stream stopped counting against the connection's limit.
+  void StreamEnded() {
+    --open_;
+    ArmIdleTimerIfUnused();
   }
 
   // Hands `chunk` to the stream's sink. False when the stream is gone afterwards (reset by its
@@ -198,7 +202,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
       if (it == streams_.end() || it->second->paused) continue;
       std::unique_ptr<Stream> owned = std::move(it->second);
       streams_.erase(it);
-      owned->sink->OnH2cClosed(std::move(owned->close_status), owned->close_transient);
+      owned->sink->OnH2cClosed(std::move(owned->close));
     }
   }
 
@@ -232,6 +236,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     }
     if (!connected_) {
       const int error = EVUTIL_SOCKET_ERROR();
+      if (next_address_ < addresses_.size()) return ConnectNext();
       return Fail(absl::UnavailableError(absl::StrCat("cannot connect to ", target_.authority, ": ",
                                                       evutil_socket_error_to_string(error))),
                   true);
@@ -242,7 +247,10 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
   }
 
   void StartConnect();
-  void ConnectTo(const sockaddr* address, int length);
+  // Connects to the next address; a socket tried before is replaced, keeping what nghttp2 has
+  // queued for it.
+  void ConnectNext();
+  bufferevent* NewSocket();
 
   // The connection is unusable: every stream still open ends with `status`.
   void Fail(absl::Status status, bool transient) {
@@ -252,8 +260,9 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
       // One that ended already reports as it would have (a paused one after Resume).
       if (stream->closed) continue;
       stream->closed = true;
-      stream->close_status = status;
-      stream->close_transient = transient;
+      stream->close.status = status;
+      stream->close.transient = transient;
+      stream->close.unprocessed = transient && working_ && !stream->headers_delivered;
       stream->paused = false;  // an unfinished answer is not delivered in part
       stream->held.clear();
       to_report_.push_back(id);
@@ -309,6 +318,11 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
 
   static int OnFrameRecv(nghttp2_session*, const nghttp2_frame* frame, void* self) {
     auto* c = static_cast<H2cConnection*>(self);
+    c->working_ = true;
+    if ((frame->hd.type == NGHTTP2_DATA || frame->hd.type == NGHTTP2_HEADERS) &&
+        (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0) {
+      if (Stream* stream = c->Find(frame->hd.stream_id); stream != nullptr) stream->ended = true;
+    }
     if (frame->hd.type == NGHTTP2_GOAWAY) {
       // Streams above last_stream_id close with REFUSED_STREAM (retriable); the rest finish, and
       // new requests go to another connection.
@@ -349,18 +363,21 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     Stream* stream = c->Find(stream_id);
     if (stream == nullptr || stream->closed) return 0;
     stream->closed = true;
-    if (error_code == NGHTTP2_NO_ERROR && stream->headers_delivered) {
-      stream->close_status = absl::OkStatus();
+    H2cClose& close = stream->close;
+    if (error_code == NGHTTP2_NO_ERROR && stream->headers_delivered && stream->ended) {
+      close.status = absl::OkStatus();
     } else if (error_code == NGHTTP2_REFUSED_STREAM) {
-      stream->close_status = absl::UnavailableError("the server refused the HTTP/2 stream");
-      stream->close_transient = true;
+      // Also what nghttp2 reports for requests past a GOAWAY's last stream id.
+      close.status = absl::UnavailableError("the server refused the HTTP/2 stream");
+      close.transient = true;
+      close.unprocessed = true;
     } else {
-      stream->close_status = absl::UnavailableError(
+      close.status = absl::UnavailableError(
           error_code == NGHTTP2_NO_ERROR
-              ? std::string("the server closed the HTTP/2 stream without an answer")
+              ? std::string("the server closed the HTTP/2 stream before the end of its answer")
               : absl::StrCat("the server reset the HTTP/2 stream: ",
                              nghttp2_http2_strerror(error_code)));
-      stream->close_transient = !stream->headers_delivered;
+      close.transient = !stream->headers_delivered;
     }
     c->StreamEnded();
     c->to_report_.push_back(stream_id);
@@ -381,7 +398,11 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
   absl::Duration connect_timeout_;
   bool flush_scheduled_ = false;
   bool connected_ = false;
+  bool working_ = false;  // a frame from the server arrived
   bool resolved_ = false;
+  // Where to connect, tried in order until one answers.
+  std::vector<std::pair<sockaddr_storage, int>> addresses_;
+  size_t next_address_ = 0;
   bool closing_ = false;
   bool draining_ = false;
   size_t open_ = 0;  // streams nghttp2 still runs (or queues)
@@ -449,16 +470,10 @@ bool H2cConnection::Init(absl::Duration connect_timeout) {
           0) {
     return false;
   }
-  bev_ = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
+  bev_ = NewSocket();
   if (bev_ == nullptr) return false;
-  bufferevent_setcb(
-      bev_, [](bufferevent*, void* self) { static_cast<H2cConnection*>(self)->OnRead(); }, nullptr,
-      [](bufferevent*, short what, void* self) {
-        static_cast<H2cConnection*>(self)->OnEvent(what);
-      },
-      this);
-  bufferevent_enable(bev_, EV_READ | EV_WRITE);
-  const timeval timeout = absl::ToTimeval(std::max(connect_timeout, absl::Milliseconds(1)));
+  const timeval timeout = absl::ToTimeval(
+      connect_timeout > absl::ZeroDuration() ? connect_timeout : absl::Seconds(300));
   evtimer_add(connect_timer_, &timeout);
   // Connecting (and failing to) happens on the next loop turn, so that no sink hears anything
   // from inside H2cPool::Start.
@@ -474,7 +489,8 @@ void H2cConnection::StartConnect() {
   const std::string host_port = absl::StrCat(target_.host, ":", target_.port);
   if (evutil_parse_sockaddr_port(host_port.c_str(), reinterpret_cast<sockaddr*>(&address),
                                  &length) == 0) {
-    return ConnectTo(reinterpret_cast<sockaddr*>(&address), length);
+    addresses_.emplace_back(address, length);
+    return ConnectNext();
   }
   evdns_base* dns = pool_.Resolver();
   if (dns == nullptr) {
@@ -501,18 +517,48 @@ void H2cConnection::StartConnect() {
                                                              ": ", evutil_gai_strerror(result))),
                          true);
         }
-        c->ConnectTo(found->ai_addr, static_cast<int>(found->ai_addrlen));
+        for (evutil_addrinfo* a = found; a != nullptr; a = a->ai_next) {
+          if (a->ai_addrlen > sizeof(sockaddr_storage)) continue;
+          sockaddr_storage storage{};
+          std::memcpy(&storage, a->ai_addr, a->ai_addrlen);
+          c->addresses_.emplace_back(storage, static_cast<int>(a->ai_addrlen));
+        }
         evutil_freeaddrinfo(found);
+        c->ConnectNext();
       },
       this);
   if (!resolved_) dns_request_ = request;
 }
 
-void H2cConnection::ConnectTo(const sockaddr* address, int length) {
-  if (closing_) return;
-  if (bufferevent_socket_connect(bev_, address, length) != 0) {
-    Fail(absl::UnavailableError(absl::StrCat("cannot connect to ", target_.authority)), true);
+bufferevent* H2cConnection::NewSocket() {
+  bufferevent* bev = bufferevent_socket_new(pool_.base_, -1, BEV_OPT_CLOSE_ON_FREE);
+  if (bev == nullptr) return nullptr;
+  bufferevent_setcb(
+      bev, [](bufferevent*, void* self) { static_cast<H2cConnection*>(self)->OnRead(); }, nullptr,
+      [](bufferevent*, short what, void* self) {
+        static_cast<H2cConnection*>(self)->OnEvent(what);
+      },
+      this);
+  bufferevent_enable(bev, EV_READ | EV_WRITE);
+  return bev;
+}
+
+void H2cConnection::ConnectNext() {
+  while (!closing_ && next_address_ < addresses_.size()) {
+    const auto& [address, length] = addresses_[next_address_++];
+    if (next_address_ > 1) {
+      bufferevent* fresh = NewSocket();
+      if (fresh == nullptr) break;
+      evbuffer_add_buffer(bufferevent_get_output(fresh), bufferevent_get_output(bev_));
+      bufferevent_free(bev_);
+      bev_ = fresh;
+    }
+    if (bufferevent_socket_connect(bev_, reinterpret_cast<const sockaddr*>(&address), length) ==
+        0) {
+      return;
+    }
   }
+  Fail(absl::UnavailableError(absl::StrCat("cannot connect to ", target_.authority)), true);
 }
 
 int32_t H2cConnection::Submit(H2cRequest& request, H2cStreamSink* sink) {
@@ -604,6 +650,7 @@ absl::StatusOr<H2cPool::Handle> H2cPool::Start(const H2cTarget& target, H2cReque
         (options_.max_connections_per_host == 0 || accepting < options_.max_connections_per_host)) {
       auto connection = std::make_shared<H2cConnection>(*this, key, target);
       if (!connection->Init(request.connect_timeout)) {
+        if (list.empty()) connections_.erase(key);
         return absl::ResourceExhaustedError("cannot set up an HTTP/2 connection");
       }
       list.push_back(connection);
@@ -612,6 +659,7 @@ absl::StatusOr<H2cPool::Handle> H2cPool::Start(const H2cTarget& target, H2cReque
     if (chosen == nullptr) chosen = least;
     const int32_t id = chosen->Submit(request, sink);
     if (id > 0) return Handle{chosen->weak_from_this(), id};
+    chosen->ArmIdleTimerIfUnused();
     if (id != NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE) {
       return absl::InvalidArgumentError(
           absl::StrCat("cannot send the HTTP/2 request: ", nghttp2_strerror(id)));

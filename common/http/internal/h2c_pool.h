@@ -10,8 +10,10 @@
 // Connections are kept per origin; a connection takes streams up to the smaller of
 // max_concurrent_streams and the server's SETTINGS_MAX_CONCURRENT_STREAMS, then another one is
 // opened (up to max_connections_per_host; past that, nghttp2 queues the request on the least busy
-// connection until a stream ends). Host names resolve through libevent's asynchronous resolver
-// (evdns reads /etc/resolv.conf and /etc/hosts); nothing here blocks.
+// connection until a stream ends; HttpClientOptions::max_total_connections does not apply here).
+// Credentials in the URL are not sent. Host names resolve through libevent's asynchronous resolver
+// (evdns reads /etc/resolv.conf and /etc/hosts), each address tried in turn; nothing here
+// blocks.
 //
 // Flow control: each stream's receive window is consumed only as its data is handed to the sink,
 // so a sink that pauses holds back the server after one window (1 MiB); the connection's window is
@@ -38,6 +40,19 @@ namespace montage::http::internal {
 
 // What one stream reports, on the loop thread, never from inside H2cPool::Start, Reset or the
 // pool's destructor. After Reset of its stream a sink hears nothing more.
+// How a stream ended.
+struct H2cClose {
+  // OK when the whole answer arrived (the server ended the stream); otherwise the transport
+  // failed.
+  absl::Status status;
+  // A retry may succeed (connection refused or lost, stream refused).
+  bool transient = false;
+  // The server did not act on the request, or most likely did not: it refused the stream, or a
+  // connection that had been working died before any answer to it. Such a request may be sent
+  // again once whatever its method, as libcurl does for a reused connection that dies.
+  bool unprocessed = false;
+};
+
 class H2cStreamSink {
  public:
   virtual ~H2cStreamSink() = default;
@@ -45,9 +60,8 @@ class H2cStreamSink {
   virtual void OnH2cHeaders(int status, Headers headers) = 0;
   // A piece of the body. kPause: nothing more is delivered until H2cPool::Resume.
   virtual DataAction OnH2cData(absl::string_view chunk) = 0;
-  // The stream ended: OK when the whole answer arrived; otherwise the transport failed, and
-  // `transient` says whether a retry may succeed (connection refused or lost, stream refused).
-  virtual void OnH2cClosed(absl::Status status, bool transient) = 0;
+  // The stream ended: see H2cClose.
+  virtual void OnH2cClosed(struct H2cClose close) = 0;
 };
 
 struct H2cTarget {
@@ -62,6 +76,8 @@ struct H2cRequest {
   const Headers* headers = nullptr;
   Headers extra_headers;   // added after `headers` (trace context)
   absl::string_view body;  // must outlive the stream
+  // For a new connection (DNS and TCP); zero means 300 s, as libcurl. A connection's first
+  // request sets it.
   absl::Duration connect_timeout = absl::Seconds(10);
 };
 
