@@ -18,6 +18,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/nghttp2_session.h"
 #include "gateway/proxy/upstream.h"
 #include "gateway/proxy/upstream_call.h"
 #include "gateway/server/event_loop.h"
@@ -438,36 +439,20 @@ bool H2UpstreamConnection::Connect() {
       },
       this);
   if (flush_event_ == nullptr) return false;
-  nghttp2_session_callbacks* callbacks = nullptr;
-  if (nghttp2_session_callbacks_new(&callbacks) != 0) return false;
-  nghttp2_session_callbacks_set_on_header_callback(callbacks, &OnHeader);
-  nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, &OnFrameRecv);
-  nghttp2_session_callbacks_set_on_frame_send_callback(callbacks, &OnFrameSend);
-  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, &OnDataChunk);
-  nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, &OnStreamClose);
-  nghttp2_option* option = nullptr;
-  if (nghttp2_option_new(&option) != 0) {
-    nghttp2_session_callbacks_del(callbacks);
-    return false;
-  }
-  nghttp2_option_set_no_closed_streams(option, 1);  // no priority tree: keep no closed streams
-  const int created = nghttp2_session_client_new2(&session_, callbacks, this, option);
-  nghttp2_option_del(option);
-  nghttp2_session_callbacks_del(callbacks);
-  if (created != 0) return false;
   const config::Http2Options& h2 = cluster.http2_options;
-  const nghttp2_settings_entry settings[] = {
-      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
-      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE,
-       h2.initial_stream_window_size.value_or(kDefaultWindow)},
-  };
-  if (nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, settings, std::size(settings)) != 0 ||
-      nghttp2_session_set_local_window_size(
-          session_, NGHTTP2_FLAG_NONE, 0,
-          static_cast<int32_t>(std::min<uint32_t>(
-              h2.initial_connection_window_size.value_or(kDefaultWindow), (1u << 31) - 1))) != 0) {
-    return false;
-  }
+  Nghttp2SessionSpec spec;
+  spec.on_header = &OnHeader;
+  spec.on_frame_recv = &OnFrameRecv;
+  spec.on_frame_send = &OnFrameSend;
+  spec.on_data_chunk_recv = &OnDataChunk;
+  spec.on_stream_close = &OnStreamClose;
+  spec.settings = {{NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+                   {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE,
+                    h2.initial_stream_window_size.value_or(kDefaultWindow)}};
+  spec.connection_window = static_cast<int32_t>(std::min<uint32_t>(
+      h2.initial_connection_window_size.value_or(kDefaultWindow), (1u << 31) - 1));
+  session_ = NewNghttp2Session(spec, this);
+  if (session_ == nullptr) return false;
   bev_ = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
   if (bev_ == nullptr) return false;
   bufferevent_setcb(

@@ -17,6 +17,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "common/nghttp2_session.h"
 #include "gateway/server/connection.h"
 #include "gateway/server/event_loop.h"
 
@@ -92,35 +93,21 @@ class H2Connection final : public Connection {
         [](evutil_socket_t, short, void* self) { static_cast<H2Connection*>(self)->Flush(); },
         this);
     if (flush_event_ == nullptr) return false;
-    nghttp2_session_callbacks* callbacks = nullptr;
-    if (nghttp2_session_callbacks_new(&callbacks) != 0) return false;
-    nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, &OnBeginHeaders);
-    nghttp2_session_callbacks_set_on_header_callback(callbacks, &OnHeader);
-    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, &OnDataChunk);
-    nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, &OnFrame);
-    nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, &OnStreamClose);
-    nghttp2_option* option = nullptr;
-    nghttp2_option_new(&option);
-    nghttp2_option_set_no_auto_window_update(option, 1);
-    // nghttp2 keeps closed streams for the priority tree, up to the concurrent-stream limit per
-    // connection: hundreds of bytes per request ever served on a long connection. No priorities
-    // here, so none are kept.
-    nghttp2_option_set_no_closed_streams(option, 1);
-    const int created = nghttp2_session_server_new2(&session_, callbacks, this, option);
-    nghttp2_option_del(option);
-    nghttp2_session_callbacks_del(callbacks);
-    if (created != 0) return false;
-    const nghttp2_settings_entry settings[] = {
-        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, options_.max_concurrent_streams},
-        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, options_.initial_stream_window},
-        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE,
-         static_cast<uint32_t>(options_.max_request_headers_bytes)},
-    };
-    if (nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, settings, std::size(settings)) != 0 ||
-        nghttp2_session_set_local_window_size(session_, NGHTTP2_FLAG_NONE, 0, kConnectionWindow) !=
-            0) {
-      return false;
-    }
+    Nghttp2SessionSpec spec;
+    spec.server = true;
+    spec.on_begin_headers = &OnBeginHeaders;
+    spec.on_header = &OnHeader;
+    spec.on_data_chunk_recv = &OnDataChunk;
+    spec.on_frame_recv = &OnFrame;
+    spec.on_stream_close = &OnStreamClose;
+    spec.manual_window_updates = true;
+    spec.settings = {{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, options_.max_concurrent_streams},
+                     {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, options_.initial_stream_window},
+                     {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE,
+                      static_cast<uint32_t>(options_.max_request_headers_bytes)}};
+    spec.connection_window = kConnectionWindow;
+    session_ = NewNghttp2Session(spec, this);
+    if (session_ == nullptr) return false;
     bufferevent_setcb(
         bev_, [](bufferevent*, void* self) { static_cast<H2Connection*>(self)->OnRead(); },
         [](bufferevent*, void* self) { static_cast<H2Connection*>(self)->Flush(); },

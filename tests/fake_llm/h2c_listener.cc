@@ -18,6 +18,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "common/nghttp2_session.h"
 
 namespace montage::testing {
 namespace {
@@ -175,26 +176,19 @@ bool H2cListener::Connection::Init() {
       this);
   if (deferred_ == nullptr) return false;
 
-  nghttp2_session_callbacks* callbacks = nullptr;
-  if (nghttp2_session_callbacks_new(&callbacks) != 0) return false;
-  nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, &OnBeginHeaders);
-  nghttp2_session_callbacks_set_on_header_callback(callbacks, &OnHeader);
-  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, &OnDataChunk);
-  nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, &OnFrame);
-  nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, &OnStreamClose);
-  const int created = nghttp2_session_server_new(&session_, callbacks, this);
-  nghttp2_session_callbacks_del(callbacks);
-  if (created != 0) return false;
-
-  const nghttp2_settings_entry settings[] = {
+  Nghttp2SessionSpec spec;
+  spec.server = true;
+  spec.on_begin_headers = &OnBeginHeaders;
+  spec.on_header = &OnHeader;
+  spec.on_data_chunk_recv = &OnDataChunk;
+  spec.on_frame_recv = &OnFrame;
+  spec.on_stream_close = &OnStreamClose;
+  spec.settings = {
       {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, kMaxConcurrentStreams},
-      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, static_cast<uint32_t>(kInitialWindowSize)},
-  };
-  if (nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, settings, std::size(settings)) != 0 ||
-      nghttp2_session_set_local_window_size(session_, NGHTTP2_FLAG_NONE, 0,
-                                            kConnectionWindowSize) != 0) {
-    return false;
-  }
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, static_cast<uint32_t>(kInitialWindowSize)}};
+  spec.connection_window = kConnectionWindowSize;
+  session_ = NewNghttp2Session(spec, this);
+  if (session_ == nullptr) return false;
 
   bufferevent_setcb(
       bev_, [](bufferevent*, void* self) { static_cast<Connection*>(self)->OnRead(); },

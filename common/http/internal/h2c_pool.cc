@@ -19,6 +19,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "common/nghttp2_session.h"
 
 namespace montage::http::internal {
 namespace {
@@ -444,32 +445,17 @@ bool H2cConnection::Init(absl::Duration connect_timeout) {
     return false;
   }
 
-  nghttp2_session_callbacks* callbacks = nullptr;
-  if (nghttp2_session_callbacks_new(&callbacks) != 0) return false;
-  nghttp2_session_callbacks_set_on_header_callback(callbacks, &OnHeader);
-  nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, &OnFrameRecv);
-  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, &OnDataChunk);
-  nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, &OnStreamClose);
-  nghttp2_option* option = nullptr;
-  if (nghttp2_option_new(&option) != 0) {
-    nghttp2_session_callbacks_del(callbacks);
-    return false;
-  }
-  nghttp2_option_set_no_closed_streams(option, 1);      // no priority tree: keep no closed streams
-  nghttp2_option_set_no_auto_window_update(option, 1);  // see OnDataChunk and Deliver
-  const int created = nghttp2_session_client_new2(&session_, callbacks, this, option);
-  nghttp2_option_del(option);
-  nghttp2_session_callbacks_del(callbacks);
-  if (created != 0) return false;
-  const nghttp2_settings_entry settings[] = {
-      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
-      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, kStreamWindow},
-  };
-  if (nghttp2_submit_settings(session_, NGHTTP2_FLAG_NONE, settings, std::size(settings)) != 0 ||
-      nghttp2_session_set_local_window_size(session_, NGHTTP2_FLAG_NONE, 0, kConnectionWindow) !=
-          0) {
-    return false;
-  }
+  Nghttp2SessionSpec spec;
+  spec.on_header = &OnHeader;
+  spec.on_frame_recv = &OnFrameRecv;
+  spec.on_data_chunk_recv = &OnDataChunk;
+  spec.on_stream_close = &OnStreamClose;
+  spec.manual_window_updates = true;  // see OnDataChunk and Deliver
+  spec.settings = {{NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+                   {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, kStreamWindow}};
+  spec.connection_window = kConnectionWindow;
+  session_ = NewNghttp2Session(spec, this);
+  if (session_ == nullptr) return false;
   bev_ = NewSocket();
   if (bev_ == nullptr) return false;
   const timeval timeout = absl::ToTimeval(

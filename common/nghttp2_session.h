@@ -1,0 +1,83 @@
+// Setting up an nghttp2 session, shared by every HTTP/2 endpoint montage runs: the gateway's
+// listener and its upstream connections, common/http's h2c pool, and the fake provider's h2c
+// listener. Header-only, so that only the targets that link libnghttp2 pay for it.
+#ifndef MONTAGE_COMMON_NGHTTP2_SESSION_H_
+#define MONTAGE_COMMON_NGHTTP2_SESSION_H_
+
+#include <nghttp2/nghttp2.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace montage {
+
+struct Nghttp2SessionSpec {
+  bool server = false;
+  // Callbacks left null are not set.
+  nghttp2_on_begin_headers_callback on_begin_headers = nullptr;
+  nghttp2_on_header_callback on_header = nullptr;
+  nghttp2_on_frame_recv_callback on_frame_recv = nullptr;
+  nghttp2_on_frame_send_callback on_frame_send = nullptr;
+  nghttp2_on_data_chunk_recv_callback on_data_chunk_recv = nullptr;
+  nghttp2_on_stream_close_callback on_stream_close = nullptr;
+  // The owner returns received data to the flow-control windows itself (nghttp2_session_consume*),
+  // so that a slow reader holds the peer back.
+  bool manual_window_updates = false;
+  // Sent first (SETTINGS).
+  std::vector<nghttp2_settings_entry> settings;
+  // The connection's receive window; 0 keeps HTTP/2's 64 KiB.
+  int32_t connection_window = 0;
+};
+
+// The session, or nullptr when nghttp2 could not make it. Closed streams are not kept: nghttp2
+// keeps them for the priority tree (up to the concurrent-stream limit per connection, hundreds of
+// bytes per request ever served on a long connection) and nothing here uses priorities.
+inline nghttp2_session* NewNghttp2Session(const Nghttp2SessionSpec& spec, void* user_data) {
+  nghttp2_session_callbacks* callbacks = nullptr;
+  if (nghttp2_session_callbacks_new(&callbacks) != 0) return nullptr;
+  if (spec.on_begin_headers != nullptr) {
+    nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, spec.on_begin_headers);
+  }
+  if (spec.on_header != nullptr) {
+    nghttp2_session_callbacks_set_on_header_callback(callbacks, spec.on_header);
+  }
+  if (spec.on_frame_recv != nullptr) {
+    nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, spec.on_frame_recv);
+  }
+  if (spec.on_frame_send != nullptr) {
+    nghttp2_session_callbacks_set_on_frame_send_callback(callbacks, spec.on_frame_send);
+  }
+  if (spec.on_data_chunk_recv != nullptr) {
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, spec.on_data_chunk_recv);
+  }
+  if (spec.on_stream_close != nullptr) {
+    nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, spec.on_stream_close);
+  }
+  nghttp2_option* option = nullptr;
+  if (nghttp2_option_new(&option) != 0) {
+    nghttp2_session_callbacks_del(callbacks);
+    return nullptr;
+  }
+  nghttp2_option_set_no_closed_streams(option, 1);
+  if (spec.manual_window_updates) nghttp2_option_set_no_auto_window_update(option, 1);
+  nghttp2_session* session = nullptr;
+  const int created = spec.server
+                          ? nghttp2_session_server_new2(&session, callbacks, user_data, option)
+                          : nghttp2_session_client_new2(&session, callbacks, user_data, option);
+  nghttp2_option_del(option);
+  nghttp2_session_callbacks_del(callbacks);
+  if (created != 0) return nullptr;
+  if (nghttp2_submit_settings(session, NGHTTP2_FLAG_NONE, spec.settings.data(),
+                              spec.settings.size()) != 0 ||
+      (spec.connection_window > 0 &&
+       nghttp2_session_set_local_window_size(session, NGHTTP2_FLAG_NONE, 0,
+                                             spec.connection_window) != 0)) {
+    nghttp2_session_del(session);
+    return nullptr;
+  }
+  return session;
+}
+
+}  // namespace montage
+
+#endif  // MONTAGE_COMMON_NGHTTP2_SESSION_H_
