@@ -18,6 +18,8 @@ montaged's generation service points at it through a config file. Then:
   3. cached:    the answer of (2), now cached, with 50 outstanding: p50/p99 through gRPC, from
                 gen_load (C++ gRPC client) and from h2load (-c50 -m1, as the cache benchmark;
                 it costs the shared 2 cores less). Success is the server's own gRPC counter.
+                Beside it the floor: the same server's grpc.health.v1 Check (a no-op unary call)
+                driven the same way, and the ratio of the two p99s.
 
 Usage: bench_generation.py --montaged PATH --fake PATH --load PATH [--smoke] [--h2c]
 --smoke runs in seconds (CI) with a smaller burst and a short delay. Prints the figures; never
@@ -245,6 +247,15 @@ tracing: {{sample_ratio: 0.0}}
         ok_h2 = metric(admin, "montage_grpc_server_requests_total", 'code="OK"', method) - ok_before
         if ok_h2 != closed:
             raise RuntimeError(f"h2load: {ok_h2} of {closed} calls returned OK")
+        # The floor: the cheapest unary call the same server answers (grpc.health.v1 Check of
+        # the whole server, an empty request), the same way. A cached answer cannot beat it.
+        noop_body = os.path.join(tmp, "health.bin")
+        with open(noop_body, "wb") as f:
+            f.write(grpc_frame(b""))
+        noop = h2load_grpc(grpc_port, "/grpc.health.v1.Health/Check", noop_body, closed, 50, 1,
+                           os.path.join(tmp, "h2load-noop.log"))
+        if noop["http_ok"] != closed:
+            raise RuntimeError(f"h2load: {noop['http_ok']} of {closed} health checks answered")
 
         blocking = burst / 8 * delay
         overhead = res["wall_s"] - delay
@@ -275,6 +286,9 @@ tracing: {{sample_ratio: 0.0}}
               f"p99 {lat['p99_ms']:.3f} ms ({lat['requests'] / lat['wall_s']:.0f} req/s)")
         print(f"  cached answer, 50 outstanding (h2load):   p50 {h2['p50']:.3f} ms, "
               f"p99 {h2['p99']:.3f} ms ({h2['rps']:.0f} req/s)")
+        print(f"  no-op gRPC call (health Check), same way: p50 {noop['p50']:.3f} ms, "
+              f"p99 {noop['p99']:.3f} ms ({noop['rps']:.0f} req/s); cached p99 is "
+              f"{h2['p99'] / noop['p99']:.2f}x the floor")
         if upstream_identical != 1:
             raise RuntimeError(f"{identical} identical calls made {upstream_identical} upstream "
                                "calls; single-flight should make 1")
