@@ -10,8 +10,10 @@ set -euo pipefail
 BUILD_PACKAGES=(
   # toolchain
   build-essential cmake ninja-build ccache pkg-config git unzip ca-certificates
-  # gRPC, protobuf, Abseil
-  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
+  # gRPC, protobuf, Abseil (with the static archives of gRPC's own dependencies: the montage
+  # CLI links them statically)
+  libgrpc++-dev libgrpc-dev libc-ares-dev libre2-dev protobuf-compiler-grpc libprotobuf-dev
+  protobuf-compiler libabsl-dev
   # googleapis and gRPC protos, used in place (never copied into the repository)
   golang-github-gogo-googleapis-dev libgoogle-common-protos-java grpc-proto
   # libraries the services link
