@@ -311,7 +311,11 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
         while (next_encode_ < slots_.size() && slots_[next_encode_].ready &&
                (batch.empty() || batch_bytes < kStepBytes)) {
           Slot& slot = slots_[next_encode_];
-          batch_bytes += slot.pcm.size();
+          batch_bytes +=
+              slot.pcm.size() +
+              static_cast<size_t>(absl::ToDoubleSeconds(plan_.segments[next_encode_].pause_after) *
+                                  plan_.engine->sample_rate()) *
+                  2;  // the pause's silence
           batch.emplace_back(std::move(slot.pcm), plan_.segments[next_encode_].pause_after);
           slot.pcm = std::string();
           ++summary_.segments;

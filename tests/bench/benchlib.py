@@ -81,6 +81,7 @@ def h2load_grpc(port, method_path, body_path, requests, conns, streams, log_path
     h2load counts any HTTP 200 as success (gRPC errors arrive in trailers), so callers check
     the server's own counters for gRPC success.
     """
+    open(log_path, "w").close()  # h2load appends to an existing log
     cmd = ["taskset", "-c", "1", "h2load", "-n", str(requests), "-c", str(conns), "-m",
            str(streams), "-t", "1", "-H", "content-type: application/grpc", "-H", "te: trailers",
            "-d", body_path, "--log-file", log_path, f"http://127.0.0.1:{port}{method_path}"]
