@@ -102,33 +102,18 @@ absl::StatusOr<std::pair<Segment, absl::Time>> DecodeRequest(const std::string& 
   return std::make_pair(std::move(segment), deadline);
 }
 
-std::string EncodeResponse(const absl::StatusOr<std::string>& result) {
-  std::string payload;
-  PutU32(payload, static_cast<uint32_t>(result.status().code()));
-  if (result.ok()) {
-    payload += *result;
-  } else {
-    payload.append(result.status().message().data(), result.status().message().size());
-  }
-  std::string frame;
-  frame.reserve(4 + payload.size());
-  PutU32(frame, static_cast<uint32_t>(payload.size()));
-  frame += payload;
-  return frame;
+// A response frame is [u32 length][u32 status code][body], length counting the code and the
+// body; the body is the PCM (code 0) or the error message. The header goes out separately, so the
+// PCM is written straight from the engine's buffer and read straight into the one the job gets.
+constexpr size_t kResponseHeader = 8;
+
+std::string ResponseHeader(absl::StatusCode code, size_t body_size) {
+  std::string header;
+  PutU32(header, static_cast<uint32_t>(4 + body_size));
+  PutU32(header, static_cast<uint32_t>(code));
+  return header;
 }
 
-absl::StatusOr<std::string> DecodeResponse(std::string payload) {
-  if (payload.size() < 4) return absl::InternalError("short response from an espeak worker");
-  const uint32_t code = GetU32(payload.data());
-  if (code == 0) {
-    payload.erase(0, 4);
-    return payload;
-  }
-  if (code > 16) return absl::InternalError("bad status from an espeak worker");
-  return absl::Status(static_cast<absl::StatusCode>(code), payload.substr(4));
-}
-
-// Blocking whole reads and writes, for the worker process only.
 bool ReadFull(int fd, char* data, size_t size) {
   while (size > 0) {
     const ssize_t n = read(fd, data, size);
@@ -148,6 +133,13 @@ bool WriteFull(int fd, const char* data, size_t size) {
     size -= static_cast<size_t>(n);
   }
   return true;
+}
+
+bool WriteResponse(int fd, const absl::StatusOr<std::string>& result) {
+  const absl::string_view body =
+      result.ok() ? absl::string_view(*result) : result.status().message();
+  const std::string header = ResponseHeader(result.status().code(), body.size());
+  return WriteFull(fd, header.data(), header.size()) && WriteFull(fd, body.data(), body.size());
 }
 
 absl::Mutex g_command_mu;
@@ -292,7 +284,19 @@ class EspeakPool final : public TtsEngine {
     std::shared_ptr<PoolJob> job;  // the segment it speaks now
     std::string out;               // request bytes not yet written
     size_t out_offset = 0;
-    std::string in;  // response bytes read so far
+    // The response being read: its header, then its body in place.
+    char head[kResponseHeader];
+    size_t head_len = 0;
+    bool in_body = false;
+    std::string body;
+    size_t body_len = 0;
+
+    void ClearResponse() {
+      head_len = 0;
+      in_body = false;
+      body = std::string();
+      body_len = 0;
+    }
   };
 
   absl::Status Spawn(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -323,7 +327,7 @@ class EspeakPool final : public TtsEngine {
     w.fd = fds[0];
     w.out.clear();
     w.out_offset = 0;
-    w.in.clear();
+    w.ClearResponse();
     return absl::OkStatus();
   }
 
@@ -380,7 +384,7 @@ class EspeakPool final : public TtsEngine {
       free->job = job;
       free->out = EncodeRequest(job->segment, job->deadline);
       free->out_offset = 0;
-      free->in.clear();
+      free->ClearResponse();
       wrote = true;
     }
     if (wrote) Wake();  // the poll thread writes the requests
@@ -512,9 +516,10 @@ class EspeakPool final : public TtsEngine {
       Worker& w,
       std::vector<std::pair<std::shared_ptr<PoolJob>, absl::StatusOr<std::string>>>& finished)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    char buffer[64 << 10];
     for (;;) {
-      const ssize_t n = read(w.fd, buffer, sizeof(buffer));
+      char* into = w.in_body ? w.body.data() + w.body_len : w.head + w.head_len;
+      const size_t room = w.in_body ? w.body.size() - w.body_len : kResponseHeader - w.head_len;
+      const ssize_t n = read(w.fd, into, room);
       if (n < 0 && errno == EINTR) continue;
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
       if (n <= 0) {
@@ -529,10 +534,11 @@ class EspeakPool final : public TtsEngine {
         Stop(w);
         return;
       }
-      w.in.append(buffer, static_cast<size_t>(n));
-      if (w.in.size() >= 4) {
-        const uint32_t length = GetU32(w.in.data());
-        if (length > kMaxFrame) {
+      if (!w.in_body) {
+        w.head_len += static_cast<size_t>(n);
+        if (w.head_len < kResponseHeader) continue;
+        const uint32_t length = GetU32(w.head);
+        if (length < 4 || length > kMaxFrame) {
           if (w.job != nullptr) {
             finished.emplace_back(std::move(w.job),
                                   absl::InternalError("an espeak worker sent a bad frame"));
@@ -541,15 +547,21 @@ class EspeakPool final : public TtsEngine {
           Stop(w);
           return;
         }
-        if (w.in.size() >= 4 + size_t{length}) {
-          std::string payload = w.in.substr(4, length);
-          w.in.erase(0, 4 + size_t{length});
-          if (w.job != nullptr) {
-            finished.emplace_back(std::move(w.job), DecodeResponse(std::move(payload)));
-          }
-          w.job = nullptr;
-        }
+        w.in_body = true;
+        w.body.assign(length - 4, '\0');
+        w.body_len = 0;
+      } else {
+        w.body_len += static_cast<size_t>(n);
       }
+      if (w.body_len < w.body.size()) continue;
+      const uint32_t code = GetU32(w.head + 4);
+      absl::StatusOr<std::string> result =
+          code == 0   ? absl::StatusOr<std::string>(std::move(w.body))
+          : code > 16 ? absl::InternalError("bad status from an espeak worker")
+                      : absl::Status(static_cast<absl::StatusCode>(code), w.body);
+      w.ClearResponse();
+      if (w.job != nullptr) finished.emplace_back(std::move(w.job), std::move(result));
+      w.job = nullptr;
     }
   }
 
@@ -596,10 +608,9 @@ int RunEspeakWorker(const std::string& data_path) {
   options.data_path = data_path;
   absl::StatusOr<std::unique_ptr<TtsEngine>> engine = NewEspeakEngine(options);
   if (!engine.ok()) {
-    std::string frame = EncodeResponse(engine.status());
     // Answer the first request with the failure, so the parent reports why.
     char head[4];
-    if (ReadFull(0, head, 4)) WriteFull(1, frame.data(), frame.size());
+    if (ReadFull(0, head, 4)) WriteResponse(1, engine.status());
     return 1;
   }
   {
@@ -629,8 +640,7 @@ int RunEspeakWorker(const std::string& data_path) {
           [&answer](absl::StatusOr<std::string> pcm) { answer.set_value(std::move(pcm)); });
       result = answer.get_future().get();
     }
-    const std::string frame = EncodeResponse(result);
-    if (!WriteFull(1, frame.data(), frame.size())) return 0;
+    if (!WriteResponse(1, result)) return 0;
   }
 }
 
