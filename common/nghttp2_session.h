@@ -1,12 +1,16 @@
-// Setting up an nghttp2 session, shared by every HTTP/2 endpoint montage runs: the gateway's
-// listener and its upstream connections, common/http's h2c pool, and the fake provider's h2c
-// listener. Header-only, so that only the targets that link libnghttp2 pay for it.
+// Setting up an nghttp2 session and moving its bytes to and from libevent buffers, shared by
+// every HTTP/2 endpoint montage runs: the gateway's listener and its upstream connections,
+// common/http's h2c pool, and the fake provider's h2c listener. Header-only, so that only the
+// targets that link libnghttp2 and libevent pay for it.
 #ifndef MONTAGE_COMMON_NGHTTP2_SESSION_H_
 #define MONTAGE_COMMON_NGHTTP2_SESSION_H_
 
+#include <event2/buffer.h>
 #include <nghttp2/nghttp2.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace montage {
@@ -76,6 +80,33 @@ inline nghttp2_session* NewNghttp2Session(const Nghttp2SessionSpec& spec, void* 
     return nullptr;
   }
   return session;
+}
+
+// Feeds everything `in` holds to `session` and drains it. 0, or nghttp2's (negative) error; the
+// callbacks never pause the session, so it takes all or fails.
+inline int Nghttp2Receive(nghttp2_session* session, evbuffer* in) {
+  for (;;) {
+    const size_t size = evbuffer_get_contiguous_space(in);
+    if (size == 0) return 0;
+    const unsigned char* data = evbuffer_pullup(in, static_cast<ev_ssize_t>(size));
+    const ssize_t used = nghttp2_session_mem_recv(session, data, size);
+    if (used < 0) return static_cast<int>(used);
+    evbuffer_drain(in, static_cast<size_t>(used));
+  }
+}
+
+// Moves the frames `session` has queued into `out`, until it has no more or `out` holds
+// `high_water` bytes. 0, or nghttp2's (negative) error.
+inline int Nghttp2Send(nghttp2_session* session, evbuffer* out,
+                       size_t high_water = std::numeric_limits<size_t>::max()) {
+  while (evbuffer_get_length(out) < high_water) {
+    const uint8_t* data = nullptr;
+    const ssize_t n = nghttp2_session_mem_send(session, &data);
+    if (n < 0) return static_cast<int>(n);
+    if (n == 0) return 0;
+    if (evbuffer_add(out, data, static_cast<size_t>(n)) != 0) return NGHTTP2_ERR_NOMEM;
+  }
+  return 0;
 }
 
 }  // namespace montage

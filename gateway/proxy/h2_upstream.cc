@@ -117,15 +117,9 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
   void Flush() {
     flush_scheduled_ = false;
     if (closing_) return;
-    for (;;) {
-      const uint8_t* data = nullptr;
-      const ssize_t n = nghttp2_session_mem_send(session_, &data);
-      if (n < 0) {
-        Fail(absl::StrCat("HTTP/2 error: ", nghttp2_strerror(static_cast<int>(n))));
-        return;
-      }
-      if (n == 0) break;
-      bufferevent_write(bev_, data, static_cast<size_t>(n));
+    if (const int error = Nghttp2Send(session_, bufferevent_get_output(bev_)); error != 0) {
+      Fail(absl::StrCat("HTTP/2 error: ", nghttp2_strerror(error)));
+      return;
     }
     RunCompletions();
     if (!closing_ && nghttp2_session_want_read(session_) == 0 &&
@@ -135,18 +129,10 @@ class H2UpstreamConnection : public std::enable_shared_from_this<H2UpstreamConne
   }
 
   void OnRead() {
-    evbuffer* in = bufferevent_get_input(bev_);
-    while (!closing_) {
-      const size_t len = evbuffer_get_contiguous_space(in);
-      if (len == 0) break;
-      const uint8_t* data = evbuffer_pullup(in, static_cast<ev_ssize_t>(len));
-      const ssize_t used = nghttp2_session_mem_recv(session_, data, len);
-      if (used < 0) {
-        Fail(
-            absl::StrCat("HTTP/2 error from upstream: ", nghttp2_strerror(static_cast<int>(used))));
-        return;
-      }
-      evbuffer_drain(in, static_cast<size_t>(used));
+    if (closing_) return;
+    if (const int error = Nghttp2Receive(session_, bufferevent_get_input(bev_)); error != 0) {
+      Fail(absl::StrCat("HTTP/2 error from upstream: ", nghttp2_strerror(error)));
+      return;
     }
     Flush();
   }

@@ -366,16 +366,10 @@ class H2Connection final : public Connection {
     if (receiving_ || flushing_ || closed_) return;
     flushing_ = true;
     evbuffer* output = bufferevent_get_output(bev_);
-    while (evbuffer_get_length(output) < kOutputHighWater) {
-      const uint8_t* data = nullptr;
-      const ssize_t n = nghttp2_session_mem_send(session_, &data);
-      if (n < 0) {
-        flushing_ = false;
-        Close();
-        return;
-      }
-      if (n == 0) break;
-      evbuffer_add(output, data, static_cast<size_t>(n));
+    if (Nghttp2Send(session_, output, kOutputHighWater) != 0) {
+      flushing_ = false;
+      Close();
+      return;
     }
     flushing_ = false;
     // Handlers whose queue drained may send more; that schedules another flush.

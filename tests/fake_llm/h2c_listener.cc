@@ -355,15 +355,9 @@ void H2cListener::Connection::OnEvent() {
 void H2cListener::Connection::Flush() {
   if (receiving_ || closing_) return;
   evbuffer* output = bufferevent_get_output(bev_);
-  while (evbuffer_get_length(output) < kOutputHighWater) {
-    const uint8_t* data = nullptr;
-    const ssize_t n = nghttp2_session_mem_send(session_, &data);
-    if (n < 0) {
-      ScheduleClose();
-      return;
-    }
-    if (n == 0) break;
-    evbuffer_add(output, data, static_cast<size_t>(n));
+  if (Nghttp2Send(session_, output, kOutputHighWater) != 0) {
+    ScheduleClose();
+    return;
   }
   if (!nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_) &&
       evbuffer_get_length(output) == 0) {
