@@ -50,13 +50,74 @@ v1::AudioFormat ToProto(AudioFormat format) {
   return v1::AUDIO_FORMAT_UNSPECIFIED;
 }
 
+// Planning (SSML parsing, segmentation, a hash per segment) grows with the text, up to
+// speech.max_text_bytes: it runs on the executor, not on the gRPC thread that took the call.
+// `begin` gets the plan there, or at once RESOURCE_EXHAUSTED when the executor is full.
+void PlanOffTheCallThread(Executor& executor, absl::AnyInvocable<absl::StatusOr<Plan>() &&> plan,
+                          absl::AnyInvocable<void(absl::StatusOr<Plan>) &&> begin) {
+  struct Task {
+    absl::AnyInvocable<absl::StatusOr<Plan>() &&> plan;
+    absl::AnyInvocable<void(absl::StatusOr<Plan>) &&> begin;
+  };
+  auto task = std::make_shared<Task>(Task{std::move(plan), std::move(begin)});
+  const absl::Status scheduled =
+      executor.Schedule([task]() { std::move(task->begin)(std::move(task->plan)()); });
+  if (!scheduled.ok()) {
+    std::move(task->begin)(absl::ResourceExhaustedError(
+        absl::StrCat("the speech service is overloaded: ", scheduled.message())));
+  }
+}
+
+// A call's job, and whether the call was cancelled before it had one. Shared by the reactor and
+// its Begin, which may still hold it after the reactor is gone: a job can end, and the call with
+// it, inside Synthesizer::Start (a synthesizer shutting down refuses it there).
+class JobSlot {
+ public:
+  bool cancelled() {
+    absl::MutexLock lock(&mu_);
+    return cancelled_;
+  }
+  // Keeps the job, or cancels it when the call was cancelled meanwhile.
+  void Set(std::shared_ptr<SynthesisJob> job) {
+    bool cancelled;
+    {
+      absl::MutexLock lock(&mu_);
+      job_ = job;
+      cancelled = cancelled_;
+    }
+    if (cancelled) job->Cancel();
+  }
+  std::shared_ptr<SynthesisJob> job() {
+    absl::MutexLock lock(&mu_);
+    return job_;
+  }
+  void Cancel() {
+    std::shared_ptr<SynthesisJob> job;
+    {
+      absl::MutexLock lock(&mu_);
+      cancelled_ = true;
+      job = job_;
+    }
+    if (job != nullptr) job->Cancel();
+  }
+
+ private:
+  absl::Mutex mu_;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  std::shared_ptr<SynthesisJob> job_ ABSL_GUARDED_BY(mu_);
+};
+
 // Synthesize and SynthesizeDialogue: the whole file in one answer, up to
-// speech.max_unary_audio_bytes.
+// speech.max_unary_audio_bytes. Begin runs once the plan is made (see PlanOffTheCallThread).
 class UnaryReactor final : public grpc::ServerUnaryReactor {
  public:
-  UnaryReactor(Synthesizer& synthesizer, absl::StatusOr<Plan> plan,
-               v1::SynthesizeResponse* response)
-      : response_(response), limit_(synthesizer.config().max_unary_audio_bytes()) {
+  UnaryReactor(Synthesizer& synthesizer, v1::SynthesizeResponse* response)
+      : synthesizer_(synthesizer),
+        response_(response),
+        limit_(synthesizer.config().max_unary_audio_bytes()) {}
+
+  void Begin(absl::StatusOr<Plan> plan) {
+    if (plan.ok() && slot_->cancelled()) plan = absl::CancelledError("the call was cancelled");
     if (!plan.ok()) {
       Finish(ToGrpcStatus(plan.status()));
       return;
@@ -66,11 +127,10 @@ class UnaryReactor final : public grpc::ServerUnaryReactor {
     response_->set_channels(1);
     response_->mutable_audio()->set_content_type(ContentType(plan->format, plan->sample_rate));
     auto sink = std::make_shared<Sink>(this);
-    job_ = synthesizer.Start(*std::move(plan), sink, /*window=*/0);
+    std::shared_ptr<JobSlot> slot = slot_;  // `this` may be gone once Start returns
+    slot->Set(synthesizer_.Start(*std::move(plan), sink, /*window=*/0));
   }
-  void OnCancel() override {
-    if (job_ != nullptr) job_->Cancel();
-  }
+  void OnCancel() override { slot_->Cancel(); }
   void OnDone() override { delete this; }
 
  private:
@@ -111,9 +171,10 @@ class UnaryReactor final : public grpc::ServerUnaryReactor {
     bool too_big_ = false;
   };
 
+  Synthesizer& synthesizer_;
   v1::SynthesizeResponse* response_;
   const uint64_t limit_;
-  std::shared_ptr<SynthesisJob> job_;
+  const std::shared_ptr<JobSlot> slot_ = std::make_shared<JobSlot>();
 };
 
 // StreamSynthesize: one write in flight, at most kMaxQueued chunks behind it; beyond that the
@@ -122,17 +183,23 @@ class StreamReactor final : public grpc::ServerWriteReactor<v1::AudioChunk> {
  public:
   static constexpr size_t kMaxQueued = 2;
 
-  StreamReactor(Synthesizer& synthesizer, absl::StatusOr<Plan> plan) {
+  explicit StreamReactor(Synthesizer& synthesizer) : synthesizer_(synthesizer) {}
+
+  // Once the plan is made (see PlanOffTheCallThread).
+  void Begin(absl::StatusOr<Plan> plan) {
+    if (plan.ok() && slot_->cancelled()) plan = absl::CancelledError("the call was cancelled");
     if (!plan.ok()) {
       Finish(ToGrpcStatus(plan.status()));
       return;
     }
-    content_type_ = ContentType(plan->format, plan->sample_rate);
-    sample_rate_ = plan->sample_rate;
+    {
+      absl::MutexLock lock(&mu_);
+      content_type_ = ContentType(plan->format, plan->sample_rate);
+      sample_rate_ = plan->sample_rate;
+    }
     auto sink = std::make_shared<Sink>(this);
-    std::shared_ptr<SynthesisJob> job = synthesizer.Start(*std::move(plan), sink, 0);
-    absl::MutexLock lock(&mu_);
-    job_ = std::move(job);
+    std::shared_ptr<JobSlot> slot = slot_;  // `this` may be gone once Start returns
+    slot->Set(synthesizer_.Start(*std::move(plan), sink, 0));
   }
 
   void OnWriteDone(bool ok) override {
@@ -152,20 +219,13 @@ class StreamReactor final : public grpc::ServerWriteReactor<v1::AudioChunk> {
         paused_ = false;
         resume = true;
       }
-      job = job_;
     }
+    job = slot_->job();
     if (!ok && job) job->Cancel();
     if (resume && job) job->Resume();
     if (finish) Finish(*finish);
   }
-  void OnCancel() override {
-    std::shared_ptr<SynthesisJob> job;
-    {
-      absl::MutexLock lock(&mu_);
-      job = job_;
-    }
-    if (job) job->Cancel();
-  }
+  void OnCancel() override { slot_->Cancel(); }
   void OnDone() override { delete this; }
 
  private:
@@ -242,10 +302,11 @@ class StreamReactor final : public grpc::ServerWriteReactor<v1::AudioChunk> {
     return status_;
   }
 
-  std::string content_type_;
-  uint32_t sample_rate_ = 0;
+  Synthesizer& synthesizer_;
   absl::Mutex mu_;
-  std::shared_ptr<SynthesisJob> job_ ABSL_GUARDED_BY(mu_);
+  std::string content_type_ ABSL_GUARDED_BY(mu_);
+  uint32_t sample_rate_ ABSL_GUARDED_BY(mu_) = 0;
+  const std::shared_ptr<JobSlot> slot_ = std::make_shared<JobSlot>();
   std::deque<v1::AudioChunk> queue_ ABSL_GUARDED_BY(mu_);
   v1::AudioChunk current_ ABSL_GUARDED_BY(mu_);
   bool first_ ABSL_GUARDED_BY(mu_) = true;
@@ -261,26 +322,38 @@ class SpeechServiceImpl final : public v1::SpeechService::CallbackService {
  public:
   explicit SpeechServiceImpl(Synthesizer& synthesizer) : synthesizer_(synthesizer) {}
 
+  // The request stays valid until the call is finished, which happens only after planning.
   grpc::ServerUnaryReactor* Synthesize(grpc::CallbackServerContext* context,
                                        const v1::SynthesizeRequest* request,
                                        v1::SynthesizeResponse* response) override {
-    return new UnaryReactor(
-        synthesizer_,
-        synthesizer_.PlanText(*request, DeadlineOf(context, synthesizer_.config()), false),
-        response);
+    auto* reactor = new UnaryReactor(synthesizer_, response);
+    const absl::Time deadline = DeadlineOf(context, synthesizer_.config());
+    PlanOffTheCallThread(
+        synthesizer_.executor(),
+        [this, request, deadline] { return synthesizer_.PlanText(*request, deadline, false); },
+        [reactor](absl::StatusOr<Plan> plan) { reactor->Begin(std::move(plan)); });
+    return reactor;
   }
   grpc::ServerWriteReactor<v1::AudioChunk>* StreamSynthesize(
       grpc::CallbackServerContext* context, const v1::SynthesizeRequest* request) override {
-    return new StreamReactor(
-        synthesizer_,
-        synthesizer_.PlanText(*request, DeadlineOf(context, synthesizer_.config()), true));
+    auto* reactor = new StreamReactor(synthesizer_);
+    const absl::Time deadline = DeadlineOf(context, synthesizer_.config());
+    PlanOffTheCallThread(
+        synthesizer_.executor(),
+        [this, request, deadline] { return synthesizer_.PlanText(*request, deadline, true); },
+        [reactor](absl::StatusOr<Plan> plan) { reactor->Begin(std::move(plan)); });
+    return reactor;
   }
   grpc::ServerUnaryReactor* SynthesizeDialogue(grpc::CallbackServerContext* context,
                                                const v1::SynthesizeDialogueRequest* request,
                                                v1::SynthesizeResponse* response) override {
-    return new UnaryReactor(
-        synthesizer_,
-        synthesizer_.PlanDialogue(*request, DeadlineOf(context, synthesizer_.config())), response);
+    auto* reactor = new UnaryReactor(synthesizer_, response);
+    const absl::Time deadline = DeadlineOf(context, synthesizer_.config());
+    PlanOffTheCallThread(
+        synthesizer_.executor(),
+        [this, request, deadline] { return synthesizer_.PlanDialogue(*request, deadline); },
+        [reactor](absl::StatusOr<Plan> plan) { reactor->Begin(std::move(plan)); });
+    return reactor;
   }
   grpc::ServerUnaryReactor* ListVoices(grpc::CallbackServerContext* context,
                                        const v1::ListVoicesRequest* request,

@@ -119,6 +119,8 @@ class Synthesizer {
 
   // A segment's PCM, and whether it came from the cache.
   using SegmentDone = absl::AnyInvocable<void(absl::StatusOr<std::string> pcm, bool cached) &&>;
+  // Where CPU work runs (planning, encoding): the service's bounded executor.
+  Executor& executor() const { return executor_; }
   const config::v1::SpeechConfig& config() const { return config_; }
 
  private:
