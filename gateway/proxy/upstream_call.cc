@@ -11,7 +11,6 @@
 namespace montage::gateway {
 namespace {
 
-
 HeaderList ToHeaderList(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) {
   HeaderList out;
   out.reserve(metadata.size());

@@ -300,8 +300,7 @@ TEST(SpeechIntegrationTest, TheSpeakCommandWritesTheSameWavAsTheUnaryAnswer) {
   const std::string out = absl::StrCat(MakeTempDir(), "/speech.wav");
   const auto speak = [&] {
     return RunCommand({MontageCliPath(), absl::StrCat("--addr=", (*process)->grpc_address()),
-                       "speak", text, "--format=wav", "--voice=en-us",
-                       absl::StrCat("--out=", out)},
+                       "speak", text, "--format=wav", "--voice=en-us", absl::StrCat("--out=", out)},
                       "", 60);
   };
   CommandResult first = speak();
@@ -323,8 +322,8 @@ TEST(SpeechIntegrationTest, TheSpeakCommandWritesTheSameWavAsTheUnaryAnswer) {
   speech::v1::SynthesizeResponse resp;
   ASSERT_TRUE(stub->Synthesize(&ctx, req, &resp).ok());
   EXPECT_EQ(resp.segments_from_cache(), 2u);  // the same segments, so the same samples
-  EXPECT_TRUE(written == resp.audio().data()) << written.size() << " vs "
-                                              << resp.audio().data().size();
+  EXPECT_TRUE(written == resp.audio().data())
+      << written.size() << " vs " << resp.audio().data().size();
   absl::StatusOr<speech::testing::AudioInfo> info = speech::testing::ProbeAudio(written);
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->container, "wav");
