@@ -13,6 +13,8 @@
 #include <limits>
 #include <vector>
 
+#include "absl/strings/string_view.h"
+
 namespace montage {
 
 struct Nghttp2SessionSpec {
@@ -80,6 +82,13 @@ inline nghttp2_session* NewNghttp2Session(const Nghttp2SessionSpec& spec, void* 
     return nullptr;
   }
   return session;
+}
+
+// A header for nghttp2_submit_*: nghttp2 copies name and value, which need only live until then.
+inline nghttp2_nv Nghttp2Header(absl::string_view name, absl::string_view value) {
+  return nghttp2_nv{reinterpret_cast<uint8_t*>(const_cast<char*>(name.data())),
+                    reinterpret_cast<uint8_t*>(const_cast<char*>(value.data())), name.size(),
+                    value.size(), NGHTTP2_NV_FLAG_NONE};
 }
 
 // Feeds everything `in` holds to `session` and drains it. 0, or nghttp2's (negative) error; the

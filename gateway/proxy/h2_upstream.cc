@@ -30,12 +30,6 @@ constexpr size_t kFrameHeader = 5;
 // Envoy's defaults for an upstream HTTP/2 connection's receive windows (256 MiB each).
 constexpr uint32_t kDefaultWindow = 256u << 20;
 
-nghttp2_nv Nv(absl::string_view name, absl::string_view value) {
-  return nghttp2_nv{reinterpret_cast<uint8_t*>(const_cast<char*>(name.data())),
-                    reinterpret_cast<uint8_t*>(const_cast<char*>(value.data())), name.size(),
-                    value.size(), NGHTTP2_NV_FLAG_NONE};
-}
-
 }  // namespace
 
 // One HTTP/2 connection to one host. Loop thread only. Owned by its pool; calls hold weak
@@ -492,22 +486,22 @@ int32_t H2UpstreamConnection::Submit(H2UnaryRequest& request, std::shared_ptr<bo
   encoded.reserve(request.metadata.size());
   std::vector<nghttp2_nv> nva;
   nva.reserve(8 + request.metadata.size());
-  nva.push_back(Nv(":method", "POST"));
-  nva.push_back(Nv(":scheme", "http"));
-  nva.push_back(Nv(":path", request.method));
-  nva.push_back(Nv(":authority", host_.address()));
-  nva.push_back(Nv("content-type", "application/grpc"));
-  nva.push_back(Nv("te", "trailers"));
-  nva.push_back(Nv("grpc-accept-encoding", "identity"));
-  if (!timeout.empty()) nva.push_back(Nv("grpc-timeout", timeout));
+  nva.push_back(Nghttp2Header(":method", "POST"));
+  nva.push_back(Nghttp2Header(":scheme", "http"));
+  nva.push_back(Nghttp2Header(":path", request.method));
+  nva.push_back(Nghttp2Header(":authority", host_.address()));
+  nva.push_back(Nghttp2Header("content-type", "application/grpc"));
+  nva.push_back(Nghttp2Header("te", "trailers"));
+  nva.push_back(Nghttp2Header("grpc-accept-encoding", "identity"));
+  if (!timeout.empty()) nva.push_back(Nghttp2Header("grpc-timeout", timeout));
   for (const auto& [name, value] : request.metadata) {
     if (absl::EndsWith(name, "-bin")) {
       encoded.push_back(absl::Base64Escape(value));
       std::string& b64 = encoded.back();
       while (!b64.empty() && b64.back() == '=') b64.pop_back();
-      nva.push_back(Nv(name, b64));
+      nva.push_back(Nghttp2Header(name, b64));
     } else {
-      nva.push_back(Nv(name, value));
+      nva.push_back(Nghttp2Header(name, value));
     }
   }
   nghttp2_data_provider provider;

@@ -28,12 +28,8 @@ namespace {
 constexpr int32_t kStreamWindow = 1 << 20;
 // The connection's window; returned as soon as data arrives (see OnDataChunk).
 constexpr int32_t kConnectionWindow = 16 << 20;
-
-nghttp2_nv Nv(absl::string_view name, absl::string_view value) {
-  return nghttp2_nv{reinterpret_cast<uint8_t*>(const_cast<char*>(name.data())),
-                    reinterpret_cast<uint8_t*>(const_cast<char*>(value.data())), name.size(),
-                    value.size(), NGHTTP2_NV_FLAG_NONE};
-}
+// A response's headers, names and values together; more resets the stream (libcurl's limit).
+constexpr size_t kMaxHeaderBytes = 100 << 10;
 
 // Headers that belong to an HTTP/1.1 connection and must not appear in HTTP/2 (RFC 9113 8.2.2),
 // and ones this client sets itself.
@@ -75,7 +71,6 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     if (ours > 0) limit = std::min<size_t>(limit, ours);
     return limit;
   }
-  bool finished() const { return closing_ && streams_.empty(); }
 
   // The stream id, or nghttp2's error (NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE: this connection is
   // used up; it drains).
@@ -118,6 +113,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     size_t body_offset = 0;
     int status = 0;
     Headers headers;
+    size_t header_bytes = 0;
     bool headers_delivered = false;
     bool paused = false;
     std::string held;    // data that arrived while paused
@@ -295,6 +291,12 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     if (stream == nullptr || stream->headers_delivered) return 0;  // gone, or trailers
     const absl::string_view n(reinterpret_cast<const char*>(name), namelen);
     const absl::string_view v(reinterpret_cast<const char*>(value), valuelen);
+    stream->header_bytes += namelen + valuelen;
+    if (stream->header_bytes > kMaxHeaderBytes) {
+      stream->close.status = absl::ResourceExhaustedError(
+          absl::StrCat("the server's response headers exceed ", kMaxHeaderBytes, " bytes"));
+      return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;  // resets the stream
+    }
     if (n == ":status") {
       if (!absl::SimpleAtoi(v, &stream->status)) stream->status = 0;
       return 0;
@@ -351,7 +353,9 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     if (stream == nullptr || stream->closed) return 0;
     stream->closed = true;
     H2cClose& close = stream->close;
-    if (error_code == NGHTTP2_NO_ERROR && stream->headers_delivered && stream->ended) {
+    if (!close.status.ok()) {
+      // Set by a callback that refused the answer (its headers are too large): kept.
+    } else if (error_code == NGHTTP2_NO_ERROR && stream->headers_delivered && stream->ended) {
       close.status = absl::OkStatus();
     } else if (error_code == NGHTTP2_REFUSED_STREAM) {
       // Also what nghttp2 reports for requests past a GOAWAY's last stream id.
@@ -549,17 +553,18 @@ int32_t H2cConnection::Submit(H2cRequest& request, H2cStreamSink* sink) {
       if (lower == "host") authority = value;
       if (IsDroppedRequestHeader(lower)) continue;
       has_user_agent = has_user_agent || lower == "user-agent";
-      nva.push_back(Nv(lower, value));
+      nva.push_back(Nghttp2Header(lower, value));
     }
   }
-  std::vector<nghttp2_nv> pseudo = {Nv(":method", request.method), Nv(":scheme", "http"),
-                                    Nv(":authority", authority), Nv(":path", request.path)};
+  std::vector<nghttp2_nv> pseudo = {
+      Nghttp2Header(":method", request.method), Nghttp2Header(":scheme", "http"),
+      Nghttp2Header(":authority", authority), Nghttp2Header(":path", request.path)};
   nva.insert(nva.begin(), pseudo.begin(), pseudo.end());
   const std::string content_length = absl::StrCat(request.body.size());
   const bool has_body = !request.body.empty() || request.method == "POST" ||
                         request.method == "PUT" || request.method == "PATCH";
-  if (has_body) nva.push_back(Nv("content-length", content_length));
-  if (!has_user_agent) nva.push_back(Nv("user-agent", "montage-http/1"));
+  if (has_body) nva.push_back(Nghttp2Header("content-length", content_length));
+  if (!has_user_agent) nva.push_back(Nghttp2Header("user-agent", "montage-http/1"));
 
   auto stream = std::make_unique<Stream>();
   stream->sink = sink;
@@ -649,14 +654,6 @@ void H2cPool::Reset(Handle& handle) {
 void H2cPool::Resume(const Handle& handle) {
   std::shared_ptr<H2cConnection> connection = handle.connection.lock();
   if (connection != nullptr) connection->ResumeStream(handle.stream_id);
-}
-
-size_t H2cPool::connection_count() const {
-  size_t count = 0;
-  for (const auto& [key, list] : connections_) {
-    for (const auto& connection : list) count += connection->finished() ? 0 : 1;
-  }
-  return count;
 }
 
 void H2cPool::Remove(H2cConnection* connection) {

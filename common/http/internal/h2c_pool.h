@@ -111,8 +111,6 @@ class H2cPool {
   // Delivers what a paused stream held back, then more as it arrives.
   void Resume(const Handle& handle);
 
-  size_t connection_count() const;
-
  private:
   friend class H2cConnection;
   void Remove(H2cConnection* connection);
