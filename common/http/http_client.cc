@@ -450,12 +450,14 @@ class HttpClientImpl final : public HttpClient {
   enum class BodyAction { kContinue, kPause, kStop };
   // kStop: end the attempt (the size cap, an error body cut short, or a cancel).
   BodyAction BodyArrived(Call& call, absl::string_view chunk);
-  // An h2c attempt ended (OK: its answer is complete, or a callback stopped it).
-  void OnH2cAttemptDone(Call& call, absl::Status transport, bool transient);
+  // An attempt ended, on either transport: OK `transport` means its answer is complete (or an
+  // error body was cut at its cap); a cancel or a callback's abort_status take precedence. A
+  // `final` error is reported as it is, never retried.
+  void ConcludeAttempt(Call& call, absl::Status transport, bool transient, bool final = false);
   void ReleaseAttempt(Call& call);
   void EndSpan(Call& call, int http_status, const absl::Status& error);
-  event_base* base() const { return base_; }
-  static event_callback_fn backoff_callback() { return &HttpClientImpl::OnBackoffDone; }
+  // Sends the request again at once, without counting it as a retry (see H2cClose::unprocessed).
+  void Replay(Call& call, const absl::Status& why);
 
  private:
   std::shared_ptr<CallHandle> Start(std::unique_ptr<Call> call);
@@ -1042,33 +1044,48 @@ void HttpClientImpl::OnAttemptDone(Call& call, CURLcode result) {
   long version = 0;
   curl_easy_getinfo(call.easy, CURLINFO_HTTP_VERSION, &version);
   call.response.http_version = internal::HttpVersionNumber(version);
-  ReleaseAttempt(call);
+  call.response.status = static_cast<int>(code);
+  if (result == CURLE_OK || (call.error_body_truncated && result == CURLE_WRITE_ERROR)) {
+    return ConcludeAttempt(call, absl::OkStatus(), false);
+  }
+  if (call.refused_address && result == CURLE_COULDNT_CONNECT) {
+    return ConcludeAttempt(
+        call,
+        absl::PermissionDeniedError(absl::StrCat(call.safe_url, " resolves to a private address")),
+        false, /*final=*/true);
+  }
+  const internal::CurlErrorClass error_class = internal::ClassifyCurlError(result);
+  std::string what = curl_easy_strerror(result);
+  if (call.error_buffer[0] != '\0') absl::StrAppend(&what, " (", call.error_buffer, ")");
+  ConcludeAttempt(call, absl::Status(error_class.code, what), error_class.transient);
+}
 
+void HttpClientImpl::Replay(Call& call, const absl::Status& why) {
+  call.h2c_replayed = true;
+  ReleaseAttempt(call);
+  EndSpan(call, 0, why);
+  --call.attempt;
+  call.backoff_timer.Arm(base_, absl::ZeroDuration(), &HttpClientImpl::OnBackoffDone, &call);
+}
+
+void HttpClientImpl::ConcludeAttempt(Call& call, absl::Status transport, bool transient,
+                                     bool final) {
+  ReleaseAttempt(call);
   if (call.cancel_requested) {
     EndSpan(call, 0, absl::CancelledError("cancelled"));
     return Finish(call, CallError(call, absl::StatusCode::kCancelled, "cancelled"));
   }
   if (!call.abort_status.ok()) {
-    EndSpan(call, static_cast<int>(code), call.abort_status);
+    EndSpan(call, call.response.status, call.abort_status);
     return Finish(call, call.abort_status);
   }
-  if (result == CURLE_OK || (call.error_body_truncated && result == CURLE_WRITE_ERROR)) {
-    call.response.status = static_cast<int>(code);
+  if (transport.ok()) {
     EndSpan(call, call.response.status, absl::OkStatus());
     return HandleAnswer(call);
   }
-  if (call.refused_address && result == CURLE_COULDNT_CONNECT) {
-    const absl::Status error =
-        absl::PermissionDeniedError(absl::StrCat(call.safe_url, " resolves to a private address"));
-    EndSpan(call, 0, error);
-    return Finish(call, error);
-  }
-  const internal::CurlErrorClass error_class = internal::ClassifyCurlError(result);
-  std::string what = curl_easy_strerror(result);
-  if (call.error_buffer[0] != '\0') absl::StrAppend(&what, " (", call.error_buffer, ")");
-  absl::Status error(error_class.code, what);
-  EndSpan(call, 0, error);
-  HandleTransportError(call, std::move(error), error_class.transient);
+  EndSpan(call, 0, transport);
+  if (final) return Finish(call, std::move(transport));
+  HandleTransportError(call, std::move(transport), transient);
 }
 
 void HttpClientImpl::HandleAnswer(Call& call) {
@@ -1152,22 +1169,20 @@ void HttpClientImpl::OnDeadline(evutil_socket_t, short, void* arg) {
 
 void HttpClientImpl::OnFirstByteTimeout(evutil_socket_t, short, void* arg) {
   Call& call = *static_cast<Call*>(arg);
-  HttpClientImpl& self = *call.client;
-  self.ReleaseAttempt(call);
-  absl::Status error = absl::DeadlineExceededError(
-      absl::StrCat("no response headers within ", Millis(call.request.first_byte_timeout)));
-  self.EndSpan(call, 0, error);
-  self.HandleTransportError(call, std::move(error), /*transient=*/true);
+  call.client->ConcludeAttempt(
+      call,
+      absl::DeadlineExceededError(
+          absl::StrCat("no response headers within ", Millis(call.request.first_byte_timeout))),
+      /*transient=*/true);
 }
 
 void HttpClientImpl::OnAttemptTimeout(evutil_socket_t, short, void* arg) {
   Call& call = *static_cast<Call*>(arg);
-  HttpClientImpl& self = *call.client;
-  self.ReleaseAttempt(call);
-  absl::Status error = absl::DeadlineExceededError(
-      absl::StrCat("no complete answer within ", Millis(call.request.attempt_timeout)));
-  self.EndSpan(call, 0, error);
-  self.HandleTransportError(call, std::move(error), /*transient=*/true);
+  call.client->ConcludeAttempt(
+      call,
+      absl::DeadlineExceededError(
+          absl::StrCat("no complete answer within ", Millis(call.request.attempt_timeout))),
+      /*transient=*/true);
 }
 
 void HttpClientImpl::OnBackoffDone(evutil_socket_t, short, void* arg) {
@@ -1294,7 +1309,7 @@ void Call::OnH2cHeaders(int status, Headers headers) {
   response.headers = std::move(headers);
   response.http_version = 2;
   if (!client->HeadersArrived(*this, status))
-    client->OnH2cAttemptDone(*this, absl::OkStatus(), false);
+    client->ConcludeAttempt(*this, absl::OkStatus(), false);
 }
 
 DataAction Call::OnH2cData(absl::string_view chunk) {
@@ -1304,7 +1319,7 @@ DataAction Call::OnH2cData(absl::string_view chunk) {
     case HttpClientImpl::BodyAction::kPause:
       return DataAction::kPause;
     case HttpClientImpl::BodyAction::kStop:
-      client->OnH2cAttemptDone(*this, absl::OkStatus(), false);
+      client->ConcludeAttempt(*this, absl::OkStatus(), false);
       return DataAction::kContinue;
   }
   return DataAction::kContinue;
@@ -1314,33 +1329,9 @@ void Call::OnH2cClosed(internal::H2cClose close) {
   h2c = {};  // the stream is gone already
   if (!close.status.ok() && close.unprocessed && !h2c_replayed && !headers_complete &&
       !cancel_requested) {
-    // Sent again once, right away, without counting as a retry (see H2cClose::unprocessed).
-    h2c_replayed = true;
-    client->ReleaseAttempt(*this);
-    client->EndSpan(*this, 0, close.status);
-    --attempt;
-    backoff_timer.Arm(client->base(), absl::ZeroDuration(), client->backoff_callback(), this);
-    return;
+    return client->Replay(*this, close.status);
   }
-  client->OnH2cAttemptDone(*this, std::move(close.status), close.transient);
-}
-
-void HttpClientImpl::OnH2cAttemptDone(Call& call, absl::Status transport, bool transient) {
-  ReleaseAttempt(call);
-  if (call.cancel_requested) {
-    EndSpan(call, 0, absl::CancelledError("cancelled"));
-    return Finish(call, CallError(call, absl::StatusCode::kCancelled, "cancelled"));
-  }
-  if (!call.abort_status.ok()) {
-    EndSpan(call, call.response.status, call.abort_status);
-    return Finish(call, call.abort_status);
-  }
-  if (transport.ok() || call.error_body_truncated) {
-    EndSpan(call, call.response.status, absl::OkStatus());
-    return HandleAnswer(call);
-  }
-  EndSpan(call, 0, transport);
-  HandleTransportError(call, std::move(transport), transient);
+  client->ConcludeAttempt(*this, std::move(close.status), close.transient);
 }
 
 curl_socket_t HttpClientImpl::OnOpenSocket(void* arg, curlsocktype purpose,
