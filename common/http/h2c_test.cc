@@ -17,11 +17,13 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/fake_llm/fake_llm_server.h"
+#include "tests/testing/eventually.h"
 #include "tests/testing/unused_port.h"
 
 namespace montage::http {
 namespace {
 
+using ::montage::testing::Eventually;
 using ::testing::HasSubstr;
 
 constexpr absl::Duration kWait = absl::Seconds(20);
@@ -37,17 +39,6 @@ struct Result {
     };
   }
 };
-
-// Polls `condition` every 5 ms until it holds or `limit` passes.
-template <typename F>
-bool Eventually(F condition, absl::Duration limit = kWait) {
-  const absl::Time end = absl::Now() + limit;
-  while (absl::Now() < end) {
-    if (condition()) return true;
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  return condition();
-}
 
 // An SSE answer of the fake without what differs between two answers: the id (chatcmpl-fake-<n>)
 // and the "created" time.

@@ -311,11 +311,7 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
         while (next_encode_ < slots_.size() && slots_[next_encode_].ready &&
                (batch.empty() || batch_bytes < kStepBytes)) {
           Slot& slot = slots_[next_encode_];
-          batch_bytes +=
-              slot.pcm.size() +
-              static_cast<size_t>(absl::ToDoubleSeconds(plan_.segments[next_encode_].pause_after) *
-                                  plan_.engine->sample_rate()) *
-                  2;  // the pause's silence
+          batch_bytes += slot.pcm.size() + SilenceBytes(plan_.segments[next_encode_].pause_after);
           batch.emplace_back(std::move(slot.pcm), plan_.segments[next_encode_].pause_after);
           slot.pcm = std::string();
           ++summary_.segments;
@@ -365,15 +361,20 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
     Advance();
   }
 
+  // 16-bit mono PCM of `pause` at the engine's rate.
+  size_t SilenceBytes(absl::Duration pause) const {
+    if (pause <= absl::ZeroDuration()) return 0;
+    return 2 * static_cast<size_t>(
+                   std::llround(absl::ToDoubleSeconds(pause) * plan_.engine->sample_rate()));
+  }
+
   absl::Status Encode(std::vector<std::pair<std::string, absl::Duration>>& batch, bool finishing) {
     for (auto& [pcm, pause] : batch) {
       RETURN_IF_ERROR(encoder_->Write(pcm));
       pcm.clear();
       pcm.shrink_to_fit();
       if (pause > absl::ZeroDuration()) {
-        const size_t samples = static_cast<size_t>(
-            std::llround(absl::ToDoubleSeconds(pause) * plan_.engine->sample_rate()));
-        RETURN_IF_ERROR(encoder_->Write(std::string(samples * 2, '\0')));
+        RETURN_IF_ERROR(encoder_->Write(std::string(SilenceBytes(pause), '\0')));
       }
     }
     if (finishing) RETURN_IF_ERROR(encoder_->Finish());

@@ -1,5 +1,6 @@
 // Shared by the gateway's tests: an Envoy bootstrap in front of echo backends, and bounded
-// polling. Header-only so any test target that links montage::echo_backend can use it.
+// polling (tests/testing/eventually.h). Header-only so any test target that links
+// montage::echo_backend can use it.
 #ifndef MONTAGE_TESTS_GATEWAY_TEST_SUPPORT_H_
 #define MONTAGE_TESTS_GATEWAY_TEST_SUPPORT_H_
 
@@ -10,19 +11,9 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "tests/testing/eventually.h"
 
 namespace montage::testing {
-
-// Bounded polling: true once `done` holds (checked every 10 ms, at most `limit`).
-template <typename F>
-bool Eventually(F done, absl::Duration limit = absl::Seconds(10)) {
-  const absl::Time end = absl::Now() + limit;
-  while (absl::Now() < end) {
-    if (done()) return true;
-    absl::SleepFor(absl::Milliseconds(10));
-  }
-  return done();
-}
 
 // One listener on 127.0.0.1:0 whose single route sends `route_prefix` to the HTTP/2 cluster
 // "echo" (the backends on `ports`); `filters` go before the router.
