@@ -32,13 +32,13 @@ class InProcessCacheClient final : public CacheClient {
       return;
     }
     if (!entry->has_value()) {
-      std::move(done)(std::optional<std::string>());
+      std::move(done)(Value());
       return;
     }
-    std::move(done)(std::optional<std::string>(std::move((*entry)->value)));
+    std::move(done)(std::move((*entry)->value));
   }
 
-  void Set(const std::string& key, std::string value, absl::Duration ttl) override {
+  void Set(const std::string& key, Value value, absl::Duration ttl) override {
     std::optional<absl::Duration> t;
     if (ttl > absl::ZeroDuration()) t = ttl;
     (void)engine_->Set(ns_, key, std::move(value), t);
@@ -99,16 +99,17 @@ class RemoteCacheClient final : public CacheClient {
                           if (!status.ok()) {
                             std::move(call->done)(FromGrpcStatus(status));
                           } else if (!call->response.found()) {
-                            std::move(call->done)(std::optional<std::string>());
+                            std::move(call->done)(Value());
                           } else {
-                            std::move(call->done)(std::optional<std::string>(
+                            std::move(call->done)(std::make_shared<const std::string>(
                                 std::move(*call->response.mutable_entry()->mutable_value())));
                           }
                           Unregister(call);
                         });
   }
 
-  void Set(const std::string& key, std::string value, absl::Duration ttl) override {
+  void Set(const std::string& key, Value value, absl::Duration ttl) override {
+    if (value == nullptr) return;
     struct Call : CallBase {
       cache::v1::SetRequest request;
       cache::v1::Entry response;
@@ -116,7 +117,7 @@ class RemoteCacheClient final : public CacheClient {
     auto call = std::make_shared<Call>();
     call->request.set_namespace_(ns_);
     call->request.set_key(key);
-    call->request.set_value(std::move(value));
+    call->request.set_value(*value);
     if (ttl > absl::ZeroDuration()) {
       *call->request.mutable_ttl() = ToProtoDuration(ttl);
     }

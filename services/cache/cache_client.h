@@ -15,17 +15,20 @@
 #include "absl/time/time.h"
 #include "common/clock.h"
 #include "montage/config/v1/config.pb.h"
+#include "services/cache/cache_engine.h"
 
 namespace montage::cache {
 
 class CacheClient {
  public:
-  using GetCallback = absl::AnyInvocable<void(absl::StatusOr<std::optional<std::string>>) &&>;
+  // A value is shared, never copied, between the in-process cache and its readers; null is a miss.
+  using GetCallback = absl::AnyInvocable<void(absl::StatusOr<Value>) &&>;
   virtual ~CacheClient() = default;
   // `done` runs once, on any thread, possibly before Get returns.
   virtual void Get(const std::string& key, GetCallback done) = 0;
-  // Fire and forget; failures are counted, not reported. A zero ttl means the default.
-  virtual void Set(const std::string& key, std::string value, absl::Duration ttl) = 0;
+  // Fire and forget; failures are counted, not reported. A zero ttl means the default. The
+  // caller must not change the value afterwards.
+  virtual void Set(const std::string& key, Value value, absl::Duration ttl) = 0;
   virtual absl::string_view kind() const = 0;
   // Cancels calls in flight and waits for their callbacks; later calls fail at once (Get) or are
   // dropped (Set). Must not be called from one of this cache's callbacks. Idempotent.

@@ -109,7 +109,7 @@ std::string FlightKey(absl::string_view ns, absl::string_view key) {
 
 struct Node {
   std::string key;
-  std::string value;
+  Value value;
   uint64_t size_bytes = 0;
   absl::Time expire_time;
   absl::Time update_time;
@@ -204,8 +204,8 @@ class CacheEngine::Namespace {
 
   // Stores the entry, then evicts least recently used entries until the namespace is within its
   // budget again. The caller has checked that the entry alone fits the budget.
-  Entry Put(std::string key, std::string value, absl::Time expire_time, absl::Time update_time) {
-    const uint64_t size = ChargedSize(key, value.size());
+  Entry Put(std::string key, Value value, absl::Time expire_time, absl::Time update_time) {
+    const uint64_t size = ChargedSize(key, value->size());
     Entry entry{name_, key, value, size, expire_time, update_time};
     const size_t s = ShardIndex(key);
     Shard& shard = *shards_[s];
@@ -484,7 +484,7 @@ struct CacheEngine::State {
 
   // Stores an entry and gives it to everyone waiting on its key; a current `lease_token` ends
   // the lease.
-  Entry Store(Namespace& space, std::string key, std::string value, absl::Time expire_time,
+  Entry Store(Namespace& space, std::string key, Value value, absl::Time expire_time,
               absl::Time update_time, absl::string_view lease_token) {
     Entry entry = space.Put(std::move(key), std::move(value), expire_time, update_time);
     // A waiter joins only a flight that already existed, so a count of 0 means nobody waits.
@@ -673,12 +673,19 @@ void CacheEngine::CancelLookup(uint64_t lookup_id) {
 absl::StatusOr<Entry> CacheEngine::Set(absl::string_view ns, absl::string_view key,
                                        std::string value, std::optional<absl::Duration> ttl,
                                        absl::string_view lease_token) {
+  return Set(ns, key, std::make_shared<const std::string>(std::move(value)), ttl, lease_token);
+}
+
+absl::StatusOr<Entry> CacheEngine::Set(absl::string_view ns, absl::string_view key, Value value,
+                                       std::optional<absl::Duration> ttl,
+                                       absl::string_view lease_token) {
+  if (value == nullptr) value = std::make_shared<const std::string>();
   ASSIGN_OR_RETURN(const absl::string_view name, ResolveNamespace(ns));
   RETURN_IF_ERROR(CheckKey(key, options_.max_key_bytes, "key"));
-  RETURN_IF_ERROR(CheckValue(value, options_.max_value_bytes, "value"));
+  RETURN_IF_ERROR(CheckValue(*value, options_.max_value_bytes, "value"));
   RETURN_IF_ERROR(CheckTtl(ttl, "ttl"));
   RETURN_IF_ERROR(
-      CheckFitsBudget(ChargedSize(key, value.size()), OptionsFor(options_, name), "value"));
+      CheckFitsBudget(ChargedSize(key, value->size()), OptionsFor(options_, name), "value"));
   ASSIGN_OR_RETURN(Namespace * space, state_->GetOrCreateNamespace(name, options_));
   const absl::Time now = clock_.Now();
   return state_->Store(*space, std::string(key), std::move(value),
@@ -735,7 +742,8 @@ absl::StatusOr<uint32_t> CacheEngine::BatchSet(absl::string_view ns, std::vector
   ASSIGN_OR_RETURN(Namespace * space, state_->GetOrCreateNamespace(name, options_));
   const absl::Time now = clock_.Now();
   for (SetItem& item : items) {
-    state_->Store(*space, std::move(item.key), std::move(item.value),
+    state_->Store(*space, std::move(item.key),
+                  std::make_shared<const std::string>(std::move(item.value)),
                   ExpireTime(now, item.ttl.value_or(space->options().default_ttl)), now, "");
   }
   return static_cast<uint32_t>(items.size());
@@ -876,7 +884,7 @@ absl::StatusOr<SnapshotInfo> CacheEngine::SaveSnapshot(const std::string& path) 
       space->CopyShard(s, now, copied);
       for (const Entry& entry : copied) {
         RETURN_IF_ERROR(writer->Append(internal::SnapshotRecord{
-            entry.ns, entry.key, entry.value, entry.expire_time, entry.update_time}));
+            entry.ns, entry.key, *entry.value, entry.expire_time, entry.update_time}));
         ++info.entries;
         info.bytes += entry.size_bytes;
       }
@@ -917,7 +925,8 @@ absl::StatusOr<SnapshotInfo> CacheEngine::LoadSnapshot(const std::string& path) 
     const uint64_t size = ChargedSize(record.key, record.value.size());
     // The budget may have shrunk since the save; such an entry cannot be kept at all.
     if (size > space->options().max_bytes) continue;
-    state_->Store(*space, std::string(record.key), std::string(record.value), record.expire_time,
+    state_->Store(*space, std::string(record.key),
+                  std::make_shared<const std::string>(record.value), record.expire_time,
                   record.update_time, "");
     ++info.entries;
     info.bytes += size;

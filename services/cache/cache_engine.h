@@ -28,6 +28,10 @@ namespace montage::cache {
 inline constexpr uint64_t kEntryOverheadBytes = 64;
 inline constexpr absl::string_view kDefaultNamespace = "default";
 
+// A stored value. It never changes once stored, so the cache and every reader share one buffer:
+// a hit hands out a reference, not a copy (a speech script's segments are megabytes of PCM).
+using Value = std::shared_ptr<const std::string>;
+
 struct NamespaceOptions {
   uint64_t max_bytes = 100ull << 20;
   // absl::ZeroDuration() means entries set without a TTL never expire.
@@ -52,7 +56,7 @@ struct CacheOptions {
 struct Entry {
   std::string ns;
   std::string key;
-  std::string value;
+  Value value;  // never null
   // Charged size (key + value + kEntryOverheadBytes).
   uint64_t size_bytes = 0;
   // absl::InfiniteFuture() when the entry never expires.
@@ -160,6 +164,8 @@ class CacheEngine {
   // every waiter on the key. A value larger than the namespace's whole budget is
   // INVALID_ARGUMENT. `lease_token`, when set and current, ends that lease; a stale token is
   // not an error (the value is still good).
+  absl::StatusOr<Entry> Set(absl::string_view ns, absl::string_view key, Value value,
+                            std::optional<absl::Duration> ttl, absl::string_view lease_token = "");
   absl::StatusOr<Entry> Set(absl::string_view ns, absl::string_view key, std::string value,
                             std::optional<absl::Duration> ttl, absl::string_view lease_token = "");
 

@@ -104,7 +104,7 @@ class CacheEngineTest : public ::testing::Test {
     absl::StatusOr<std::optional<Entry>> entry = engine.Get(ns, key);
     EXPECT_TRUE(entry.ok()) << entry.status();
     if (!entry.ok() || !entry->has_value()) return std::nullopt;
-    return (*entry)->value;
+    return *(*entry)->value;
   }
 
   FakeClock clock_;
@@ -309,9 +309,9 @@ TEST_F(CacheEngineTest, BatchGetAndSet) {
       engine->BatchGet("ns", {"a", "b", "c", "zzz"});
   ASSERT_TRUE(got.ok()) << got.status();
   ASSERT_EQ(got->size(), 4u);
-  EXPECT_EQ((*got)[0]->value, "1");
+  EXPECT_EQ(*(*got)[0]->value, "1");
   EXPECT_FALSE((*got)[1].has_value());  // Expired.
-  EXPECT_EQ((*got)[2]->value, "3");
+  EXPECT_EQ(*(*got)[2]->value, "3");
   EXPECT_FALSE((*got)[3].has_value());
   NamespaceStats stats = StatsOf(*engine, "ns");
   EXPECT_EQ(stats.hits, 2u);
@@ -479,7 +479,7 @@ TEST_F(CacheEngineTest, LookupHitsAndGrantsLease) {
   EXPECT_EQ(got[0].second->lease->expire_time, clock_.Now() + engine->options().lease_ttl);
   ASSERT_TRUE(got[1].second.ok());
   EXPECT_EQ(got[1].second->kind, Kind::kHit);
-  EXPECT_EQ(got[1].second->entry->value, "v");
+  EXPECT_EQ(*got[1].second->entry->value, "v");
 
   // Tokens are random, not sequential.
   EXPECT_EQ(engine->Lookup("", "k2", {}, results.Callback(3)), 0u);
@@ -517,7 +517,7 @@ TEST_F(CacheEngineTest, HundredConcurrentLookupsShareOneLease) {
     EXPECT_EQ(result->kind, Kind::kHit);
     EXPECT_TRUE(result->coalesced);
     ASSERT_TRUE(result->entry.has_value());
-    EXPECT_EQ(result->entry->value, "computed");
+    EXPECT_EQ(*result->entry->value, "computed");
     callers.insert(who);
   }
   EXPECT_EQ(callers.size(), 100u);
@@ -558,7 +558,7 @@ TEST_F(CacheEngineTest, ExpiredLeasePassesToOldestWaiter) {
   auto woken = results.Take();
   ASSERT_EQ(woken.size(), 1u);
   EXPECT_EQ(woken[0].first, 3);
-  EXPECT_EQ(woken[0].second->entry->value, "late");
+  EXPECT_EQ(*woken[0].second->entry->value, "late");
   EXPECT_THAT(engine->ReleaseLease("", "k", first_token), absl::StatusOr<bool>(false));
   EXPECT_THAT(engine->ReleaseLease("", "k", second_token), absl::StatusOr<bool>(true));
   EXPECT_EQ(StatsOf(*engine, "default").leases_granted, 2u);
@@ -776,7 +776,7 @@ TEST_F(CacheEngineTest, ConcurrentMixedOperationsKeepAccountsExact) {
   uint64_t entries = 0;
   for (const std::optional<Entry>& entry : *found) {
     if (!entry.has_value()) continue;
-    EXPECT_EQ(entry->size_bytes, Charged(entry->key, entry->value));
+    EXPECT_EQ(entry->size_bytes, Charged(entry->key, *entry->value));
     bytes += entry->size_bytes;
     ++entries;
   }
@@ -913,7 +913,7 @@ TEST_F(SnapshotTest, RoundTripKeepsValuesNamespacesAndTtls) {
 
   absl::StatusOr<std::optional<Entry>> plain = restored->Get("", "plain");
   ASSERT_TRUE(plain.ok() && plain->has_value());
-  EXPECT_EQ((*plain)->value, "p");
+  EXPECT_EQ(*(*plain)->value, "p");
   EXPECT_EQ((*plain)->expire_time, saved_at + absl::Minutes(10));
   EXPECT_EQ((*plain)->update_time, saved_at);
   absl::StatusOr<std::optional<Entry>> forever = restored->Get("", "forever");

@@ -20,7 +20,7 @@ namespace {
 void FillEntry(Entry& entry, bool with_value, v1::Entry* out) {
   out->set_namespace_(entry.ns);
   out->set_key(entry.key);
-  if (with_value) out->set_value(std::move(entry.value));
+  if (with_value) out->set_value(*entry.value);
   out->set_size_bytes(entry.size_bytes);
   if (entry.expire_time != absl::InfiniteFuture()) {
     *out->mutable_expire_time() = ToProtoTimestamp(entry.expire_time);

@@ -532,7 +532,7 @@ void Generator::StartFlight(std::shared_ptr<Flight> flight, bool read_cache) {
     FinishFlight(flight, absl::CancelledError("the generation service is stopping"));
     return;
   }
-  cache->Get(flight->key, [this, flight](absl::StatusOr<std::optional<std::string>> got) {
+  cache->Get(flight->key, [this, flight](absl::StatusOr<cache::Value> got) {
     if (stopping()) {
       FinishFlight(flight, absl::CancelledError("the generation service is stopping"));
       return;
@@ -540,7 +540,7 @@ void Generator::StartFlight(std::shared_ptr<Flight> flight, bool read_cache) {
     const char* result = "miss";
     if (!got.ok()) {
       result = "unavailable";
-    } else if (got->has_value()) {
+    } else if (*got != nullptr) {
       v1::GenerateResponse cached;
       if (cached.ParseFromString(**got)) {
         metrics_->cache.Add({{"model", flight->alias}, {"result", "hit"}}).Increment();
@@ -768,7 +768,8 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
                                      : (config_.cache().has_default_ttl()
                                             ? FromProtoDuration(config_.cache().default_ttl())
                                             : absl::ZeroDuration());
-      cache->Set(flight->key, response.SerializeAsString(), ttl);
+      cache->Set(flight->key, std::make_shared<const std::string>(response.SerializeAsString()),
+                 ttl);
     }
     FinishFlight(flight, std::move(response));
   };

@@ -177,7 +177,7 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
     bool started = false;
     bool ready = false;
     bool cached = false;
-    std::string pcm;
+    cache::Value pcm;
     absl::AnyInvocable<void()> leave;  // leaves the segment's fetch while it runs
   };
 
@@ -208,7 +208,7 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
     std::weak_ptr<Job> weak = weak_from_this();
     absl::AnyInvocable<void()> leave = synthesizer_.FetchSegment(
         plan_.engine_name, *plan_.engine, plan_.segments[i], plan_.deadline,
-        [weak, i](absl::StatusOr<std::string> pcm, bool cached) {
+        [weak, i](absl::StatusOr<cache::Value> pcm, bool cached) {
           if (std::shared_ptr<Job> job = weak.lock()) job->OnSegment(i, std::move(pcm), cached);
         });
     {
@@ -222,7 +222,7 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
     leave();  // the job failed meanwhile
   }
 
-  void OnSegment(size_t i, absl::StatusOr<std::string> pcm, bool cached) {
+  void OnSegment(size_t i, absl::StatusOr<cache::Value> pcm, bool cached) {
     if (!pcm.ok()) {
       Fail(pcm.status());
       return;
@@ -257,7 +257,7 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
       for (Slot& slot : slots_) {
         if (slot.leave) leaves.push_back(std::move(slot.leave));
         slot.leave = nullptr;
-        slot.pcm.clear();
+        slot.pcm.reset();
       }
     }
     for (auto& leave : leaves) leave();
@@ -298,7 +298,7 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
   // finish when all are encoded, or report the failure.
   static constexpr size_t kStepBytes = 512 << 10;
   void Step() {
-    std::vector<std::pair<std::string, absl::Duration>> batch;
+    std::vector<std::pair<cache::Value, absl::Duration>> batch;
     absl::Status failure;
     bool finishing = false;
     uint64_t resumes = 0;
@@ -311,9 +311,8 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
         while (next_encode_ < slots_.size() && slots_[next_encode_].ready &&
                (batch.empty() || batch_bytes < kStepBytes)) {
           Slot& slot = slots_[next_encode_];
-          batch_bytes += slot.pcm.size() + SilenceBytes(plan_.segments[next_encode_].pause_after);
+          batch_bytes += slot.pcm->size() + SilenceBytes(plan_.segments[next_encode_].pause_after);
           batch.emplace_back(std::move(slot.pcm), plan_.segments[next_encode_].pause_after);
-          slot.pcm = std::string();
           ++summary_.segments;
           if (slot.cached) ++summary_.segments_from_cache;
           ++next_encode_;
@@ -368,11 +367,11 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
                    std::llround(absl::ToDoubleSeconds(pause) * plan_.engine->sample_rate()));
   }
 
-  absl::Status Encode(std::vector<std::pair<std::string, absl::Duration>>& batch, bool finishing) {
+  absl::Status Encode(std::vector<std::pair<cache::Value, absl::Duration>>& batch,
+                      bool finishing) {
     for (auto& [pcm, pause] : batch) {
-      RETURN_IF_ERROR(encoder_->Write(pcm));
-      pcm.clear();
-      pcm.shrink_to_fit();
+      RETURN_IF_ERROR(encoder_->Write(*pcm));
+      pcm.reset();
       if (pause > absl::ZeroDuration()) {
         RETURN_IF_ERROR(encoder_->Write(std::string(SilenceBytes(pause), '\0')));
       }
@@ -710,8 +709,8 @@ absl::AnyInvocable<void()> Synthesizer::FetchSegment(const std::string& engine_n
   };
 
   cache_->Get(key, [this, fetch, key, engine_name, &engine, segment,
-                    deadline](absl::StatusOr<std::optional<std::string>> cached) mutable {
-    if (cached.ok() && cached->has_value()) {
+                    deadline](absl::StatusOr<cache::Value> cached) mutable {
+    if (cached.ok() && *cached != nullptr) {
       metrics_->cache.Add({{"result", "hit"}}).Increment();
       SegmentDone done;
       {
@@ -721,7 +720,7 @@ absl::AnyInvocable<void()> Synthesizer::FetchSegment(const std::string& engine_n
         fetch->left = true;
       }
       metrics_->segments.Add({{"engine", engine_name}, {"source", "cache"}}).Increment();
-      std::move(done)(std::move(**cached), true);
+      std::move(done)(*std::move(cached), true);
       return;
     }
     metrics_->cache.Add({{"result", cached.ok() ? "miss" : "unavailable"}}).Increment();
@@ -774,18 +773,22 @@ absl::AnyInvocable<void()> Synthesizer::FetchSegment(const std::string& engine_n
 }
 
 void Synthesizer::FinishFlight(const std::shared_ptr<SegmentFlight>& flight, const std::string& key,
-                               absl::StatusOr<std::string> pcm) {
+                               absl::StatusOr<std::string> synthesized) {
   metrics_->engine_seconds.Add({{"engine", flight->engine}}, SynthesizerMetrics::Buckets())
       .Observe(absl::ToDoubleSeconds(absl::Now() - flight->started));
-  if (!pcm.ok()) {
+  absl::StatusOr<cache::Value> pcm(cache::Value{});
+  if (!synthesized.ok()) {
+    pcm = synthesized.status();
     metrics_->engine_errors
         .Add({{"engine", flight->engine},
-              {"code", std::string(absl::StatusCodeToString(pcm.status().code()))}})
+              {"code", std::string(absl::StatusCodeToString(synthesized.status().code()))}})
         .Increment();
-  } else if (!pcm->empty()) {
+  } else {
+    pcm = std::make_shared<const std::string>(*std::move(synthesized));
     // Stored before the flight leaves the table, so a caller that arrives in between finds the
-    // segment in the (in-process) cache instead of starting a second synthesis.
-    cache_->Set(key, *pcm, absl::ZeroDuration());
+    // segment in the (in-process) cache instead of starting a second synthesis. The cache and
+    // the waiting jobs share the one buffer.
+    if (!(*pcm)->empty()) cache_->Set(key, *pcm, absl::ZeroDuration());
   }
   absl::flat_hash_map<uint64_t, SegmentDone> waiters;
   {
@@ -795,14 +798,7 @@ void Synthesizer::FinishFlight(const std::shared_ptr<SegmentFlight>& flight, con
     waiters = std::move(flight->waiters);
     flight->waiters.clear();
   }
-  size_t left = waiters.size();
-  for (auto& [id, done] : waiters) {
-    if (--left == 0) {
-      std::move(done)(std::move(pcm), false);
-    } else {
-      std::move(done)(pcm, false);
-    }
-  }
+  for (auto& [id, done] : waiters) std::move(done)(pcm, false);
 }
 
 }  // namespace montage::speech

@@ -117,8 +117,9 @@ class Synthesizer {
   // Segments the engines were asked to synthesise (not served by the cache or a shared flight).
   uint64_t engine_calls() const;
 
-  // A segment's PCM, and whether it came from the cache.
-  using SegmentDone = absl::AnyInvocable<void(absl::StatusOr<std::string> pcm, bool cached) &&>;
+  // A segment's PCM (never null; shared with the in-process cache and every job that waited for
+  // the same segment), and whether it came from the cache.
+  using SegmentDone = absl::AnyInvocable<void(absl::StatusOr<cache::Value> pcm, bool cached) &&>;
   // Where CPU work runs (planning, encoding): the service's bounded executor.
   Executor& executor() const { return executor_; }
   const config::v1::SpeechConfig& config() const { return config_; }
@@ -143,7 +144,7 @@ class Synthesizer {
                                           const PlannedSegment& segment, absl::Time deadline,
                                           SegmentDone done);
   void FinishFlight(const std::shared_ptr<SegmentFlight>& flight, const std::string& key,
-                    absl::StatusOr<std::string> pcm);
+                    absl::StatusOr<std::string> synthesized);
   void Unregister(Job* job);
 
   const config::v1::SpeechConfig config_;
