@@ -1,5 +1,5 @@
 // espeak on more than one core. libespeak-ng keeps global state, so one process speaks one text at
-// a time; the pool adds worker processes (`montaged espeak-worker`, each its own libespeak-ng) to
+// a time; the pool adds worker processes (`montage-espeak-worker`, each its own libespeak-ng) to
 // the in-process engine, and hands each segment to whichever lane is free. A worker that dies
 // fails only the segment it had (UNAVAILABLE) and is started again for the next one.
 //
@@ -24,8 +24,9 @@ struct EspeakPoolOptions {
   EspeakOptions espeak;
   // Segments spoken at once: the in-process engine plus lanes - 1 worker processes.
   size_t lanes = 2;
-  // argv of a worker, e.g. {"/usr/bin/montaged", "espeak-worker"}; the data path is appended
-  // when EspeakOptions::data_path is set. Empty: no workers (one lane).
+  // argv of a worker, e.g. {"/usr/bin/montage-espeak-worker"} or {"/usr/bin/montaged",
+  // "espeak-worker"}; the data path is appended when EspeakOptions::data_path is set. Empty: no
+  // workers (one lane).
   std::vector<std::string> worker_command;
 };
 
@@ -38,10 +39,6 @@ absl::StatusOr<std::unique_ptr<TtsEngine>> NewEspeakPool(std::unique_ptr<TtsEngi
 // before starting services; test binaries do not). Empty: the speech service runs one lane.
 void SetEspeakWorkerCommand(std::vector<std::string> argv);
 std::vector<std::string> EspeakWorkerCommand();
-
-// A worker's life: frames in on fd 0, frames out on fd 1, until fd 0 closes. `data_path` as
-// EspeakOptions::data_path. Returns the process exit code.
-int RunEspeakWorker(const std::string& data_path);
 
 }  // namespace montage::speech
 

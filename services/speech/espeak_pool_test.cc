@@ -80,14 +80,16 @@ std::string Words(int n) {
   return text;
 }
 
-class EspeakPoolTest : public ::testing::Test {
+// Workers are the small program beside montaged (what montaged uses when it finds one), or
+// montaged itself (`montaged espeak-worker`, the fallback).
+class EspeakPoolTest : public ::testing::TestWithParam<std::vector<std::string>> {
  protected:
   void SetUp() override {
     absl::StatusOr<std::unique_ptr<TtsEngine>> local = NewEspeakEngine({});
     ASSERT_TRUE(local.ok()) << local.status();
     EspeakPoolOptions options;
     options.lanes = 2;
-    options.worker_command = {MONTAGED_PATH, "espeak-worker"};
+    options.worker_command = GetParam();
     absl::StatusOr<std::unique_ptr<TtsEngine>> pool = NewEspeakPool(*std::move(local), options);
     ASSERT_TRUE(pool.ok()) << pool.status();
     pool_ = *std::move(pool);
@@ -120,7 +122,7 @@ class EspeakPoolTest : public ::testing::Test {
   std::unique_ptr<TtsEngine> pool_;
 };
 
-TEST_F(EspeakPoolTest, SegmentsSpreadOverTheEngineAndAWorker) {
+TEST_P(EspeakPoolTest, SegmentsSpreadOverTheEngineAndAWorker) {
   EXPECT_EQ(pool_->max_concurrency(), 2u);
   std::vector<pid_t> workers = WorkerPids();
   ASSERT_EQ(workers.size(), 1u);
@@ -138,7 +140,7 @@ TEST_F(EspeakPoolTest, SegmentsSpreadOverTheEngineAndAWorker) {
   EXPECT_GT(CpuTicks(workers[0]), before);
 }
 
-TEST_F(EspeakPoolTest, AKilledWorkerFailsOnlyItsSegmentAndIsReplaced) {
+TEST_P(EspeakPoolTest, AKilledWorkerFailsOnlyItsSegmentAndIsReplaced) {
   std::vector<pid_t> workers = WorkerPids();
   ASSERT_EQ(workers.size(), 1u);
   // Two long texts: the first goes to the in-process engine, the second to the worker.
@@ -159,7 +161,7 @@ TEST_F(EspeakPoolTest, AKilledWorkerFailsOnlyItsSegmentAndIsReplaced) {
   EXPECT_NE(now[0], workers[0]);
 }
 
-TEST_F(EspeakPoolTest, CancelReportsCancelledAndShutdownEndsTheQueue) {
+TEST_P(EspeakPoolTest, CancelReportsCancelledAndShutdownEndsTheQueue) {
   std::vector<std::future<absl::StatusOr<std::string>>> futures;
   std::vector<std::shared_ptr<SynthesisHandle>> handles(6);
   for (int i = 0; i < 6; ++i) futures.push_back(Speak(Words(800), &handles[i]));
@@ -179,7 +181,7 @@ TEST_F(EspeakPoolTest, CancelReportsCancelledAndShutdownEndsTheQueue) {
   EXPECT_EQ(Get(late).status().code(), absl::StatusCode::kCancelled);
 }
 
-TEST_F(EspeakPoolTest, CancellingAWorkersSegmentFreesItsLane) {
+TEST_P(EspeakPoolTest, CancellingAWorkersSegmentFreesItsLane) {
   std::vector<pid_t> workers = WorkerPids();
   ASSERT_EQ(workers.size(), 1u);
   // The in-process lane is busy for a long while; the worker starts a long text too.
@@ -196,6 +198,15 @@ TEST_F(EspeakPoolTest, CancellingAWorkersSegmentFreesItsLane) {
   ASSERT_EQ(now.size(), 1u);
   EXPECT_NE(now[0], workers[0]);
 }
+
+INSTANTIATE_TEST_SUITE_P(Workers, EspeakPoolTest,
+                         ::testing::Values(std::vector<std::string>{ESPEAK_WORKER_PATH},
+                                           std::vector<std::string>{MONTAGED_PATH,
+                                                                    "espeak-worker"}),
+                         [](const ::testing::TestParamInfo<std::vector<std::string>>& info) {
+                           return info.param.size() == 1 ? std::string("WorkerProgram")
+                                                         : std::string("Montaged");
+                         });
 
 TEST(EspeakPoolSetupTest, WithoutAWorkerCommandTheEngineStaysInProcess) {
   absl::StatusOr<std::unique_ptr<TtsEngine>> local = NewEspeakEngine({});

@@ -367,8 +367,7 @@ class Job final : public SynthesisJob, public std::enable_shared_from_this<Job> 
                    std::llround(absl::ToDoubleSeconds(pause) * plan_.engine->sample_rate()));
   }
 
-  absl::Status Encode(std::vector<std::pair<cache::Value, absl::Duration>>& batch,
-                      bool finishing) {
+  absl::Status Encode(std::vector<std::pair<cache::Value, absl::Duration>>& batch, bool finishing) {
     for (auto& [pcm, pause] : batch) {
       RETURN_IF_ERROR(encoder_->Write(*pcm));
       pcm.reset();

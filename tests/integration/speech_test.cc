@@ -1,13 +1,17 @@
 // The speech service in a real montaged: audio decoded with libavformat, the segment cache across
 // calls, streaming, dialogue, the unary size limit, the http engine against the fake provider,
 // bad input, and the CLI's podcast command (the README's main job).
+#include <dirent.h>
+
 #include <fstream>
 #include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -30,6 +34,31 @@ std::unique_ptr<speechpb::SpeechService::Stub> Stub(const MontagedProcess& proce
       grpc::CreateCustomChannel(process.grpc_address(), grpc::InsecureChannelCredentials(), args));
 }
 
+// The names (comm) of the processes whose parent is `parent`.
+std::vector<std::string> ChildNames(pid_t parent) {
+  std::vector<std::string> names;
+  DIR* proc = opendir("/proc");
+  if (proc == nullptr) return names;
+  while (dirent* entry = readdir(proc)) {
+    int pid = 0;
+    if (!absl::SimpleAtoi(entry->d_name, &pid)) continue;
+    std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    // pid (comm) state ppid ...
+    const size_t open = line.find('(');
+    const size_t close = line.rfind(')');
+    if (open == std::string::npos || close == std::string::npos) continue;
+    int ppid = 0;
+    std::vector<std::string> rest = absl::StrSplit(line.substr(close + 2), ' ');
+    if (rest.size() > 1 && absl::SimpleAtoi(rest[1], &ppid) && ppid == parent) {
+      names.push_back(line.substr(open + 1, close - open - 1));
+    }
+  }
+  closedir(proc);
+  return names;
+}
+
 std::string Script(int sentences) {
   std::string text;
   for (int i = 0; i < sentences; ++i) {
@@ -49,6 +78,9 @@ TEST(SpeechIntegrationTest, SynthesizeCachesSegmentsAcrossCalls) {
   auto process = MontagedProcess::Start({"speech"});
   ASSERT_TRUE(process.ok()) << process.status();
   auto stub = Stub(**process);
+  // The espeak pool's second lane is the small worker program built beside montaged (the kernel
+  // keeps 15 characters of a process name).
+  EXPECT_THAT(ChildNames((*process)->pid()), ::testing::Contains("montage-espeak-"));
 
   speechpb::SynthesizeRequest request;
   request.set_text(Script(8));
