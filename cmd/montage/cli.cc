@@ -1,7 +1,15 @@
 #include "cmd/montage/cli.h"
 
+#include <fcntl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
@@ -20,6 +28,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
+#include "cmd/montage/raw_audio_chunk.h"
 #include "common/status.h"
 #include "common/wav.h"
 #include "google/protobuf/util/json_util.h"
@@ -28,6 +37,7 @@
 #include "google/rpc/status.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/security/credentials.h"
 #include "montage/cache/v1/cache.grpc.pb.h"
 #include "montage/generation/v1/generation.grpc.pb.h"
@@ -690,44 +700,102 @@ struct StreamedAudio {
 // and the file gets a WAV header, written last since it needs their length: the file is the one
 // the unary answer would be, but no whole copy of it is held and writing overlaps synthesis.
 // A failed call leaves no file. Returns the exit code (errors already printed).
-int StreamAudio(const Options& o, speechpb::SpeechService::Stub& stub, grpc::ClientContext& ctx,
-                speechpb::SynthesizeRequest req, bool wav, StreamedAudio& got, std::ostream& err) {
+int StreamAudio(const Options& o, const std::shared_ptr<grpc::Channel>& channel,
+                grpc::ClientContext& ctx, speechpb::SynthesizeRequest req, bool wav,
+                StreamedAudio& got, std::ostream& err) {
   if (wav) req.set_format(speechpb::PCM);
   const absl::Time start = absl::Now();
-  std::ofstream f(o.out_path, std::ios::binary | std::ios::trunc);
-  if (!f) {
-    err << "montage: cannot write " << o.out_path << "\n";
+  const int fd = open(o.out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    err << "montage: cannot write " << o.out_path << ": " << strerror(errno) << "\n";
     return 1;
   }
-  if (wav) f.write(std::string(kWavHeaderBytes, '\0').data(), kWavHeaderBytes);
-  auto reader = stub.StreamSynthesize(&ctx, req);
-  speechpb::AudioChunk chunk;
-  while (reader->Read(&chunk)) {
-    if (!got.first) got.first = absl::Now() - start;
-    f.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
-    got.bytes += chunk.data().size();
-    if (chunk.sample_rate() != 0) got.summary.set_sample_rate(chunk.sample_rate());
-    if (chunk.last()) {
-      *got.summary.mutable_duration() = chunk.duration();
-      got.summary.set_segments(chunk.segments());
-      got.summary.set_segments_from_cache(chunk.segments_from_cache());
+  // Why the call was given up on our side (the file), if it was.
+  std::string failure;
+  const std::string placeholder(kWavHeaderBytes, '\0');  // the header, once the length is known
+  if (wav && write(fd, placeholder.data(), placeholder.size()) != kWavHeaderBytes) {
+    failure = absl::StrCat("cannot write ", o.out_path, ": ", strerror(errno));
+  }
+
+  // The call one step at a time on a completion queue of its own.
+  grpc::GenericStub generic(channel);
+  grpc::CompletionQueue cq;
+  auto step = [&cq](intptr_t tag) {
+    void* got_tag = nullptr;
+    bool ok = false;
+    return cq.Next(&got_tag, &ok) && ok && got_tag == reinterpret_cast<void*>(tag);
+  };
+  auto give_up = [&](std::string why) {
+    if (failure.empty()) failure = std::move(why);
+    ctx.TryCancel();
+  };
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call = generic.PrepareCall(
+      &ctx, absl::StrCat("/", speechpb::SpeechService::service_full_name(), "/StreamSynthesize"),
+      &cq);
+  call->StartCall(reinterpret_cast<void*>(1));
+  grpc::ByteBuffer buffer;
+  bool own = false;
+  bool sent = false;
+  if (!failure.empty()) {
+    ctx.TryCancel();
+  } else if (!grpc::SerializationTraits<speechpb::SynthesizeRequest>::Serialize(req, &buffer, &own)
+                  .ok()) {
+    give_up("cannot encode the request");
+  } else if (step(1)) {
+    call->WriteLast(buffer, grpc::WriteOptions(), reinterpret_cast<void*>(2));
+    sent = step(2);
+  }
+  if (sent) {
+    RawAudioChunk chunk;
+    for (;;) {
+      call->Read(&buffer, reinterpret_cast<void*>(3));
+      if (!step(3)) break;
+      if (!failure.empty()) continue;  // cancelled: the next Read ends the call
+      if (!chunk.Parse(buffer)) {
+        give_up("the speech service sent a malformed audio chunk");
+        continue;
+      }
+      if (!got.first) got.first = absl::Now() - start;
+      if (!chunk.WriteAudio(fd)) {
+        give_up(absl::StrCat("cannot write ", o.out_path, ": ", strerror(errno)));
+        continue;
+      }
+      got.bytes += chunk.audio_bytes();
+      // gRPC's buffers go back to the allocator before the next read asks for new ones.
+      chunk.Release();
+      buffer.Clear();
+      const speechpb::AudioChunk& meta = chunk.meta();
+      if (meta.sample_rate() != 0) got.summary.set_sample_rate(meta.sample_rate());
+      if (meta.last()) {
+        *got.summary.mutable_duration() = meta.duration();
+        got.summary.set_segments(meta.segments());
+        got.summary.set_segments_from_cache(meta.segments_from_cache());
+      }
     }
   }
-  grpc::Status s = reader->Finish();
-  if (s.ok() && wav) {
+  grpc::Status s;
+  call->Finish(&s, reinterpret_cast<void*>(4));
+  // Every tag (the start included, if it was never waited for) comes out of the drain below.
+  cq.Shutdown();
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq.Next(&tag, &ok)) {
+  }
+  if (s.ok() && failure.empty() && wav) {
     const std::string header = WavHeader(got.summary.sample_rate(), got.bytes);
-    f.seekp(0);
-    f.write(header.data(), static_cast<std::streamsize>(header.size()));
+    if (pwrite(fd, header.data(), header.size(), 0) != static_cast<ssize_t>(header.size())) {
+      failure = absl::StrCat("cannot write ", o.out_path, ": ", strerror(errno));
+    }
   }
-  f.close();
-  if (!s.ok()) {
-    std::remove(o.out_path.c_str());
-    return Fail(err, s, o.json);
+  if (close(fd) != 0 && failure.empty()) {
+    failure = absl::StrCat("cannot write ", o.out_path, ": ", strerror(errno));
   }
-  if (!f) {
-    err << "montage: cannot write " << o.out_path << "\n";
+  if (!failure.empty() || !s.ok()) std::remove(o.out_path.c_str());
+  if (!failure.empty()) {
+    err << "montage: " << failure << "\n";
     return 1;
   }
+  if (!s.ok()) return Fail(err, s, o.json);
   return 0;
 }
 
@@ -762,7 +830,8 @@ int Speak(const Options& o, Client& client, std::istream& in, std::ostream& out,
   if (o.stream || *format == speechpb::WAV) {
     StreamedAudio got;
     const bool wav = *format == speechpb::WAV && !o.stream;
-    if (int code = StreamAudio(o, *stub, ctx, std::move(req), wav, got, err); code != 0) {
+    if (int code = StreamAudio(o, client.channel(), ctx, std::move(req), wav, got, err);
+        code != 0) {
       return code;
     }
     if (wav) {
