@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -95,10 +96,12 @@ class EspeakPool final : public TtsEngine {
     {
       absl::MutexLock lock(&mu_);
       for (Worker& w : workers_) {
-        if (absl::Status s = Spawn(w); !s.ok()) {
+        absl::StatusOr<Process> process = StartProcess();
+        if (!process.ok()) {
           for (Worker& started : workers_) Stop(started);
-          return s;
+          return process.status();
         }
+        Install(w, *process);
       }
     }
     thread_ = std::thread([this] { Poll(); });
@@ -180,6 +183,11 @@ class EspeakPool final : public TtsEngine {
     bool in_body = false;
     std::string body;
     size_t body_len = 0;
+    // A worker that died is started again by the poll thread, outside the lock; a failed start
+    // is tried again after options_.respawn_delay.
+    bool starting = false;
+    bool start_failed = false;
+    absl::Time start_after = absl::InfinitePast();
 
     void ClearResponse() {
       head_len = 0;
@@ -189,7 +197,13 @@ class EspeakPool final : public TtsEngine {
     }
   };
 
-  absl::Status Spawn(Worker& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  struct Process {
+    pid_t pid = -1;
+    int fd = -1;  // our end of its socketpair, non-blocking
+  };
+
+  // Starts a worker process (touches nothing but options_, which never changes).
+  absl::StatusOr<Process> StartProcess() const {
     int fds[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
       return absl::InternalError(absl::StrCat("socketpair: ", strerror(errno)));
@@ -213,12 +227,51 @@ class EspeakPool final : public TtsEngine {
           absl::StrCat("cannot start an espeak worker (", args[0], "): ", strerror(spawned)));
     }
     fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK);
-    w.pid = pid;
-    w.fd = fds[0];
+    return Process{pid, fds[0]};
+  }
+
+  void Install(Worker& w, const Process& process) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    w.pid = process.pid;
+    w.fd = process.fd;
     w.out.clear();
     w.out_offset = 0;
     w.ClearResponse();
-    return absl::OkStatus();
+  }
+
+  // Starts the workers that died (on the poll thread, with mu_ released while each process
+  // starts, so a caller handing in a segment never waits for a fork and exec).
+  void RespawnDeadWorkers() ABSL_LOCKS_EXCLUDED(mu_) {
+    std::vector<Worker*> dead;
+    {
+      absl::MutexLock lock(&mu_);
+      const absl::Time now = absl::Now();
+      for (Worker& w : workers_) {
+        if (w.fd < 0 && !w.starting && now >= w.start_after) {
+          w.starting = true;
+          dead.push_back(&w);
+        }
+      }
+    }
+    for (Worker* w : dead) {
+      absl::StatusOr<Process> process = StartProcess();
+      absl::MutexLock lock(&mu_);
+      w->starting = false;
+      if (!process.ok()) {
+        if (!w->start_failed) {  // said once, not at every try
+          LogWarning("espeak pool: cannot start a worker; its lane waits and tries again",
+                     {{"error", std::string(process.status().message())}});
+        }
+        w->start_failed = true;
+        w->start_after = absl::Now() + options_.respawn_delay;
+        continue;
+      }
+      if (w->start_failed) LogInfo("espeak pool: a worker started again");
+      w->start_failed = false;
+      Install(*w, *process);
+      if (stopping_) Stop(*w);
+    }
+    // Segments may be waiting for the lanes that came back: the poll loop hands them out.
+    if (!dead.empty()) Wake();
   }
 
   // Closes the socket (the worker exits on EOF) and reaps the process.
@@ -261,8 +314,7 @@ class EspeakPool final : public TtsEngine {
       }
       Worker* free = nullptr;
       for (Worker& w : workers_) {
-        if (w.job == nullptr) {
-          if (w.fd < 0 && !Spawn(w).ok()) continue;  // respawn a worker that died
+        if (w.job == nullptr && w.fd >= 0) {  // a dead one is started again by the poll thread
           free = &w;
           break;
         }
@@ -326,15 +378,25 @@ class EspeakPool final : public TtsEngine {
       owners.clear();
       fds.push_back({wake_fd_, POLLIN, 0});
       owners.push_back(nullptr);
+      RespawnDeadWorkers();
       int timeout_ms = -1;
+      auto wake_within = [&timeout_ms](int ms) {
+        timeout_ms = timeout_ms < 0 ? ms : std::min(timeout_ms, ms);
+      };
       {
         absl::MutexLock lock(&mu_);
         if (stopping_) return;
         for (Worker& w : workers_) {
-          if (w.fd < 0) continue;
+          if (w.fd < 0) {
+            // One whose start failed is tried again when its delay is over.
+            wake_within(static_cast<int>(
+                std::clamp<int64_t>(absl::ToInt64Milliseconds(w.start_after - absl::Now()) + 1, 0,
+                                    absl::ToInt64Milliseconds(options_.respawn_delay))));
+            continue;
+          }
           // A busy worker is looked at every so often: its segment may have been cancelled or
           // be long past its deadline.
-          if (w.job != nullptr) timeout_ms = kBusyCheckMs;
+          if (w.job != nullptr) wake_within(kBusyCheckMs);
           short events = POLLIN;
           if (w.out_offset < w.out.size()) events |= POLLOUT;
           fds.push_back({w.fd, events, 0});

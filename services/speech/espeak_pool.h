@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "services/speech/espeak_engine.h"
 #include "services/speech/tts_engine.h"
 
@@ -28,6 +29,10 @@ struct EspeakPoolOptions {
   // "espeak-worker"}; the data path is appended when EspeakOptions::data_path is set. Empty: no
   // workers (one lane).
   std::vector<std::string> worker_command;
+  // A worker that dies is started again at once by the pool's poll thread; if that start fails
+  // (the program is gone), the worker's lane waits this long before the next try, and segments
+  // go to the other lanes meanwhile.
+  absl::Duration respawn_delay = absl::Seconds(1);
 };
 
 // Wraps `local` (an espeak engine in this process) in a pool. FAILED_PRECONDITION when the first

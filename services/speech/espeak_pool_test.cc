@@ -21,6 +21,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "services/speech/testing/audio_probe.h"
+#include "tests/testing/eventually.h"
 
 namespace montage::speech {
 namespace {
@@ -218,6 +219,59 @@ TEST(EspeakPoolSetupTest, WithoutAWorkerCommandTheEngineStaysInProcess) {
   ASSERT_TRUE(pool.ok());
   EXPECT_EQ(pool->get(), raw);
   EXPECT_EQ((*pool)->max_concurrency(), 1u);
+}
+
+TEST(EspeakPoolRespawnTest, ALaneWhoseWorkerCannotBeRestartedIsTriedAgainLater) {
+  // The worker program is a link in a directory of the test's own: without the link, starts fail.
+  char dir_template[] = "/tmp/espeak_pool_testXXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  const std::string dir = dir_template;
+  const std::string link = dir + "/montage-espeak-worker";
+  ASSERT_EQ(symlink(ESPEAK_WORKER_PATH, link.c_str()), 0);
+  absl::StatusOr<std::unique_ptr<TtsEngine>> local = NewEspeakEngine({});
+  ASSERT_TRUE(local.ok()) << local.status();
+  EspeakPoolOptions options;
+  options.lanes = 2;
+  options.worker_command = {link};
+  options.respawn_delay = absl::Milliseconds(20);
+  absl::StatusOr<std::unique_ptr<TtsEngine>> pool = NewEspeakPool(*std::move(local), options);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  auto speak = [&pool](int words) {
+    auto promise = std::make_shared<std::promise<absl::StatusOr<std::string>>>();
+    std::future<absl::StatusOr<std::string>> future = promise->get_future();
+    Segment segment;
+    segment.text = Words(words);
+    (*pool)->Synthesize(
+        std::move(segment), absl::Now() + absl::Seconds(60),
+        [promise](absl::StatusOr<std::string> pcm) { promise->set_value(std::move(pcm)); });
+    return future;
+  };
+  std::vector<pid_t> workers = WorkerPids();
+  ASSERT_EQ(workers.size(), 1u);
+
+  ASSERT_EQ(unlink(link.c_str()), 0);
+  kill(workers[0], SIGKILL);
+  EXPECT_TRUE(montage::testing::Eventually([] { return WorkerPids().empty(); }));
+  // No worker can start: the in-process lane speaks everything.
+  for (int i = 0; i < 3; ++i) {
+    std::future<absl::StatusOr<std::string>> f = speak(40);
+    ASSERT_EQ(f.wait_for(std::chrono::seconds(60)), std::future_status::ready);
+    EXPECT_TRUE(f.get().ok());
+  }
+  EXPECT_TRUE(WorkerPids().empty());
+
+  // The program is back: the lane's next try starts a worker, and both lanes speak again.
+  ASSERT_EQ(symlink(ESPEAK_WORKER_PATH, link.c_str()), 0);
+  EXPECT_TRUE(montage::testing::Eventually([] { return WorkerPids().size() == 1; }));
+  std::vector<std::future<absl::StatusOr<std::string>>> futures;
+  for (int i = 0; i < 4; ++i) futures.push_back(speak(40));
+  for (auto& f : futures) {
+    ASSERT_EQ(f.wait_for(std::chrono::seconds(60)), std::future_status::ready);
+    EXPECT_TRUE(f.get().ok());
+  }
+  (*pool)->Shutdown();
+  unlink(link.c_str());
+  rmdir(dir.c_str());
 }
 
 TEST(EspeakPoolSetupTest, AWorkerThatCannotStartIsFailedPrecondition) {
