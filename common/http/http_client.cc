@@ -36,6 +36,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/random/random.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
@@ -203,6 +204,9 @@ struct ParsedUrl {
   std::string port;
   std::string authority;
   std::string path;
+  // "Basic ..." from the URL's user and password (percent-decoded), as libcurl sends them; empty
+  // when the URL has no user.
+  std::string basic_authorization;
 };
 
 // Messages do not echo the URL: its query may carry a key.
@@ -235,6 +239,19 @@ absl::StatusOr<ParsedUrl> ParseUrl(const std::string& url) {
     parsed.authority = absl::StrCat(parsed.host, ":", port);
   } else {
     parsed.authority = parsed.host;
+  }
+  if (std::string user; get(CURLUPART_USER, user)) {
+    std::string password;
+    (void)get(CURLUPART_PASSWORD, password);
+    auto decoded = [](const std::string& text) {
+      int length = 0;
+      char* raw = curl_easy_unescape(nullptr, text.c_str(), static_cast<int>(text.size()), &length);
+      std::string out = raw == nullptr ? text : std::string(raw, static_cast<size_t>(length));
+      curl_free(raw);
+      return out;
+    };
+    parsed.basic_authorization = absl::StrCat(
+        "Basic ", absl::Base64Escape(absl::StrCat(decoded(user), ":", decoded(password))));
   }
   for (CURLUPart part : {CURLUPART_USER, CURLUPART_PASSWORD, CURLUPART_OPTIONS, CURLUPART_QUERY,
                          CURLUPART_FRAGMENT}) {
@@ -360,6 +377,7 @@ struct Call final : internal::H2cStreamSink {
   bool via_h2c = false;
   internal::H2cTarget h2c_target;
   std::string h2c_path;
+  std::string h2c_authorization;  // from the URL's credentials, unless the request has its own
   std::string span_name;
   bool inject_trace_context = true;
   PeerMetrics* metrics = nullptr;
@@ -802,6 +820,9 @@ void HttpClientImpl::Submit(std::unique_ptr<Call> owned) {
     call.via_h2c = true;
     call.h2c_target = internal::H2cTarget{url->host, url->port, url->authority};
     call.h2c_path = std::move(url->path);
+    if (!FindHeader(call.request.headers, "authorization").has_value()) {
+      call.h2c_authorization = std::move(url->basic_authorization);
+    }
   }
   if (absl::Status valid = ValidateRequest(call.request); !valid.ok()) {
     return Finish(
@@ -994,6 +1015,9 @@ absl::Status HttpClientImpl::StartH2cStream(Call& call) {
   request.headers = &call.request.headers;
   request.body = call.request.body;
   request.connect_timeout = call.request.connect_timeout;
+  if (!call.h2c_authorization.empty()) {
+    request.extra_headers.emplace_back("authorization", call.h2c_authorization);
+  }
   if (call.inject_trace_context && call.span.context().IsValid()) {
     telemetry::Inject(call.span.context(), [&](absl::string_view name, absl::string_view value) {
       request.extra_headers.emplace_back(std::string(name), std::string(value));

@@ -11,7 +11,8 @@
 // max_concurrent_streams and the server's SETTINGS_MAX_CONCURRENT_STREAMS, then another one is
 // opened (up to max_connections_per_host; past that, nghttp2 queues the request on the least busy
 // connection until a stream ends; HttpClientOptions::max_total_connections does not apply here).
-// Credentials in the URL are not sent. Host names resolve through libevent's asynchronous resolver
+// Credentials in the URL go as Basic authorization (HttpClient adds the header, as libcurl would,
+// unless the request has its own). Host names resolve through libevent's asynchronous resolver
 // (evdns reads /etc/resolv.conf and /etc/hosts), each address tried in turn; nothing here
 // blocks.
 //
