@@ -177,6 +177,52 @@ TEST(SpeechIntegrationTest, StreamSendsChunksThenALastOneWithTheDuration) {
   EXPECT_EQ((*process)->Stop().exit_code, 0) << (*process)->log();
 }
 
+// Calls cancelled as they start: the cancel lands while the call is planned (a text near
+// speech.max_text_bytes takes a while to segment), or as its first segments start. Each ends as
+// CANCELLED, nothing crashes, and the service answers the next call.
+TEST(SpeechIntegrationTest, CallsCancelledAsTheyStartEndQuietly) {
+  auto process = MontagedProcess::Start({"speech"});
+  ASSERT_TRUE(process.ok()) << process.status();
+  auto stub = Stub(**process);
+  speechpb::SynthesizeRequest big;
+  while (big.text().size() < (900u << 10)) *big.mutable_text() += Script(50);
+  big.set_format(speechpb::PCM);
+  for (int i = 0; i < 10; ++i) {
+    grpc::ClientContext stream_ctx;
+    WithDeadline(stream_ctx, absl::Seconds(60));
+    auto reader = stub->StreamSynthesize(&stream_ctx, big);
+    stream_ctx.TryCancel();
+    speechpb::AudioChunk chunk;
+    while (reader->Read(&chunk)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+
+    grpc::ClientContext unary_ctx;
+    WithDeadline(unary_ctx, absl::Seconds(60));
+    speechpb::SynthesizeResponse response;
+    grpc::CompletionQueue cq;
+    auto call = stub->AsyncSynthesize(&unary_ctx, big, &cq);
+    grpc::Status status;
+    call->Finish(&response, &status, reinterpret_cast<void*>(1));
+    unary_ctx.TryCancel();
+    void* tag = nullptr;
+    bool ok = false;
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED);
+    cq.Shutdown();
+    while (cq.Next(&tag, &ok)) {
+    }
+  }
+  speechpb::SynthesizeRequest small;
+  small.set_text(Script(2));
+  small.set_format(speechpb::WAV);
+  speechpb::SynthesizeResponse answer;
+  grpc::Status s = Synthesize(*stub, small, &answer);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(answer.segments(), 2u);
+  EXPECT_EQ((*process)->Stop().exit_code, 0) << (*process)->log();
+}
+
 TEST(SpeechIntegrationTest, DialogueVoicesAndLimits) {
   auto process = MontagedProcess::Start(
       {"speech", "--set=speech.max_unary_audio_bytes=200KiB", "--set=speech.max_text_bytes=4KiB"});
