@@ -21,6 +21,11 @@ namespace montage::cli {
 
 class RawAudioChunk {
  public:
+  RawAudioChunk() = default;
+  // Not copyable: the audio spans point into slices_ (small slices keep their bytes inline).
+  RawAudioChunk(const RawAudioChunk&) = delete;
+  RawAudioChunk& operator=(const RawAudioChunk&) = delete;
+
   // Reads `buffer` (kept referenced until Release or the next Parse). False if the bytes are not
   // a well-formed AudioChunk.
   bool Parse(grpc::ByteBuffer& buffer);

@@ -39,6 +39,7 @@ class InProcessCacheClient final : public CacheClient {
   }
 
   void Set(const std::string& key, Value value, absl::Duration ttl) override {
+    if (value == nullptr) return;  // nothing to store, as the remote client does
     std::optional<absl::Duration> t;
     if (ttl > absl::ZeroDuration()) t = ttl;
     (void)engine_->Set(ns_, key, std::move(value), t);

@@ -26,8 +26,8 @@ class CacheClient {
   virtual ~CacheClient() = default;
   // `done` runs once, on any thread, possibly before Get returns.
   virtual void Get(const std::string& key, GetCallback done) = 0;
-  // Fire and forget; failures are counted, not reported. A zero ttl means the default. The
-  // caller must not change the value afterwards.
+  // Fire and forget; failures are counted, not reported. A zero ttl means the default; a null
+  // value is ignored. The caller must not change the value afterwards.
   virtual void Set(const std::string& key, Value value, absl::Duration ttl) = 0;
   virtual absl::string_view kind() const = 0;
   // Cancels calls in flight and waits for their callbacks; later calls fail at once (Get) or are

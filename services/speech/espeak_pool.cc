@@ -183,10 +183,12 @@ class EspeakPool final : public TtsEngine {
     bool in_body = false;
     std::string body;
     size_t body_len = 0;
-    // A worker that died is started again by the poll thread, outside the lock; a failed start
-    // is tried again after options_.respawn_delay.
+    // A worker that died is started again by the poll thread, outside the lock, at once; after
+    // a failed start, or a worker that ended before its first answer, only after
+    // options_.respawn_delay (a broken installation is not restarted in a loop).
     bool starting = false;
-    bool start_failed = false;
+    bool answered = false;  // this process has sent an answer
+    bool failing = false;   // the lane's last start failed or ended before an answer
     absl::Time start_after = absl::InfinitePast();
 
     void ClearResponse() {
@@ -233,6 +235,7 @@ class EspeakPool final : public TtsEngine {
   void Install(Worker& w, const Process& process) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     w.pid = process.pid;
     w.fd = process.fd;
+    w.answered = false;
     w.out.clear();
     w.out_offset = 0;
     w.ClearResponse();
@@ -244,6 +247,7 @@ class EspeakPool final : public TtsEngine {
     std::vector<Worker*> dead;
     {
       absl::MutexLock lock(&mu_);
+      if (stopping_) return;
       const absl::Time now = absl::Now();
       for (Worker& w : workers_) {
         if (w.fd < 0 && !w.starting && now >= w.start_after) {
@@ -257,16 +261,9 @@ class EspeakPool final : public TtsEngine {
       absl::MutexLock lock(&mu_);
       w->starting = false;
       if (!process.ok()) {
-        if (!w->start_failed) {  // said once, not at every try
-          LogWarning("espeak pool: cannot start a worker; its lane waits and tries again",
-                     {{"error", std::string(process.status().message())}});
-        }
-        w->start_failed = true;
-        w->start_after = absl::Now() + options_.respawn_delay;
+        Failing(*w, "cannot start an espeak worker", process.status().message());
         continue;
       }
-      if (w->start_failed) LogInfo("espeak pool: a worker started again");
-      w->start_failed = false;
       Install(*w, *process);
       if (stopping_) Stop(*w);
     }
@@ -432,7 +429,7 @@ class EspeakPool final : public TtsEngine {
 
   // A worker still speaking a cancelled segment, or one far past its deadline (the worker stops
   // at the deadline itself; this is for one that hangs), is killed so that its lane serves the
-  // next segment; a new worker is started when one is needed.
+  // next segment; the poll loop starts a new worker at once.
   void ReclaimStuckWorkers(
       std::vector<std::pair<std::shared_ptr<PoolJob>, absl::StatusOr<std::string>>>& finished)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -476,15 +473,7 @@ class EspeakPool final : public TtsEngine {
       if (n < 0 && errno == EINTR) continue;
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
       if (n <= 0) {
-        // The worker is gone: its segment fails, and a new worker takes the next one.
-        LogWarning("espeak pool: a worker exited; starting another for the next segment",
-                   {{"pid", static_cast<int64_t>(w.pid)}});
-        if (w.job != nullptr) {
-          finished.emplace_back(std::move(w.job),
-                                absl::UnavailableError("the espeak worker process exited"));
-        }
-        w.job = nullptr;
-        Stop(w);
+        Lost(w, absl::UnavailableError("the espeak worker process exited"), finished);
         return;
       }
       if (!w.in_body) {
@@ -492,12 +481,7 @@ class EspeakPool final : public TtsEngine {
         if (w.head_len < kWorkerResponseHeader) continue;
         const uint32_t length = GetU32(w.head);
         if (length < 4 || length > kMaxWorkerFrame) {
-          if (w.job != nullptr) {
-            finished.emplace_back(std::move(w.job),
-                                  absl::InternalError("an espeak worker sent a bad frame"));
-          }
-          w.job = nullptr;
-          Stop(w);
+          Lost(w, absl::InternalError("an espeak worker sent a bad frame"), finished);
           return;
         }
         w.in_body = true;
@@ -515,7 +499,40 @@ class EspeakPool final : public TtsEngine {
       w.ClearResponse();
       if (w.job != nullptr) finished.emplace_back(std::move(w.job), std::move(result));
       w.job = nullptr;
+      w.answered = true;
+      if (w.failing) LogInfo("espeak pool: a worker lane works again");
+      w.failing = false;
     }
+  }
+
+  // A worker died or broke the protocol: its segment fails with `why`, and the worker is started
+  // again (at once if it had answered before; see Worker::start_after).
+  void Lost(Worker& w, absl::Status why,
+            std::vector<std::pair<std::shared_ptr<PoolJob>, absl::StatusOr<std::string>>>& finished)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (w.job != nullptr) finished.emplace_back(std::move(w.job), why);
+    w.job = nullptr;
+    const int64_t pid = w.pid;
+    const bool answered = w.answered;
+    Stop(w);
+    if (answered) {
+      LogWarning("espeak pool: a worker ended; starting another",
+                 {{"pid", pid}, {"error", std::string(why.message())}});
+    } else {
+      Failing(w, "an espeak worker ended before its first answer", why.message());
+    }
+  }
+
+  // The lane's worker cannot start or ends before it answers: said once, tried again after
+  // respawn_delay.
+  void Failing(Worker& w, absl::string_view what, absl::string_view error)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!w.failing) {
+      LogWarning(absl::StrCat("espeak pool: ", what, "; its lane waits and tries again"),
+                 {{"error", std::string(error)}});
+    }
+    w.failing = true;
+    w.start_after = absl::Now() + options_.respawn_delay;
   }
 
   std::unique_ptr<TtsEngine> local_;
@@ -536,7 +553,9 @@ class EspeakPool final : public TtsEngine {
 absl::StatusOr<std::unique_ptr<TtsEngine>> NewEspeakPool(std::unique_ptr<TtsEngine> local,
                                                          const EspeakPoolOptions& options) {
   if (options.lanes <= 1 || options.worker_command.empty()) return local;
-  auto pool = std::make_unique<EspeakPool>(std::move(local), options);
+  EspeakPoolOptions checked = options;
+  checked.respawn_delay = std::max(checked.respawn_delay, absl::Milliseconds(1));
+  auto pool = std::make_unique<EspeakPool>(std::move(local), std::move(checked));
   if (absl::Status s = pool->Start(); !s.ok()) return s;
   return pool;
 }

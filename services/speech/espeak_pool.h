@@ -1,7 +1,8 @@
 // espeak on more than one core. libespeak-ng keeps global state, so one process speaks one text at
 // a time; the pool adds worker processes (`montage-espeak-worker`, each its own libespeak-ng) to
 // the in-process engine, and hands each segment to whichever lane is free. A worker that dies
-// fails only the segment it had (UNAVAILABLE) and is started again for the next one.
+// fails only the segment it had (UNAVAILABLE) and is started again at once by the pool's poll
+// thread (after respawn_delay when it could not start or ended before its first answer).
 //
 // The parent talks to each worker over a socketpair with length-prefixed frames; one thread
 // polls every worker socket (it never waits on any single one), and the in-process lane keeps
@@ -29,9 +30,10 @@ struct EspeakPoolOptions {
   // "espeak-worker"}; the data path is appended when EspeakOptions::data_path is set. Empty: no
   // workers (one lane).
   std::vector<std::string> worker_command;
-  // A worker that dies is started again at once by the pool's poll thread; if that start fails
-  // (the program is gone), the worker's lane waits this long before the next try, and segments
-  // go to the other lanes meanwhile.
+  // A worker that dies is started again at once by the pool's poll thread. If that start fails
+  // (the program is gone), or the worker ends before its first answer (a missing library, a
+  // crash at start-up), the lane waits this long before the next try, and segments go to the
+  // other lanes meanwhile. At least 1 ms.
   absl::Duration respawn_delay = absl::Seconds(1);
 };
 

@@ -274,6 +274,46 @@ TEST(EspeakPoolRespawnTest, ALaneWhoseWorkerCannotBeRestartedIsTriedAgainLater) 
   rmdir(dir.c_str());
 }
 
+// A worker program that starts but ends at once (a missing library, a crash at start-up) is not
+// restarted in a loop: its lane waits respawn_delay (an hour here) after it ended unanswered.
+TEST(EspeakPoolRespawnTest, AWorkerThatEndsBeforeAnsweringIsNotRestartedInALoop) {
+  char dir_template[] = "/tmp/espeak_pool_testXXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  const std::string starts = std::string(dir_template) + "/starts";
+  absl::StatusOr<std::unique_ptr<TtsEngine>> local = NewEspeakEngine({});
+  ASSERT_TRUE(local.ok()) << local.status();
+  EspeakPoolOptions options;
+  options.lanes = 2;
+  options.worker_command = {"/bin/sh", "-c", absl::StrCat("echo started >> ", starts, "; exit 1")};
+  options.respawn_delay = absl::Hours(1);
+  absl::StatusOr<std::unique_ptr<TtsEngine>> pool = NewEspeakPool(*std::move(local), options);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  auto start_count = [&starts] {
+    std::ifstream in(starts);
+    int lines = 0;
+    for (std::string line; std::getline(in, line);) ++lines;
+    return lines;
+  };
+  ASSERT_TRUE(montage::testing::Eventually([&] { return start_count() >= 1; }));
+  // Segments are still spoken, by the in-process lane.
+  for (int i = 0; i < 3; ++i) {
+    auto promise = std::make_shared<std::promise<absl::StatusOr<std::string>>>();
+    std::future<absl::StatusOr<std::string>> future = promise->get_future();
+    Segment segment;
+    segment.text = Words(30);
+    (*pool)->Synthesize(
+        std::move(segment), absl::Now() + absl::Seconds(60),
+        [promise](absl::StatusOr<std::string> pcm) { promise->set_value(std::move(pcm)); });
+    ASSERT_EQ(future.wait_for(std::chrono::seconds(60)), std::future_status::ready);
+    EXPECT_TRUE(future.get().ok());
+  }
+  // Restarted at once, the broken program would have run hundreds of times by now.
+  EXPECT_EQ(start_count(), 1);
+  (*pool)->Shutdown();
+  unlink(starts.c_str());
+  rmdir(dir_template);
+}
+
 TEST(EspeakPoolSetupTest, AWorkerThatCannotStartIsFailedPrecondition) {
   absl::StatusOr<std::unique_ptr<TtsEngine>> local = NewEspeakEngine({});
   ASSERT_TRUE(local.ok()) << local.status();

@@ -648,8 +648,9 @@ void FakeLlmServer::ServeProvider(const IncomingRequest& request,
     switch (provider) {
       case Provider::kOpenAi:
       case Provider::kOpenAiSpeech: {
+        // The bearer token; with another scheme (a proxy's Basic credentials), the whole value.
         const std::string authorization = request.Header("authorization");
-        if (absl::StartsWith(authorization, "Bearer ")) key = authorization.substr(7);
+        key = absl::StartsWith(authorization, "Bearer ") ? authorization.substr(7) : authorization;
         break;
       }
       case Provider::kGemini: {

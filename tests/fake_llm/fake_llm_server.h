@@ -174,6 +174,8 @@ class FakeLlmServer {
   void set_chunk_interval(absl::Duration interval);
   // Empty accepts any key. A wrong or missing key is answered 401 (Gemini: 400 INVALID_ARGUMENT
   // "API key not valid"), in the provider's error shape. Speech checks the Bearer key as OpenAI.
+  // OpenAI shapes: the key is the bearer token, or the whole Authorization value when its scheme
+  // is another ("Basic dXNlcjpwYXNz", as a proxy in front of a server would want it).
   void set_expected_key(std::string key);
   // The text of answers to requests that ask for JSON; empty means {"ok":true}.
   void set_json_answer(std::string text);

@@ -19,6 +19,7 @@
 #include "services/speech/testing/audio_probe.h"
 #include "tests/fake_llm/fake_llm_server.h"
 #include "tests/integration/montaged_process.h"
+#include "tests/testing/eventually.h"
 
 namespace montage::testing {
 namespace {
@@ -75,7 +76,9 @@ grpc::Status Synthesize(speechpb::SpeechService::Stub& stub, const speechpb::Syn
 }
 
 TEST(SpeechIntegrationTest, SynthesizeCachesSegmentsAcrossCalls) {
-  auto process = MontagedProcess::Start({"speech"});
+  // Two lanes whatever the machine's cores, so that there is a worker process to look at.
+  auto process =
+      MontagedProcess::Start({"speech", "--set=speech.engines.espeak.max_concurrency=2"});
   ASSERT_TRUE(process.ok()) << process.status();
   auto stub = Stub(**process);
   // The espeak pool's second lane is the small worker program built beside montaged (the kernel
@@ -177,9 +180,10 @@ TEST(SpeechIntegrationTest, StreamSendsChunksThenALastOneWithTheDuration) {
   EXPECT_EQ((*process)->Stop().exit_code, 0) << (*process)->log();
 }
 
-// Calls cancelled as they start: the cancel lands while the call is planned (a text near
-// speech.max_text_bytes takes a while to segment), or as its first segments start. Each ends as
-// CANCELLED, nothing crashes, and the service answers the next call.
+// Calls cancelled as they start: the cancel reaches the server while the call is planned (a text
+// near speech.max_text_bytes takes a while to segment) or as its first segments start; no test
+// can pin which. The server ends them as CANCELLED (its own metric says so), nothing crashes,
+// and it answers the next call.
 TEST(SpeechIntegrationTest, CallsCancelledAsTheyStartEndQuietly) {
   auto process = MontagedProcess::Start({"speech"});
   ASSERT_TRUE(process.ok()) << process.status();
@@ -212,6 +216,14 @@ TEST(SpeechIntegrationTest, CallsCancelledAsTheyStartEndQuietly) {
     cq.Shutdown();
     while (cq.Next(&tag, &ok)) {
     }
+  }
+  for (const char* method : {"StreamSynthesize", "Synthesize"}) {
+    const std::string label =
+        absl::StrCat("code=\"CANCELLED\",method=\"/montage.speech.v1.SpeechService/", method, "\"");
+    EXPECT_TRUE(Eventually([&] {
+      return MetricValue(HttpGet((*process)->admin_address(), "/metrics").second,
+                         "montage_grpc_server_requests_total", label) > 0;
+    })) << method;
   }
   speechpb::SynthesizeRequest small;
   small.set_text(Script(2));
