@@ -18,6 +18,7 @@ HttpClientOptions HttpClientOptionsFromConfig(const config::v1::HttpClientConfig
   }
   if (config.max_concurrent_streams() > 0)
     o.max_concurrent_streams = config.max_concurrent_streams();
+  o.resolve.assign(config.resolve().begin(), config.resolve().end());
   return o;
 }
 

@@ -326,6 +326,34 @@ TEST_F(H2cTest, UrlCredentialsAreSentUnlessTheRequestHasItsOwn) {
   EXPECT_EQ(send(request), 401);
 }
 
+// A name pinned to addresses (HttpClientOptions::resolve, as curl's --resolve) is not looked up,
+// and its addresses are tried in order: nothing listens on 127.0.0.2 (the fake is bound to
+// 127.0.0.1), so the connection is made on the second address.
+TEST_F(H2cTest, PinnedAddressesAreTriedInTurn) {
+  HttpClientOptions options;
+  options.name = "h2c_test";
+  options.resolve = {absl::StrCat("Provider.Test:", fake_->h2c_port(), ":127.0.0.2,127.0.0.1")};
+  absl::StatusOr<std::unique_ptr<HttpClient>> client = HttpClient::Create(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  Result result;
+  (*client)->Send(Chat(/*stream=*/false, "provider.test"), result.Callback());
+  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(result.response.ok()) << result.response.status();
+  EXPECT_EQ(result.response->status, 200);
+  EXPECT_EQ(fake_->stats().h2c_connections, 1u);
+}
+
+TEST(HttpClientResolveTest, MalformedEntriesAreRefusedByName) {
+  for (const char* entry : {"no-port", "host:99999:127.0.0.1", "host:80:", "host:80:not-an-ip",
+                            "host:80:127.0.0.1,", "[::1:80:127.0.0.1", ":80:127.0.0.1"}) {
+    HttpClientOptions options;
+    options.resolve = {"fine.test:80:127.0.0.1,[::1]", entry};
+    absl::StatusOr<std::unique_ptr<HttpClient>> client = HttpClient::Create(options);
+    EXPECT_EQ(client.status().code(), absl::StatusCode::kInvalidArgument) << entry;
+    EXPECT_THAT(client.status().message(), HasSubstr("resolve[1]")) << entry;
+  }
+}
+
 TEST_F(H2cTest, ErrorStatusIsAnAnswerAndRetried) {
   testing::Behaviour busy;
   busy.status = 503;

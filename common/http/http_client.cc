@@ -44,6 +44,7 @@
 #include "common/http/internal/curl_errors.h"
 #include "common/http/internal/h2c_pool.h"
 #include "common/logging.h"
+#include "common/status.h"
 #include "common/telemetry/metrics.h"
 #include "common/telemetry/tracer.h"
 #include "prometheus/counter.h"
@@ -527,6 +528,7 @@ class HttpClientImpl final : public HttpClient {
   // multi handle and a timer, and keeps its warm connections.
   std::vector<std::unique_ptr<Shard>> shards_;
   std::unique_ptr<internal::H2cPool> h2c_;
+  curl_slist* resolve_list_ = nullptr;  // options_.resolve, for every libcurl transfer
   absl::flat_hash_map<uint64_t, std::unique_ptr<Call>> calls_;
   absl::flat_hash_map<std::string, std::unique_ptr<PeerMetrics>> peers_;
   absl::BitGen random_;
@@ -545,16 +547,23 @@ void CallHandleImpl::Cancel() {
 // Life cycle
 
 absl::Status HttpClientImpl::Init() {
+  internal::H2cPoolOptions h2c_options{options_.max_connections_per_host,
+                                       options_.max_concurrent_streams,
+                                       options_.idle_connection_timeout,
+                                       {}};
+  RETURN_IF_ERROR(internal::H2cPool::ParseResolve(options_.resolve, h2c_options.resolve));
+  for (const std::string& entry : options_.resolve) {
+    curl_slist* next = curl_slist_append(resolve_list_, entry.c_str());
+    if (next == nullptr) return absl::ResourceExhaustedError("curl_slist_append failed");
+    resolve_list_ = next;
+  }
   base_ = event_base_new();
   if (base_ == nullptr) return absl::InternalError("event_base_new failed");
   wake_ = event_new(base_, -1, 0, &HttpClientImpl::OnWake, this);
   if (wake_ == nullptr || AddShard() == nullptr) {
     return absl::ResourceExhaustedError("cannot create the HTTP client's event loop");
   }
-  h2c_ = std::make_unique<internal::H2cPool>(
-      base_,
-      internal::H2cPoolOptions{options_.max_connections_per_host, options_.max_concurrent_streams,
-                               options_.idle_connection_timeout});
+  h2c_ = std::make_unique<internal::H2cPool>(base_, std::move(h2c_options));
   inbox_->wake = wake_;
   inbox_->client = this;
   thread_ = std::thread([this] { Run(); });
@@ -653,6 +662,7 @@ HttpClientImpl::~HttpClientImpl() {
   }
   shards_.clear();
   h2c_.reset();
+  curl_slist_free_all(resolve_list_);
   if (wake_ != nullptr) event_free(wake_);
   if (base_ != nullptr) event_base_free(base_);
 }
@@ -876,6 +886,7 @@ absl::Status HttpClientImpl::ConfigureEasy(Call& call) {
   }
 
   curl_easy_setopt(easy, CURLOPT_URL, request.url.c_str());
+  if (resolve_list_ != nullptr) curl_easy_setopt(easy, CURLOPT_RESOLVE, resolve_list_);
   curl_easy_setopt(easy, CURLOPT_PRIVATE, &call);
   curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(easy, CURLOPT_BUFFERSIZE, kReceiveBufferSize);

@@ -174,6 +174,10 @@ struct HttpClientOptions {
   // connections to loopback, private, link-local or otherwise non-public addresses (checked
   // after DNS resolution, at connect) end in PERMISSION_DENIED.
   bool allow_private_addresses = true;
+  // Host names pinned to addresses, as curl's --resolve: "HOST:PORT:ADDRESS[,ADDRESS]..." (IPv6
+  // addresses in brackets). Those names are not looked up; their addresses are tried in order.
+  // A malformed entry makes Create fail with INVALID_ARGUMENT naming it.
+  std::vector<std::string> resolve;
 };
 
 // Errors (as absl::Status codes): connection refused/reset or DNS failure → UNAVAILABLE; a

@@ -100,6 +100,7 @@ class TestServer {
     event_base_free(base_);
   }
 
+  int port() const { return port_; }
   std::string Url(absl::string_view path) const {
     return absl::StrCat("http://127.0.0.1:", port_, path);
   }
@@ -387,6 +388,22 @@ TEST_F(HttpClientTest, SendGets200) {
   EXPECT_EQ(response->attempts, 1u);
   EXPECT_EQ(response->http_version, 1);
   EXPECT_EQ(client_->in_flight(), 0u);
+}
+
+// libcurl takes HttpClientOptions::resolve as CURLOPT_RESOLVE: the pinned name is not looked up
+// (".test" names do not resolve) and its addresses are tried in order (nothing listens on
+// 127.0.0.2, where the test server is not bound).
+TEST_F(HttpClientTest, PinnedNamesConnectToTheirAddresses) {
+  HttpClientOptions options;
+  options.resolve = {absl::StrCat("provider.test:", server_.port(), ":127.0.0.2,127.0.0.1")};
+  client_ = MakeClient(options);
+  ASSERT_NE(client_, nullptr);
+  HttpRequest request;
+  request.url = absl::StrCat("http://provider.test:", server_.port(), "/ok");
+  absl::StatusOr<HttpResponse> response = Send(request);
+  ASSERT_TRUE(response.ok()) << response.status();
+  EXPECT_EQ(response->status, 200);
+  EXPECT_EQ(response->body, "hello");
 }
 
 TEST_F(HttpClientTest, PostBodyAndHeadersArrive) {

@@ -18,6 +18,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/nghttp2_session.h"
 
@@ -468,6 +469,14 @@ void H2cConnection::StartConnect() {
     addresses_.emplace_back(address, length);
     return ConnectNext();
   }
+  std::string name(absl::StripSuffix(absl::StripPrefix(target_.host, "["), "]"));
+  // A name pinned to addresses (HttpClientOptions::resolve) is not looked up.
+  if (auto pinned =
+          pool_.options_.resolve.find(absl::StrCat(absl::AsciiStrToLower(name), ":", target_.port));
+      pinned != pool_.options_.resolve.end()) {
+    addresses_ = pinned->second;
+    return ConnectNext();
+  }
   evdns_base* dns = pool_.Resolver();
   if (dns == nullptr) {
     return Fail(absl::UnavailableError("cannot start the DNS resolver"), true);
@@ -477,7 +486,6 @@ void H2cConnection::StartConnect() {
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_protocol = IPPROTO_TCP;
   hints.ai_flags = EVUTIL_AI_ADDRCONFIG;
-  std::string name(absl::StripSuffix(absl::StripPrefix(target_.host, "["), "]"));
   // The callback may run before evdns_getaddrinfo returns (names from /etc/hosts).
   evdns_getaddrinfo_request* request = evdns_getaddrinfo(
       dns, name.c_str(), target_.port.c_str(), &hints,
@@ -589,7 +597,60 @@ int32_t H2cConnection::Submit(H2cRequest& request, H2cStreamSink* sink) {
   return id;
 }
 
-H2cPool::H2cPool(event_base* base, H2cPoolOptions options) : base_(base), options_(options) {}
+H2cPool::H2cPool(event_base* base, H2cPoolOptions options)
+    : base_(base), options_(std::move(options)) {}
+
+absl::Status H2cPool::ParseResolve(
+    const std::vector<std::string>& entries,
+    absl::flat_hash_map<std::string, std::vector<std::pair<sockaddr_storage, int>>>& out) {
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const absl::string_view entry = entries[i];
+    auto bad = [&](absl::string_view why) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("resolve[", i, "]: ", why,
+                       "; expected HOST:PORT:ADDRESS[,ADDRESS]... as curl's --resolve"));
+    };
+    // HOST, possibly [IPv6], then :PORT:, then the addresses.
+    size_t host_end = 0;
+    absl::string_view host;
+    if (absl::StartsWith(entry, "[")) {
+      host_end = entry.find(']');
+      if (host_end == absl::string_view::npos) return bad("no ']' after the host");
+      host = entry.substr(1, host_end - 1);
+      ++host_end;
+    } else {
+      host_end = entry.find(':');
+      if (host_end == absl::string_view::npos) return bad("no port");
+      host = entry.substr(0, host_end);
+    }
+    if (host.empty() || host_end >= entry.size() || entry[host_end] != ':') return bad("no host");
+    const absl::string_view rest = entry.substr(host_end + 1);
+    const size_t port_end = rest.find(':');
+    uint32_t port = 0;
+    if (port_end == absl::string_view::npos || !absl::SimpleAtoi(rest.substr(0, port_end), &port) ||
+        port == 0 || port > 65535) {
+      return bad("the port must be a number from 1 to 65535");
+    }
+    std::vector<std::pair<sockaddr_storage, int>> addresses;
+    for (absl::string_view address : absl::StrSplit(rest.substr(port_end + 1), ',')) {
+      address = absl::StripAsciiWhitespace(address);
+      const bool bracketed = absl::StartsWith(address, "[");
+      const std::string with_port = absl::StrCat(
+          address.find(':') != absl::string_view::npos && !bracketed ? "[" : "", address,
+          address.find(':') != absl::string_view::npos && !bracketed ? "]" : "", ":", port);
+      sockaddr_storage storage{};
+      int length = sizeof(storage);
+      if (address.empty() ||
+          evutil_parse_sockaddr_port(with_port.c_str(), reinterpret_cast<sockaddr*>(&storage),
+                                     &length) != 0) {
+        return bad(absl::StrCat("\"", address, "\" is not an IP address"));
+      }
+      addresses.emplace_back(storage, length);
+    }
+    out[absl::StrCat(absl::AsciiStrToLower(host), ":", port)] = std::move(addresses);
+  }
+  return absl::OkStatus();
+}
 
 H2cPool::~H2cPool() {
   // Connections may be kept alive by a flush in progress further up the stack; clearing the map

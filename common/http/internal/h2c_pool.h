@@ -22,6 +22,8 @@
 #ifndef MONTAGE_COMMON_HTTP_INTERNAL_H2C_POOL_H_
 #define MONTAGE_COMMON_HTTP_INTERNAL_H2C_POOL_H_
 
+#include <sys/socket.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -86,6 +88,9 @@ struct H2cPoolOptions {
   uint32_t max_connections_per_host = 0;  // 0: no limit
   uint32_t max_concurrent_streams = 100;  // per connection, besides the server's limit; 0: none
   absl::Duration idle_timeout = absl::Seconds(60);
+  // "host:port" (host in lower case, without brackets) → addresses to try in order, instead of
+  // resolving the name (HttpClientOptions::resolve).
+  absl::flat_hash_map<std::string, std::vector<std::pair<sockaddr_storage, int>>> resolve;
 };
 
 class H2cConnection;
@@ -99,6 +104,11 @@ class H2cPool {
   };
 
   H2cPool(event_base* base, H2cPoolOptions options);
+  // Parses HttpClientOptions::resolve entries into H2cPoolOptions::resolve; INVALID_ARGUMENT
+  // naming the malformed entry ("resolve[2]").
+  static absl::Status ParseResolve(
+      const std::vector<std::string>& entries,
+      absl::flat_hash_map<std::string, std::vector<std::pair<sockaddr_storage, int>>>& out);
   // Closes every connection; the sinks of streams still open hear nothing.
   ~H2cPool();
   H2cPool(const H2cPool&) = delete;
