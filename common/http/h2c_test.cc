@@ -260,6 +260,21 @@ TEST_F(H2cTest, ResetAfterHeadersIsNotRetried) {
   EXPECT_EQ(fake_->stats().openai_requests, 1u);
 }
 
+// RST_STREAM with NO_ERROR before END_STREAM is still an answer cut short, not a whole one.
+TEST_F(H2cTest, ResetWithNoErrorBeforeTheEndIsNotAWholeAnswer) {
+  testing::Behaviour cut;
+  cut.stream_fail_after = 2;
+  cut.stream_fail_no_error = true;
+  fake_->Enqueue(cut);
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  Result result;
+  client->Send(Chat(/*stream=*/true), result.Callback());
+  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(result.response.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(result.response.status().message(), HasSubstr("before the end of its answer"));
+}
+
 TEST_F(H2cTest, RefusedConnectionIsUnavailableAndRetried) {
   std::unique_ptr<HttpClient> client = MakeClient();
   ASSERT_NE(client, nullptr);

@@ -122,7 +122,7 @@ class EvhttpResponder final : public Responder {
     bufferevent* bev = evhttp_connection_get_bufferevent(connection_);
     return bev == nullptr || evbuffer_get_length(bufferevent_get_output(bev)) == 0;
   }
-  void Cut() override {
+  void Cut(bool /*no_error: HTTP/1.1 has one way to break off*/) override {
     StopWatching();
     evhttp_connection_free(connection_);  // frees the request too
   }
@@ -203,11 +203,13 @@ absl::Status BehaviourFromJson(const json& item, Behaviour& out) {
         return absl::InvalidArgumentError("delay_ms: must be a number >= 0");
       }
       out.delay = absl::Milliseconds(value.get<double>());
-    } else if (key == "invalid_json" || key == "hang") {
+    } else if (key == "invalid_json" || key == "hang" || key == "stream_fail_no_error") {
       if (!value.is_boolean()) {
         return absl::InvalidArgumentError(absl::StrCat(key, ": must be a boolean"));
       }
-      (key == "hang" ? out.hang : out.invalid_json) = value.get<bool>();
+      (key == "hang"           ? out.hang
+       : key == "invalid_json" ? out.invalid_json
+                               : out.stream_fail_no_error) = value.get<bool>();
     } else if (key == "stream_fail_after") {
       if (!value.is_number_integer() || value.get<int64_t>() < 0 ||
           value.get<int64_t>() > std::numeric_limits<int>::max()) {
@@ -243,6 +245,7 @@ struct FakeLlmServer::Exchange {
   size_t next_event = 0;
   // After this many events the connection is closed without ending the stream.
   size_t cut_after = std::numeric_limits<size_t>::max();
+  bool cut_no_error = false;  // Behaviour::stream_fail_no_error
   bool started = false;
   absl::Duration chunk_interval;
 };
@@ -755,6 +758,7 @@ void FakeLlmServer::ServeProvider(const IncomingRequest& request,
       exchange->streaming = true;
       std::vector<StreamEvent> events = StreamEvents(*parsed, completion, ids);
       if (behaviour.stream_fail_after >= 0) {
+        exchange->cut_no_error = behaviour.stream_fail_no_error;
         // Cut before the (n+1)th text event; with fewer pieces, after the last one.
         size_t seen = 0;
         size_t after_last_text = 0;
@@ -825,7 +829,8 @@ void FakeLlmServer::Advance(Exchange* exchange) {
       ArmTimer(exchange, absl::Milliseconds(1));
       return;
     }
-    Retire(exchange, Outcome::kCompleted)->Cut();
+    const bool no_error = exchange->cut_no_error;
+    Retire(exchange, Outcome::kCompleted)->Cut(no_error);
     return;
   }
   responder.SendChunk(exchange->events[exchange->next_event++]);

@@ -57,7 +57,8 @@ struct IncomingRequest;
 // One scripted answer, used by exactly one provider request. The default-constructed value answers
 // normally. JSON form (EnqueueJson, /_fake/script), every key optional, unknown keys rejected:
 //   {"status": 429, "kind": "insufficient_quota", "headers": {"retry-after": "0"}, "body": "...",
-//    "delay_ms": 50, "invalid_json": true, "hang": true, "stream_fail_after": 3}
+//    "delay_ms": 50, "invalid_json": true, "hang": true, "stream_fail_after": 3,
+//    "stream_fail_no_error": true}
 struct Behaviour {
   // Non-zero: answer with this HTTP status and an error body in the provider's shape.
   int status = 0;
@@ -80,6 +81,9 @@ struct Behaviour {
   // Streams: sends the opening events and this many pieces of text, then closes the connection
   // without ending the response. Negative: off. Ignored for non-streamed requests.
   int stream_fail_after = -1;
+  // With stream_fail_after over HTTP/2: the stream is reset with NO_ERROR instead of
+  // INTERNAL_ERROR. Still an answer cut short, which a client must not take for a whole one.
+  bool stream_fail_no_error = false;
 };
 
 // Parses the JSON form above: one object or a list of them. INVALID_ARGUMENT on malformed input.

@@ -808,7 +808,7 @@ TEST(ParseBehavioursTest, ReadsEveryFieldAndRejectsUnknownOnes) {
   auto parsed = ParseBehaviours(
       R"({"status": 429, "kind": "insufficient_quota", "headers": {"retry-after": "1"},
           "body": "b", "delay_ms": 5, "invalid_json": false, "hang": false,
-          "stream_fail_after": 3})");
+          "stream_fail_after": 3, "stream_fail_no_error": true})");
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   ASSERT_EQ(parsed->size(), 1u);
   const Behaviour& b = (*parsed)[0];
@@ -819,6 +819,9 @@ TEST(ParseBehavioursTest, ReadsEveryFieldAndRejectsUnknownOnes) {
   EXPECT_EQ(b.body, "b");
   EXPECT_EQ(b.delay, absl::Milliseconds(5));
   EXPECT_EQ(b.stream_fail_after, 3);
+  EXPECT_TRUE(b.stream_fail_no_error);
+  EXPECT_FALSE(b.invalid_json);
+  EXPECT_FALSE(ParseBehaviours(R"({"stream_fail_no_error": 1})").ok());
   EXPECT_FALSE(ParseBehaviours(R"({"sttus": 1})").ok());
   EXPECT_FALSE(ParseBehaviours(R"({"status": "429"})").ok());
   EXPECT_FALSE(ParseBehaviours("[1]").ok());

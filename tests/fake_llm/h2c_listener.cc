@@ -140,8 +140,10 @@ class H2cListener::StreamResponder final : public Responder {
     Connection::Stream* s = stream();
     return s == nullptr || s->pending.empty();
   }
-  void Cut() override {
-    if (stream() != nullptr) connection_->Reset(id_, NGHTTP2_INTERNAL_ERROR);
+  void Cut(bool no_error) override {
+    if (stream() != nullptr) {
+      connection_->Reset(id_, no_error ? NGHTTP2_NO_ERROR : NGHTTP2_INTERNAL_ERROR);
+    }
   }
 
   // The stream is gone: forget the connection and hand back the departure callback, if any.

@@ -52,8 +52,9 @@ class Responder {
   virtual void EndStream() = 0;
   // Whether everything sent so far has been handed to the socket, so that Cut loses nothing.
   virtual bool ReadyToCut() = 0;
-  // Breaks the answer off: HTTP/1.1 closes the connection, HTTP/2 resets the stream.
-  virtual void Cut() = 0;
+  // Breaks the answer off: HTTP/1.1 closes the connection, HTTP/2 resets the stream (with
+  // NO_ERROR when `no_error`, else INTERNAL_ERROR).
+  virtual void Cut(bool no_error) = 0;
 };
 
 using RequestHandler = std::function<void(IncomingRequest, std::unique_ptr<Responder>)>;
