@@ -359,8 +359,9 @@ TEST_F(H2cTest, PinnedAddressesAreTriedInTurn) {
 }
 
 TEST(HttpClientResolveTest, MalformedEntriesAreRefusedByName) {
-  for (const char* entry : {"no-port", "host:99999:127.0.0.1", "host:80:", "host:80:not-an-ip",
-                            "host:80:127.0.0.1,", "[::1:80:127.0.0.1", ":80:127.0.0.1"}) {
+  for (const char* entry :
+       {"no-port", "host:99999:127.0.0.1", "host:80:", "host:80:not-an-ip", "host:80:127.0.0.1,",
+        "[::1:80:127.0.0.1", ":80:127.0.0.1", "host:80:::1"}) {
     HttpClientOptions options;
     options.resolve = {"fine.test:80:127.0.0.1,[::1]", entry};
     absl::StatusOr<std::unique_ptr<HttpClient>> client = HttpClient::Create(options);

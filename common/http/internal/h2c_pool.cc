@@ -634,10 +634,10 @@ absl::Status H2cPool::ParseResolve(
     std::vector<std::pair<sockaddr_storage, int>> addresses;
     for (absl::string_view address : absl::StrSplit(rest.substr(port_end + 1), ',')) {
       address = absl::StripAsciiWhitespace(address);
-      const bool bracketed = absl::StartsWith(address, "[");
-      const std::string with_port = absl::StrCat(
-          address.find(':') != absl::string_view::npos && !bracketed ? "[" : "", address,
-          address.find(':') != absl::string_view::npos && !bracketed ? "]" : "", ":", port);
+      if (!absl::StartsWith(address, "[") && address.find(':') != absl::string_view::npos) {
+        return bad(absl::StrCat("write the IPv6 address \"", address, "\" in brackets"));
+      }
+      const std::string with_port = absl::StrCat(address, ":", port);
       sockaddr_storage storage{};
       int length = sizeof(storage);
       if (address.empty() ||
