@@ -370,6 +370,73 @@ TEST(HttpClientResolveTest, MalformedEntriesAreRefusedByName) {
   }
 }
 
+// With max_total_connections 1, a call to another origin waits until the one connection is idle
+// (then that connection is closed for it), as libcurl queues transfers at its total limit; a
+// call that reaches its deadline while it waits ends there and leaves no trace in the queue.
+TEST_F(H2cTest, TotalConnectionLimitMakesOtherOriginsWait) {
+  testing::FakeLlmOptions other_options;
+  other_options.h2c_port = 0;
+  other_options.control_pages = false;
+  absl::StatusOr<std::unique_ptr<testing::FakeLlmServer>> other =
+      testing::FakeLlmServer::Start(other_options);
+  ASSERT_TRUE(other.ok()) << other.status();
+  fake_->set_default_delay(absl::Milliseconds(300));
+  HttpClientOptions options;
+  options.name = "h2c_test";
+  options.max_total_connections = 1;
+  absl::StatusOr<std::unique_ptr<HttpClient>> client = HttpClient::Create(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto to_other = [&](absl::Time deadline) {
+    HttpRequest request = Chat();
+    request.url = absl::StrCat("http://127.0.0.1:", (*other)->h2c_port(), "/v1/chat/completions");
+    request.deadline = deadline;
+    return request;
+  };
+
+  // 1. The slow call holds the only connection; the other origin's call waits for it.
+  std::atomic<int> finished{0};
+  int slow_rank = 0;
+  int waiting_rank = 0;
+  Result slow;
+  Result waiting;
+  (*client)->Send(Chat(), [&](absl::StatusOr<HttpResponse> r) {
+    slow_rank = ++finished;
+    slow.Callback()(std::move(r));
+  });
+  ASSERT_TRUE(Eventually([&] { return fake_->stats().total_requests == 1; }));
+  (*client)->Send(to_other(absl::Now() + kWait), [&](absl::StatusOr<HttpResponse> r) {
+    waiting_rank = ++finished;
+    waiting.Callback()(std::move(r));
+  });
+  ASSERT_TRUE(slow.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(waiting.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(slow.response.ok()) << slow.response.status();
+  ASSERT_TRUE(waiting.response.ok()) << waiting.response.status();
+  EXPECT_EQ(slow_rank, 1);  // the other origin had no connection until the slow call ended
+  EXPECT_EQ(waiting_rank, 2);
+  EXPECT_EQ((*other)->stats().h2c_connections, 1u);
+
+  // 2. Now the other origin holds the connection: a call here that times out while it waits
+  //    ends with DEADLINE_EXCEEDED, and the next one goes through.
+  (*other)->set_default_delay(absl::Milliseconds(300));
+  Result busy;
+  (*client)->Send(to_other(absl::Now() + kWait), busy.Callback());
+  ASSERT_TRUE(Eventually([&] { return (*other)->stats().total_requests == 2; }));
+  Result gave_up;
+  HttpRequest short_lived = Chat();
+  short_lived.deadline = absl::Now() + absl::Milliseconds(50);
+  (*client)->Send(short_lived, gave_up.Callback());
+  ASSERT_TRUE(gave_up.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(gave_up.response.status().code(), absl::StatusCode::kDeadlineExceeded);
+  ASSERT_TRUE(busy.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_TRUE(busy.response.ok()) << busy.response.status();
+  Result after;
+  (*client)->Send(Chat(), after.Callback());
+  ASSERT_TRUE(after.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_TRUE(after.response.ok()) << after.response.status();
+  EXPECT_EQ(fake_->stats().total_requests, 2u);  // the call that gave up never reached it
+}
+
 TEST_F(H2cTest, ErrorStatusIsAnAnswerAndRetried) {
   testing::Behaviour busy;
   busy.status = 503;

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -394,6 +395,7 @@ struct Call final : internal::H2cStreamSink {
   CURL* easy = nullptr;
   internal::H2cPool::Handle h2c;
   bool h2c_replayed = false;  // an unprocessed request was sent again once
+  bool h2c_waiting = false;   // in h2c_waiting_ for room under max_total_connections
   Timer attempt_timer;        // h2c only (libcurl times its own transfers)
   Shard* shard = nullptr;     // holds `easy`
   curl_slist* header_list = nullptr;
@@ -505,6 +507,9 @@ class HttpClientImpl final : public HttpClient {
   void StartAttempt(Call& call);
   absl::Status StartTransfer(Call& call);
   absl::Status StartH2cStream(Call& call);
+  absl::Status SubmitH2cStream(Call& call);
+  // Starts the h2c requests that waited for room, in order, while there is room.
+  void StartWaitingH2cStreams();
   absl::Status ConfigureEasy(Call& call);
   void ProcessCompletedTransfers(Shard& shard);
   void OnAttemptDone(Call& call, CURLcode result);
@@ -529,6 +534,9 @@ class HttpClientImpl final : public HttpClient {
   std::vector<std::unique_ptr<Shard>> shards_;
   std::unique_ptr<internal::H2cPool> h2c_;
   curl_slist* resolve_list_ = nullptr;  // options_.resolve, for every libcurl transfer
+  // Calls (by id) whose h2c attempt waits for room under max_total_connections, oldest first.
+  // A call that ended or left its attempt meanwhile is skipped (Call::h2c_waiting is false).
+  std::deque<uint64_t> h2c_waiting_;
   absl::flat_hash_map<uint64_t, std::unique_ptr<Call>> calls_;
   absl::flat_hash_map<std::string, std::unique_ptr<PeerMetrics>> peers_;
   absl::BitGen random_;
@@ -547,10 +555,12 @@ void CallHandleImpl::Cancel() {
 // Life cycle
 
 absl::Status HttpClientImpl::Init() {
-  internal::H2cPoolOptions h2c_options{options_.max_connections_per_host,
-                                       options_.max_concurrent_streams,
-                                       options_.idle_connection_timeout,
-                                       {}};
+  internal::H2cPoolOptions h2c_options;
+  h2c_options.max_connections_per_host = options_.max_connections_per_host;
+  h2c_options.max_concurrent_streams = options_.max_concurrent_streams;
+  h2c_options.idle_timeout = options_.idle_connection_timeout;
+  h2c_options.max_total_connections = options_.max_total_connections;
+  h2c_options.on_room = [this] { StartWaitingH2cStreams(); };
   RETURN_IF_ERROR(internal::H2cPool::ParseResolve(options_.resolve, h2c_options.resolve));
   for (const std::string& entry : options_.resolve) {
     curl_slist* next = curl_slist_append(resolve_list_, entry.c_str());
@@ -1020,6 +1030,33 @@ absl::Status HttpClientImpl::StartTransfer(Call& call) {
 }
 
 absl::Status HttpClientImpl::StartH2cStream(Call& call) {
+  if (!h2c_->MakeRoomFor(call.h2c_target)) {
+    // Every connection is busy at max_total_connections: the attempt waits (its timers run).
+    call.h2c_waiting = true;
+    h2c_waiting_.push_back(call.id);
+    return absl::OkStatus();
+  }
+  return SubmitH2cStream(call);
+}
+
+void HttpClientImpl::StartWaitingH2cStreams() {
+  while (!h2c_waiting_.empty()) {
+    auto it = calls_.find(h2c_waiting_.front());
+    if (it == calls_.end() || !it->second->h2c_waiting) {
+      h2c_waiting_.pop_front();
+      continue;
+    }
+    Call& call = *it->second;
+    if (!h2c_->MakeRoomFor(call.h2c_target)) return;
+    h2c_waiting_.pop_front();
+    call.h2c_waiting = false;
+    if (absl::Status status = SubmitH2cStream(call); !status.ok()) {
+      ConcludeAttempt(call, status, /*transient=*/false, /*final=*/true);
+    }
+  }
+}
+
+absl::Status HttpClientImpl::SubmitH2cStream(Call& call) {
   internal::H2cRequest request;
   request.method = call.request.method;
   request.path = call.h2c_path;
@@ -1044,6 +1081,7 @@ absl::Status HttpClientImpl::StartH2cStream(Call& call) {
 void HttpClientImpl::ReleaseAttempt(Call& call) {
   call.first_byte_timer.Disarm();
   call.attempt_timer.Disarm();
+  call.h2c_waiting = false;  // its id in h2c_waiting_ is skipped
   // Mid-answer this resets the stream: the server sees the client go away.
   h2c_->Reset(call.h2c);
   if (call.easy != nullptr) {

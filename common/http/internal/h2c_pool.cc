@@ -139,6 +139,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
   void StreamEnded() {
     --open_;
     ArmIdleTimerIfUnused();
+    if (open_ == 0) pool_.RoomMayHaveFreed();  // it may be closed for another origin now
   }
 
   // Hands `chunk` to the stream's sink. False when the stream is gone afterwards (reset by its
@@ -240,6 +241,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
   void Fail(absl::Status status, bool transient) {
     if (closing_) return;
     closing_ = true;
+    pool_.RoomMayHaveFreed();
     for (auto& [id, stream] : streams_) {
       // One that ended already reports as it would have (a paused one after Resume).
       if (stream->closed) continue;
@@ -260,6 +262,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
   void Close() {
     if (closing_) return;
     closing_ = true;
+    pool_.RoomMayHaveFreed();
     ShutDownSocket();
     ScheduleFlush();
   }
@@ -598,7 +601,51 @@ int32_t H2cConnection::Submit(H2cRequest& request, H2cStreamSink* sink) {
 }
 
 H2cPool::H2cPool(event_base* base, H2cPoolOptions options)
-    : base_(base), options_(std::move(options)) {}
+    : base_(base), options_(std::move(options)) {
+  room_event_ = event_new(
+      base_, -1, 0,
+      [](evutil_socket_t, short, void* self) {
+        auto* pool = static_cast<H2cPool*>(self);
+        if (pool->options_.on_room) pool->options_.on_room();
+      },
+      this);
+}
+
+void H2cPool::RoomMayHaveFreed() {
+  if (options_.max_total_connections > 0 && options_.on_room && room_event_ != nullptr) {
+    event_active(room_event_, EV_TIMEOUT, 0);
+  }
+}
+
+size_t H2cPool::LiveConnections() const {
+  size_t live = 0;
+  for (const auto& [key, list] : connections_) {
+    for (const auto& connection : list) live += connection->closing_ ? 0 : 1;
+  }
+  return live;
+}
+
+bool H2cPool::MakeRoomFor(const H2cTarget& target) {
+  if (options_.max_total_connections == 0) return true;
+  // The origin's own connections take the request (nghttp2 queues past their stream limits).
+  if (auto it = connections_.find(absl::StrCat(target.host, ":", target.port));
+      it != connections_.end()) {
+    for (const auto& connection : it->second) {
+      if (connection->accepting()) return true;
+    }
+  }
+  if (LiveConnections() < options_.max_total_connections) return true;
+  // At the limit: an idle connection of another origin is closed to make room.
+  for (const auto& [key, list] : connections_) {
+    for (const auto& connection : list) {
+      if (connection->accepting() && connection->open_streams() == 0) {
+        connection->Close();
+        return true;
+      }
+    }
+  }
+  return false;
+}
 
 absl::Status H2cPool::ParseResolve(
     const std::vector<std::string>& entries,
@@ -656,6 +703,7 @@ H2cPool::~H2cPool() {
   // Connections may be kept alive by a flush in progress further up the stack; clearing the map
   // drops the owning references.
   connections_.clear();
+  if (room_event_ != nullptr) event_free(room_event_);
   if (dns_ != nullptr) evdns_base_free(dns_, /*fail_requests=*/0);
 }
 
@@ -684,7 +732,9 @@ absl::StatusOr<H2cPool::Handle> H2cPool::Start(const H2cTarget& target, H2cReque
         least = connection.get();
       }
     }
-    if (chosen == nullptr &&
+    const bool room_for_another =
+        options_.max_total_connections == 0 || LiveConnections() < options_.max_total_connections;
+    if (chosen == nullptr && room_for_another &&
         (options_.max_connections_per_host == 0 || accepting < options_.max_connections_per_host)) {
       auto connection = std::make_shared<H2cConnection>(*this, key, target);
       if (!connection->Init(request.connect_timeout)) {
@@ -695,6 +745,10 @@ absl::StatusOr<H2cPool::Handle> H2cPool::Start(const H2cTarget& target, H2cReque
       chosen = connection.get();
     }
     if (chosen == nullptr) chosen = least;
+    if (chosen == nullptr) {
+      return absl::ResourceExhaustedError(
+          "no HTTP/2 connection may be opened: max_total_connections is reached");
+    }
     const int32_t id = chosen->Submit(request, sink);
     if (id > 0) return Handle{chosen->weak_from_this(), id};
     chosen->ArmIdleTimerIfUnused();

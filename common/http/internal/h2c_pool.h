@@ -10,7 +10,9 @@
 // Connections are kept per origin; a connection takes streams up to the smaller of
 // max_concurrent_streams and the server's SETTINGS_MAX_CONCURRENT_STREAMS, then another one is
 // opened (up to max_connections_per_host; past that, nghttp2 queues the request on the least busy
-// connection until a stream ends; HttpClientOptions::max_total_connections does not apply here).
+// connection until a stream ends). With max_total_connections, a request for an origin without a
+// connection waits (the client asks MakeRoomFor first) until a connection closes or an idle one
+// of another origin can be closed for it, as libcurl does at CURLMOPT_MAX_TOTAL_CONNECTIONS.
 // Credentials in the URL go as Basic authorization (HttpClient adds the header, as libcurl would,
 // unless the request has its own). Host names resolve through libevent's asynchronous resolver
 // (evdns reads /etc/resolv.conf and /etc/hosts), each address tried in turn; nothing here
@@ -25,6 +27,7 @@
 #include <sys/socket.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,6 +39,7 @@
 #include "absl/time/time.h"
 #include "common/http/http_client.h"
 
+struct event;
 struct event_base;
 struct evdns_base;
 
@@ -88,6 +92,10 @@ struct H2cPoolOptions {
   uint32_t max_connections_per_host = 0;  // 0: no limit
   uint32_t max_concurrent_streams = 100;  // per connection, besides the server's limit; 0: none
   absl::Duration idle_timeout = absl::Seconds(60);
+  uint32_t max_total_connections = 0;  // every origin's; 0: no limit
+  // Called on the loop (never inside Start or an nghttp2 callback) when a connection closed or
+  // went idle while max_total_connections is set: requests waiting for room may go now.
+  std::function<void()> on_room;
   // "host:port" (host in lower case, without brackets) → addresses to try in order, instead of
   // resolving the name (HttpClientOptions::resolve).
   absl::flat_hash_map<std::string, std::vector<std::pair<sockaddr_storage, int>>> resolve;
@@ -114,6 +122,10 @@ class H2cPool {
   H2cPool(const H2cPool&) = delete;
   H2cPool& operator=(const H2cPool&) = delete;
 
+  // Whether a request for `target` may start now without passing max_total_connections: the
+  // origin has a connection, or there is room for one, or an idle connection of another origin
+  // was closed to make room. False: wait for options.on_room and ask again.
+  bool MakeRoomFor(const H2cTarget& target);
   // Starts `request` on a connection to `target`. Errors here are the request's own (a header
   // nghttp2 refuses, out of memory); failures to connect arrive at the sink later.
   absl::StatusOr<Handle> Start(const H2cTarget& target, H2cRequest request, H2cStreamSink* sink);
@@ -125,11 +137,15 @@ class H2cPool {
  private:
   friend class H2cConnection;
   void Remove(H2cConnection* connection);
+  // A connection closed or went idle: schedules on_room.
+  void RoomMayHaveFreed();
+  size_t LiveConnections() const;
   evdns_base* Resolver();
 
   event_base* const base_;
   const H2cPoolOptions options_;
   evdns_base* dns_ = nullptr;
+  event* room_event_ = nullptr;  // runs options_.on_room from the loop
   // By "host:port".
   absl::flat_hash_map<std::string, std::vector<std::shared_ptr<H2cConnection>>> connections_;
 };
