@@ -49,7 +49,7 @@ constexpr montage::ServiceRegistration kServices[] = {
 // The espeak pool's workers: montage-espeak-worker beside this executable (installed and built
 // together), which starts in milliseconds; else this program again (`montaged espeak-worker`),
 // which works anywhere but spends a tenth of a second loading montaged's libraries first.
-std::vector<std::string> EspeakWorkerCommand() {
+std::vector<std::string> FindEspeakWorker() {
   char self[4096];
   const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
   if (n > 0) {
@@ -81,7 +81,7 @@ int main(int argc, char** argv) {
   if (argc >= 2 && std::strcmp(argv[1], "espeak-worker") == 0) {
     return montage::speech::RunEspeakWorker(argc >= 3 ? argv[2] : "");
   }
-  montage::speech::SetEspeakWorkerCommand(EspeakWorkerCommand());
+  montage::speech::SetEspeakWorkerCommand(FindEspeakWorker());
   absl::SetProgramUsageMessage(Usage());
   // --set may repeat and its values may contain commas, so it is taken out before absl's parser.
   std::vector<std::string> overrides;

@@ -94,6 +94,21 @@ class H2cTest : public ::testing::Test {
     return request;
   }
 
+  // Sends `request` and waits for its answer. A test that gives up destroys the client first, so
+  // that its callback (CANCELLED) runs while the result still exists.
+  static absl::StatusOr<HttpResponse> SendAndWait(std::unique_ptr<HttpClient>& client,
+                                                  HttpRequest request) {
+    if (client == nullptr)
+      return absl::FailedPreconditionError("no client (an earlier wait gave up)");
+    Result result;
+    client->Send(std::move(request), result.Callback());
+    if (!result.done.WaitForNotificationWithTimeout(kWait)) {
+      client.reset();
+      return absl::DeadlineExceededError("the test gave up waiting");
+    }
+    return std::move(result.response);
+  }
+
   std::unique_ptr<testing::FakeLlmServer> fake_;
 };
 
@@ -138,10 +153,8 @@ TEST_F(H2cTest, CancelResetsOnlyItsStream) {
   Result hanging;
   std::shared_ptr<CallHandle> handle = client->Send(Chat(), hanging.Callback());
   ASSERT_TRUE(Eventually([&] { return fake_->stats().in_flight == 1; }));
-  Result normal;
-  client->Send(Chat(), normal.Callback());
-  ASSERT_TRUE(normal.done.WaitForNotificationWithTimeout(kWait));
-  ASSERT_TRUE(normal.response.ok()) << normal.response.status();
+  absl::StatusOr<HttpResponse> normal = SendAndWait(client, Chat());
+  ASSERT_TRUE(normal.ok()) << normal.status();
 
   handle->Cancel();
   ASSERT_TRUE(hanging.done.WaitForNotificationWithTimeout(kWait));
@@ -149,10 +162,8 @@ TEST_F(H2cTest, CancelResetsOnlyItsStream) {
   // The server sees the stream reset; the connection stays (one for both calls).
   ASSERT_TRUE(Eventually([&] { return fake_->stats().disconnects == 1; }));
   EXPECT_EQ(fake_->stats().h2c_connections, 1u);
-  Result after;
-  client->Send(Chat(), after.Callback());
-  ASSERT_TRUE(after.done.WaitForNotificationWithTimeout(kWait));
-  ASSERT_TRUE(after.response.ok()) << after.response.status();
+  absl::StatusOr<HttpResponse> after = SendAndWait(client, Chat());
+  ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_EQ(fake_->stats().h2c_connections, 1u);
 }
 
@@ -164,10 +175,8 @@ TEST_F(H2cTest, DeadlineResetsTheStream) {
   ASSERT_NE(client, nullptr);
   HttpRequest request = Chat();
   request.deadline = absl::Now() + absl::Milliseconds(200);
-  Result result;
-  client->Send(request, result.Callback());
-  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
-  EXPECT_EQ(result.response.status().code(), absl::StatusCode::kDeadlineExceeded);
+  absl::StatusOr<HttpResponse> result = SendAndWait(client, request);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kDeadlineExceeded);
   ASSERT_TRUE(Eventually([&] { return fake_->stats().disconnects == 1; }));
 }
 
@@ -268,11 +277,9 @@ TEST_F(H2cTest, ResetWithNoErrorBeforeTheEndIsNotAWholeAnswer) {
   fake_->Enqueue(cut);
   std::unique_ptr<HttpClient> client = MakeClient();
   ASSERT_NE(client, nullptr);
-  Result result;
-  client->Send(Chat(/*stream=*/true), result.Callback());
-  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
-  EXPECT_EQ(result.response.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(result.response.status().message(), HasSubstr("before the end of its answer"));
+  absl::StatusOr<HttpResponse> result = SendAndWait(client, Chat(/*stream=*/true));
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(result.status().message(), HasSubstr("before the end of its answer"));
 }
 
 TEST_F(H2cTest, RefusedConnectionIsUnavailableAndRetried) {
@@ -282,11 +289,9 @@ TEST_F(H2cTest, RefusedConnectionIsUnavailableAndRetried) {
   request.url = absl::StrCat("http://127.0.0.1:", testing::UnusedLoopbackPort(), "/v1/x");
   request.retry.max_attempts = 2;
   request.retry.initial_backoff = absl::Milliseconds(1);
-  Result result;
-  client->Send(request, result.Callback());
-  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
-  EXPECT_EQ(result.response.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(result.response.status().message(), HasSubstr("after 2 attempts"));
+  absl::StatusOr<HttpResponse> result = SendAndWait(client, request);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(result.status().message(), HasSubstr("after 2 attempts"));
 }
 
 TEST_F(H2cTest, SizeCapEndsTheCall) {
@@ -294,21 +299,17 @@ TEST_F(H2cTest, SizeCapEndsTheCall) {
   ASSERT_NE(client, nullptr);
   HttpRequest request = Chat();
   request.max_response_bytes = 16;
-  Result result;
-  client->Send(request, result.Callback());
-  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
-  EXPECT_EQ(result.response.status().code(), absl::StatusCode::kResourceExhausted);
+  absl::StatusOr<HttpResponse> result = SendAndWait(client, request);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted);
 }
 
 TEST_F(H2cTest, HostNamesResolveWithoutBlocking) {
   std::unique_ptr<HttpClient> client = MakeClient();
   ASSERT_NE(client, nullptr);
-  Result result;
-  client->Send(Chat(/*stream=*/false, "localhost"), result.Callback());
-  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
-  ASSERT_TRUE(result.response.ok()) << result.response.status();
-  EXPECT_EQ(result.response->status, 200);
-  EXPECT_EQ(result.response->http_version, 2);
+  absl::StatusOr<HttpResponse> result = SendAndWait(client, Chat(/*stream=*/false, "localhost"));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->status, 200);
+  EXPECT_EQ(result->http_version, 2);
   EXPECT_EQ(fake_->stats().h2c_connections, 1u);
 }
 
@@ -319,11 +320,9 @@ TEST_F(H2cTest, UrlCredentialsAreSentUnlessTheRequestHasItsOwn) {
   std::unique_ptr<HttpClient> client = MakeClient();
   ASSERT_NE(client, nullptr);
   auto send = [&](const HttpRequest& request) {
-    Result result;
-    client->Send(request, result.Callback());
-    EXPECT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
-    EXPECT_TRUE(result.response.ok()) << result.response.status();
-    return result.response.ok() ? result.response->status : 0;
+    absl::StatusOr<HttpResponse> response = SendAndWait(client, request);
+    EXPECT_TRUE(response.ok()) << response.status();
+    return response.ok() ? response->status : 0;
   };
   HttpRequest request = Chat();
   request.url =
@@ -350,11 +349,10 @@ TEST_F(H2cTest, PinnedAddressesAreTriedInTurn) {
   options.resolve = {absl::StrCat("Provider.Test:", fake_->h2c_port(), ":127.0.0.2,127.0.0.1")};
   absl::StatusOr<std::unique_ptr<HttpClient>> client = HttpClient::Create(options);
   ASSERT_TRUE(client.ok()) << client.status();
-  Result result;
-  (*client)->Send(Chat(/*stream=*/false, "provider.test"), result.Callback());
-  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
-  ASSERT_TRUE(result.response.ok()) << result.response.status();
-  EXPECT_EQ(result.response->status, 200);
+  absl::StatusOr<HttpResponse> result =
+      SendAndWait(*client, Chat(/*stream=*/false, "provider.test"));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->status, 200);
   EXPECT_EQ(fake_->stats().h2c_connections, 1u);
 }
 
@@ -430,10 +428,8 @@ TEST_F(H2cTest, TotalConnectionLimitMakesOtherOriginsWait) {
   EXPECT_EQ(gave_up.response.status().code(), absl::StatusCode::kDeadlineExceeded);
   ASSERT_TRUE(busy.done.WaitForNotificationWithTimeout(kWait));
   EXPECT_TRUE(busy.response.ok()) << busy.response.status();
-  Result after;
-  (*client)->Send(Chat(), after.Callback());
-  ASSERT_TRUE(after.done.WaitForNotificationWithTimeout(kWait));
-  EXPECT_TRUE(after.response.ok()) << after.response.status();
+  absl::StatusOr<HttpResponse> after = SendAndWait(*client, Chat());
+  EXPECT_TRUE(after.ok()) << after.status();
   EXPECT_EQ(fake_->stats().total_requests, 2u);  // the call that gave up never reached it
 }
 
@@ -446,12 +442,10 @@ TEST_F(H2cTest, ErrorStatusIsAnAnswerAndRetried) {
   ASSERT_NE(client, nullptr);
   HttpRequest request = Chat();
   request.retry.max_attempts = 2;
-  Result result;
-  client->Send(request, result.Callback());
-  ASSERT_TRUE(result.done.WaitForNotificationWithTimeout(kWait));
-  ASSERT_TRUE(result.response.ok()) << result.response.status();
-  EXPECT_EQ(result.response->status, 200);
-  EXPECT_EQ(result.response->attempts, 2u);
+  absl::StatusOr<HttpResponse> result = SendAndWait(client, request);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->status, 200);
+  EXPECT_EQ(result->attempts, 2u);
 }
 
 }  // namespace

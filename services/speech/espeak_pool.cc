@@ -183,10 +183,10 @@ class EspeakPool final : public TtsEngine {
     bool in_body = false;
     std::string body;
     size_t body_len = 0;
-    // A worker that died is started again by the poll thread, outside the lock, at once; after
-    // a failed start, or a worker that ended before its first answer, only after
-    // options_.respawn_delay (a broken installation is not restarted in a loop).
-    bool starting = false;
+    // A worker that died is started again by the poll thread (the only thread that starts
+    // workers after Start), outside the lock, at once; after a failed start, or a worker that
+    // ended before its first answer, only after options_.respawn_delay (a broken installation is
+    // not restarted in a loop).
     bool answered = false;  // this process has sent an answer
     bool failing = false;   // the lane's last start failed or ended before an answer
     absl::Time start_after = absl::InfinitePast();
@@ -250,16 +250,12 @@ class EspeakPool final : public TtsEngine {
       if (stopping_) return;
       const absl::Time now = absl::Now();
       for (Worker& w : workers_) {
-        if (w.fd < 0 && !w.starting && now >= w.start_after) {
-          w.starting = true;
-          dead.push_back(&w);
-        }
+        if (w.fd < 0 && now >= w.start_after) dead.push_back(&w);
       }
     }
     for (Worker* w : dead) {
       absl::StatusOr<Process> process = StartProcess();
       absl::MutexLock lock(&mu_);
-      w->starting = false;
       if (!process.ok()) {
         Failing(*w, "cannot start an espeak worker", process.status().message());
         continue;

@@ -3,7 +3,6 @@
 // cancellation and shutdown.
 #include "services/speech/espeak_pool.h"
 
-#include <dirent.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -21,6 +20,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "services/speech/testing/audio_probe.h"
+#include "tests/testing/child_processes.h"
 #include "tests/testing/eventually.h"
 
 namespace montage::speech {
@@ -31,28 +31,8 @@ using ::testing::HasSubstr;
 // This process's children running `espeak-worker`.
 std::vector<pid_t> WorkerPids() {
   std::vector<pid_t> pids;
-  DIR* proc = opendir("/proc");
-  if (proc == nullptr) return pids;
-  std::vector<int> all;
-  while (dirent* entry = readdir(proc)) {
-    int pid = 0;
-    if (absl::SimpleAtoi(entry->d_name, &pid)) all.push_back(pid);
-  }
-  closedir(proc);
-  for (int pid : all) {
-    std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-    if (!stat) continue;
-    std::string line;
-    std::getline(stat, line);
-    // pid (comm) state ppid ...
-    const size_t close = line.rfind(')');
-    if (close == std::string::npos) continue;
-    std::vector<std::string> fields = absl::StrSplit(line.substr(close + 2), ' ');
-    int ppid = 0;
-    if (fields.size() < 2 || !absl::SimpleAtoi(fields[1], &ppid) || ppid != getpid()) continue;
-    std::ifstream cmdline(absl::StrCat("/proc/", pid, "/cmdline"));
-    std::string args((std::istreambuf_iterator<char>(cmdline)), {});
-    if (args.find("espeak-worker") != std::string::npos) pids.push_back(pid);
+  for (const montage::testing::ChildProcess& child : montage::testing::ChildProcesses(getpid())) {
+    if (child.cmdline.find("espeak-worker") != std::string::npos) pids.push_back(child.pid);
   }
   return pids;
 }

@@ -1,7 +1,6 @@
 // The speech service in a real montaged: audio decoded with libavformat, the segment cache across
 // calls, streaming, dialogue, the unary size limit, the http engine against the fake provider,
 // bad input, and the CLI's podcast command (the README's main job).
-#include <dirent.h>
 
 #include <fstream>
 #include <iterator>
@@ -9,9 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -19,6 +16,7 @@
 #include "services/speech/testing/audio_probe.h"
 #include "tests/fake_llm/fake_llm_server.h"
 #include "tests/integration/montaged_process.h"
+#include "tests/testing/child_processes.h"
 #include "tests/testing/eventually.h"
 
 namespace montage::testing {
@@ -38,25 +36,7 @@ std::unique_ptr<speechpb::SpeechService::Stub> Stub(const MontagedProcess& proce
 // The names (comm) of the processes whose parent is `parent`.
 std::vector<std::string> ChildNames(pid_t parent) {
   std::vector<std::string> names;
-  DIR* proc = opendir("/proc");
-  if (proc == nullptr) return names;
-  while (dirent* entry = readdir(proc)) {
-    int pid = 0;
-    if (!absl::SimpleAtoi(entry->d_name, &pid)) continue;
-    std::ifstream stat(absl::StrCat("/proc/", pid, "/stat"));
-    std::string line;
-    if (!std::getline(stat, line)) continue;
-    // pid (comm) state ppid ...
-    const size_t open = line.find('(');
-    const size_t close = line.rfind(')');
-    if (open == std::string::npos || close == std::string::npos) continue;
-    int ppid = 0;
-    std::vector<std::string> rest = absl::StrSplit(line.substr(close + 2), ' ');
-    if (rest.size() > 1 && absl::SimpleAtoi(rest[1], &ppid) && ppid == parent) {
-      names.push_back(line.substr(open + 1, close - open - 1));
-    }
-  }
-  closedir(proc);
+  for (const ChildProcess& child : ChildProcesses(parent)) names.push_back(child.name);
   return names;
 }
 
