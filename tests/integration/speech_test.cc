@@ -162,8 +162,8 @@ TEST(SpeechIntegrationTest, StreamSendsChunksThenALastOneWithTheDuration) {
 
 // Calls cancelled as they start: the cancel reaches the server while the call is planned (a text
 // near speech.max_text_bytes takes a while to segment) or as its first segments start; no test
-// can pin which. The server ends them as CANCELLED (its own metric says so), nothing crashes,
-// and it answers the next call.
+// can pin which. The server ends them as CANCELLED (its own metric says so for the streamed
+// ones), nothing crashes, and it answers the next call.
 TEST(SpeechIntegrationTest, CallsCancelledAsTheyStartEndQuietly) {
   auto process = MontagedProcess::Start({"speech"});
   ASSERT_TRUE(process.ok()) << process.status();
@@ -197,14 +197,15 @@ TEST(SpeechIntegrationTest, CallsCancelledAsTheyStartEndQuietly) {
     while (cq.Next(&tag, &ok)) {
     }
   }
-  for (const char* method : {"StreamSynthesize", "Synthesize"}) {
-    const std::string label =
-        absl::StrCat("code=\"CANCELLED\",method=\"/montage.speech.v1.SpeechService/", method, "\"");
-    EXPECT_TRUE(Eventually([&] {
-      return MetricValue(HttpGet((*process)->admin_address(), "/metrics").second,
-                         "montage_grpc_server_requests_total", label) > 0;
-    })) << method;
-  }
+  // The streamed calls reached the server before their cancel (the synchronous stub returns once
+  // the request is sent), so the server counts them. A unary call cancelled at once may be
+  // dropped by gRPC before any handler runs, so it is not counted here.
+  EXPECT_TRUE(Eventually([&] {
+    return MetricValue(HttpGet((*process)->admin_address(), "/metrics").second,
+                       "montage_grpc_server_requests_total",
+                       "code=\"CANCELLED\",method=\"/montage.speech.v1.SpeechService/"
+                       "StreamSynthesize\"") > 0;
+  }));
   speechpb::SynthesizeRequest small;
   small.set_text(Script(2));
   small.set_format(speechpb::WAV);
