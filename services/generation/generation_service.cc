@@ -6,6 +6,7 @@
 // before they cancel a generation.
 #include "services/generation/generation_service.h"
 
+#include <atomic>
 #include <deque>
 #include <memory>
 #include <optional>
@@ -71,23 +72,55 @@ class CancelSet {
   std::vector<std::shared_ptr<GenerationCall>> calls_ ABSL_GUARDED_BY(mu_);
 };
 
+// A unary Generate. Most answers arrive later (from a provider) and this reactor finishes the call
+// then. An answer ready before the handler returns (an in-process cache hit, a request refused at
+// once) is finished on the context's default reactor instead, whose end gRPC runs inline: the end
+// of a reactor of ours runs on gRPC's executor threads, a thread hop per call that took a sixth
+// of the CPU of a cached answer.
 class GenerateReactor final : public grpc::ServerUnaryReactor {
  public:
-  GenerateReactor(Generator& generator, grpc::CallbackServerContext* context,
-                  const v1::GenerateRequest& request, v1::GenerateResponse* response)
-      : cancels_(std::make_shared<CancelSet>()) {
-    auto cancels = cancels_;  // `this` may be gone once the callback finished the call
-    cancels->Add(generator.Generate(request, OptionsFor(context), nullptr,
-                                    [this, response](absl::StatusOr<v1::GenerateResponse> result) {
-                                      if (result.ok()) *response = *std::move(result);
-                                      Finish(ToGrpcStatus(result.status()));
-                                    }));
+  // Starts the generation and returns the call's reactor: a GenerateReactor, or the context's
+  // default reactor already finished.
+  static grpc::ServerUnaryReactor* Start(Generator& generator, grpc::CallbackServerContext* context,
+                                         const v1::GenerateRequest& request,
+                                         v1::GenerateResponse* response) {
+    auto* reactor = new GenerateReactor();
+    auto cancels = reactor->cancels_;  // `reactor` may be gone once the callback finished the call
+    cancels->Add(generator.Generate(
+        request, OptionsFor(context), nullptr,
+        [reactor, response](absl::StatusOr<v1::GenerateResponse> result) {
+          grpc::Status status = ToGrpcStatus(result.status());
+          if (result.ok()) *response = *std::move(result);
+          reactor->early_status_ = status;  // read only by Start, and only after the exchange
+          int expected = kStarting;
+          if (reactor->state_.compare_exchange_strong(expected, kAnsweredEarly,
+                                                      std::memory_order_acq_rel)) {
+            return;  // Start finishes the call; `reactor` is not touched again here
+          }
+          reactor->Finish(std::move(status));
+        }));
+    int expected = kStarting;
+    if (reactor->state_.compare_exchange_strong(expected, kBound, std::memory_order_acq_rel)) {
+      return reactor;
+    }
+    grpc::Status status = std::move(reactor->early_status_);
+    delete reactor;  // never handed to gRPC
+    grpc::ServerUnaryReactor* done = context->DefaultReactor();
+    done->Finish(std::move(status));
+    return done;
   }
+
   void OnCancel() override { cancels_->CancelAll(); }
   void OnDone() override { delete this; }
 
  private:
+  enum : int { kStarting, kAnsweredEarly, kBound };
+
+  GenerateReactor() : cancels_(std::make_shared<CancelSet>()) {}
+
   std::shared_ptr<CancelSet> cancels_;
+  std::atomic<int> state_{kStarting};
+  grpc::Status early_status_;
 };
 
 // A server stream with one write in flight at a time and a queue behind it. Text deltas that
@@ -377,7 +410,7 @@ class GenerationServiceImpl final : public v1::GenerationService::CallbackServic
   grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
                                      const v1::GenerateRequest* request,
                                      v1::GenerateResponse* response) override {
-    return new GenerateReactor(generator_, context, *request, response);
+    return GenerateReactor::Start(generator_, context, *request, response);
   }
   grpc::ServerWriteReactor<v1::GenerateEvent>* StreamGenerate(
       grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override {

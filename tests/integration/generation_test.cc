@@ -199,6 +199,35 @@ TEST_F(GenerationProcessTest, StreamGenerateSendsDeltasThenDone) {
   EXPECT_GT(done.usage().completion_tokens(), 0u);
 }
 
+// A deterministic request asked again is answered from the cache: the handler has the answer
+// before it returns and finishes the call on gRPC's default reactor. The answer must arrive
+// whole (text, usage, model), flagged as cached, after one provider call.
+TEST_F(GenerationProcessTest, ARepeatedDeterministicRequestIsAnsweredFromTheCache) {
+  genpb::GenerateRequest req;
+  req.set_model("fake");
+  auto* m = req.add_messages();
+  m->set_role(genpb::Message::USER);
+  m->set_content("the same question twice");
+  req.mutable_sampling()->set_temperature(0.0);
+  std::vector<genpb::GenerateResponse> answers(3);
+  for (auto& answer : answers) {
+    grpc::ClientContext ctx;
+    WithDeadline(ctx);
+    grpc::Status s = stub_->Generate(&ctx, req, &answer);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  EXPECT_FALSE(answers[0].cached());
+  EXPECT_FALSE(answers[0].text().empty());
+  for (size_t i = 1; i < answers.size(); ++i) {
+    EXPECT_TRUE(answers[i].cached()) << i;
+    EXPECT_EQ(answers[i].text(), answers[0].text()) << i;
+    EXPECT_EQ(answers[i].model(), "fake") << i;
+    EXPECT_EQ(answers[i].deployment(), "fake-gpt") << i;
+    EXPECT_EQ(answers[i].usage().completion_tokens(), answers[0].usage().completion_tokens()) << i;
+  }
+  EXPECT_EQ(fake_->stats().total_requests, 1u);
+}
+
 TEST_F(GenerationProcessTest, BadInputIsInvalidArgumentNamingTheField) {
   genpb::GenerateRequest req;
   req.set_model("no-such-model");
