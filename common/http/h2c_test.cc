@@ -1,5 +1,10 @@
 // HttpClient's h2c transport (internal/h2c_pool) against the fake LLM provider's h2c listener,
 // which counts connections, requests in flight and clients that went away.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -431,6 +436,87 @@ TEST_F(H2cTest, TotalConnectionLimitMakesOtherOriginsWait) {
   absl::StatusOr<HttpResponse> after = SendAndWait(*client, Chat());
   EXPECT_TRUE(after.ok()) << after.status();
   EXPECT_EQ(fake_->stats().total_requests, 2u);  // the call that gave up never reached it
+}
+
+// A loopback listener whose accept queue is full: the kernel drops further SYNs, so connections
+// to it stay "connecting" until the client gives up.
+class UnansweredListener {
+ public:
+  UnansweredListener() {
+    listener_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (listener_ < 0 || bind(listener_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        listen(listener_, 0) != 0 ||
+        getsockname(listener_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    filler_ = socket(AF_INET, SOCK_STREAM, 0);  // takes the queue's one place
+    if (filler_ < 0 || connect(filler_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      port_ = 0;
+    }
+  }
+  ~UnansweredListener() {
+    if (filler_ >= 0) close(filler_);
+    if (listener_ >= 0) close(listener_);
+  }
+  int port() const { return port_; }  // 0: could not be set up
+
+ private:
+  int listener_ = -1;
+  int filler_ = -1;
+  int port_ = 0;
+};
+
+// Two calls wait for the same connection that does not come up: each gives up after its own
+// connect_timeout, not the first call's (which set the connection's timer before).
+TEST_F(H2cTest, EachCallWaitsForTheConnectionOnlyItsOwnConnectTimeout) {
+  UnansweredListener listener;
+  ASSERT_NE(listener.port(), 0);
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  auto to_listener = [&](absl::Duration connect_timeout) {
+    HttpRequest request = Chat();
+    request.url = absl::StrCat("http://127.0.0.1:", listener.port(), "/v1/chat/completions");
+    request.connect_timeout = connect_timeout;
+    request.retry.max_attempts = 1;
+    return request;
+  };
+  Result patient;
+  client->Send(to_listener(absl::Seconds(600)), patient.Callback());
+  Result hasty;
+  client->Send(to_listener(absl::Milliseconds(100)), hasty.Callback());
+  ASSERT_TRUE(hasty.done.WaitForNotificationWithTimeout(kWait))
+      << "the second call waited for the first call's connect timeout";
+  EXPECT_EQ(hasty.response.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(hasty.response.status().message(), HasSubstr("within 100 ms"));
+  EXPECT_FALSE(patient.done.HasBeenNotified());  // still waiting for the connection
+
+  // The other way round, on a connection of its own: its first call gives up, the later one
+  // still waits (the connection did not give up with the first call).
+  UnansweredListener second;
+  ASSERT_NE(second.port(), 0);
+  auto to_second = [&](absl::Duration connect_timeout) {
+    HttpRequest request = to_listener(connect_timeout);
+    request.url = absl::StrCat("http://127.0.0.1:", second.port(), "/v1/chat/completions");
+    return request;
+  };
+  Result hasty_first;
+  client->Send(to_second(absl::Milliseconds(100)), hasty_first.Callback());
+  Result patient_second;
+  client->Send(to_second(absl::Seconds(600)), patient_second.Callback());
+  ASSERT_TRUE(hasty_first.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(hasty_first.response.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_FALSE(patient_second.done.HasBeenNotified());
+  EXPECT_FALSE(patient.done.HasBeenNotified());
+  client.reset();  // the patient calls end CANCELLED
+  for (Result* r : {&patient, &patient_second}) {
+    ASSERT_TRUE(r->done.HasBeenNotified());
+    EXPECT_EQ(r->response.status().code(), absl::StatusCode::kCancelled);
+  }
 }
 
 TEST_F(H2cTest, ErrorStatusIsAnAnswerAndRetried) {

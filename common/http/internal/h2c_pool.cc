@@ -60,7 +60,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     if (bev_ != nullptr) bufferevent_free(bev_);
   }
 
-  bool Init(absl::Duration connect_timeout);
+  bool Init();
 
   const std::string& key() const { return key_; }
   bool accepting() const { return !closing_ && !draining_; }
@@ -121,6 +121,10 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     bool ended = false;  // the server sent END_STREAM
     bool closed = false;
     H2cClose close;
+    // While the connection is not up: when this stream stops waiting for it (its request's
+    // connect_timeout after it was submitted).
+    absl::Time connect_deadline = absl::InfiniteFuture();
+    absl::Duration connect_timeout;
   };
 
   Stream* Find(int32_t id) {
@@ -140,6 +144,47 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     --open_;
     ArmIdleTimerIfUnused();
     if (open_ == 0) pool_.RoomMayHaveFreed();  // it may be closed for another origin now
+  }
+
+  // The connect timer fires at `when` (the earliest connect deadline of the waiting streams).
+  void ArmConnectTimerAt(absl::Time when) {
+    armed_connect_deadline_ = when;
+    const timeval tv = absl::ToTimeval(std::max(when - absl::Now(), absl::ZeroDuration()));
+    evtimer_add(connect_timer_, &tv);
+  }
+
+  // The connection is not up yet: streams whose own connect_timeout passed end with
+  // DEADLINE_EXCEEDED, a transport failure (retried as the request's policy says, like a failed
+  // connect); the others wait on. With none left waiting, the connection gives up.
+  void OnConnectTimer() {
+    std::shared_ptr<H2cConnection> keep = shared_from_this();
+    armed_connect_deadline_ = absl::InfiniteFuture();
+    if (connected_ || closing_) return;
+    const absl::Time now = absl::Now();
+    absl::Time next = absl::InfiniteFuture();
+    for (auto& [id, stream] : streams_) {
+      if (stream->closed) continue;
+      if (stream->connect_deadline > now) {
+        next = std::min(next, stream->connect_deadline);
+        continue;
+      }
+      stream->closed = true;
+      stream->close.status = absl::DeadlineExceededError(
+          absl::StrCat("no connection to ", target_.authority, " within ",
+                       absl::ToInt64Milliseconds(stream->connect_timeout), " ms"));
+      stream->close.transient = true;
+      // Its HEADERS may be queued for the socket: nghttp2 drops them (or resets the stream).
+      nghttp2_submit_rst_stream(session_, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
+      StreamEnded();
+      to_report_.push_back(id);
+    }
+    if (next == absl::InfiniteFuture()) {
+      return Fail(absl::DeadlineExceededError(
+                      absl::StrCat("no connection to ", target_.authority, " in time")),
+                  true);
+    }
+    ArmConnectTimerAt(next);
+    ScheduleFlush();  // reports the streams that gave up
   }
 
   // Hands `chunk` to the stream's sink. False when the stream is gone afterwards (reset by its
@@ -214,6 +259,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
     if ((what & BEV_EVENT_CONNECTED) != 0) {
       connected_ = true;
       evtimer_del(connect_timer_);
+      armed_connect_deadline_ = absl::InfiniteFuture();
       const int one = 1;
       setsockopt(bufferevent_getfd(bev_), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
       setsockopt(bufferevent_getfd(bev_), SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
@@ -390,7 +436,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
   event* connect_event_ = nullptr;
   event* connect_timer_ = nullptr;
   event* idle_timer_ = nullptr;
-  absl::Duration connect_timeout_;
+  absl::Time armed_connect_deadline_ = absl::InfiniteFuture();
   bool flush_scheduled_ = false;
   bool connected_ = false;
   bool working_ = false;  // a frame from the server arrived
@@ -405,9 +451,8 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
   std::vector<int32_t> to_report_;  // streams that ended, to report after nghttp2 returns
 };
 
-bool H2cConnection::Init(absl::Duration connect_timeout) {
+bool H2cConnection::Init() {
   event_base* base = pool_.base_;
-  connect_timeout_ = connect_timeout;
   flush_event_ = event_new(
       base, -1, 0,
       [](evutil_socket_t, short, void* self) { static_cast<H2cConnection*>(self)->Flush(); }, this);
@@ -418,12 +463,7 @@ bool H2cConnection::Init(absl::Duration connect_timeout) {
   connect_timer_ = evtimer_new(
       base,
       [](evutil_socket_t, short, void* self) {
-        auto* c = static_cast<H2cConnection*>(self);
-        std::shared_ptr<H2cConnection> keep = c->shared_from_this();
-        c->Fail(absl::DeadlineExceededError(
-                    absl::StrCat("no connection to ", c->target_.authority, " within ",
-                                 absl::ToInt64Milliseconds(c->connect_timeout_), " ms")),
-                true);
+        static_cast<H2cConnection*>(self)->OnConnectTimer();
       },
       this);
   idle_timer_ = evtimer_new(
@@ -452,9 +492,6 @@ bool H2cConnection::Init(absl::Duration connect_timeout) {
   if (session_ == nullptr) return false;
   bev_ = NewSocket();
   if (bev_ == nullptr) return false;
-  const timeval timeout = absl::ToTimeval(
-      connect_timeout > absl::ZeroDuration() ? connect_timeout : absl::Seconds(300));
-  evtimer_add(connect_timer_, &timeout);
   // Connecting (and failing to) happens on the next loop turn, so that no sink hears anything
   // from inside H2cPool::Start.
   event_active(connect_event_, EV_TIMEOUT, 0);
@@ -593,6 +630,15 @@ int32_t H2cConnection::Submit(H2cRequest& request, H2cStreamSink* sink) {
     return id;
   }
   stream->id = id;
+  if (!connected_) {
+    stream->connect_timeout = request.connect_timeout > absl::ZeroDuration()
+                                  ? request.connect_timeout
+                                  : absl::Seconds(300);
+    stream->connect_deadline = absl::Now() + stream->connect_timeout;
+  }
+  if (!connected_ && stream->connect_deadline < armed_connect_deadline_) {
+    ArmConnectTimerAt(stream->connect_deadline);
+  }
   streams_.emplace(id, std::move(stream));
   ++open_;
   evtimer_del(idle_timer_);
@@ -737,7 +783,7 @@ absl::StatusOr<H2cPool::Handle> H2cPool::Start(const H2cTarget& target, H2cReque
     if (chosen == nullptr && room_for_another &&
         (options_.max_connections_per_host == 0 || accepting < options_.max_connections_per_host)) {
       auto connection = std::make_shared<H2cConnection>(*this, key, target);
-      if (!connection->Init(request.connect_timeout)) {
+      if (!connection->Init()) {
         if (list.empty()) connections_.erase(key);
         return absl::ResourceExhaustedError("cannot set up an HTTP/2 connection");
       }

@@ -83,8 +83,9 @@ struct H2cRequest {
   const Headers* headers = nullptr;
   Headers extra_headers;   // added after `headers` (trace context)
   absl::string_view body;  // must outlive the stream
-  // For a new connection (DNS and TCP); zero means 300 s, as libcurl. A connection's first
-  // request sets it.
+  // How long this request waits for its connection to come up (DNS and TCP), counted from Start;
+  // zero means 300 s, as libcurl. Each request waiting on a connection that is not up yet keeps
+  // its own; the connection gives up when no request waits for it any more.
   absl::Duration connect_timeout = absl::Seconds(10);
 };
 
