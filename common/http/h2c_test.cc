@@ -2,6 +2,7 @@
 // which counts connections, requests in flight and clients that went away.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -439,7 +440,8 @@ TEST_F(H2cTest, TotalConnectionLimitMakesOtherOriginsWait) {
 }
 
 // A loopback listener whose accept queue is full: the kernel drops further SYNs, so connections
-// to it stay "connecting" until the client gives up.
+// to it stay "connecting" until the client gives up, or until Release makes room (the client's
+// next SYN, a second or so later, then gets through).
 class UnansweredListener {
  public:
   UnansweredListener() {
@@ -460,35 +462,54 @@ class UnansweredListener {
     }
   }
   ~UnansweredListener() {
-    if (filler_ >= 0) close(filler_);
-    if (listener_ >= 0) close(listener_);
+    for (int fd : {accepted_, filler_, listener_}) {
+      if (fd >= 0) close(fd);
+    }
   }
   int port() const { return port_; }  // 0: could not be set up
+
+  // Takes the filler off the queue and accepts the next connection; -1 if none comes in time.
+  int Release() {
+    if (!Readable(listener_, absl::Seconds(5))) return -1;
+    const int filler_peer = accept(listener_, nullptr, nullptr);
+    if (filler_peer >= 0) close(filler_peer);
+    if (!Readable(listener_, kWait)) return -1;
+    accepted_ = accept(listener_, nullptr, nullptr);
+    return accepted_;
+  }
+
+  static bool Readable(int fd, absl::Duration timeout) {
+    pollfd p{fd, POLLIN, 0};
+    return poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout))) == 1;
+  }
 
  private:
   int listener_ = -1;
   int filler_ = -1;
+  int accepted_ = -1;
   int port_ = 0;
 };
+
+HttpRequest ToListener(HttpRequest request, int port, absl::Duration connect_timeout) {
+  request.url = absl::StrCat("http://127.0.0.1:", port, "/v1/chat/completions");
+  request.connect_timeout = connect_timeout;
+  request.deadline = absl::Now() + absl::Seconds(600);  // the connect timeout is what ends it
+  request.retry.max_attempts = 1;
+  return request;
+}
 
 // Two calls wait for the same connection that does not come up: each gives up after its own
 // connect_timeout, not the first call's (which set the connection's timer before).
 TEST_F(H2cTest, EachCallWaitsForTheConnectionOnlyItsOwnConnectTimeout) {
   UnansweredListener listener;
   ASSERT_NE(listener.port(), 0);
+  UnansweredListener second;
+  ASSERT_NE(second.port(), 0);
+  Result patient, hasty, hasty_first, patient_second;  // outlive the client (its callbacks)
   std::unique_ptr<HttpClient> client = MakeClient();
   ASSERT_NE(client, nullptr);
-  auto to_listener = [&](absl::Duration connect_timeout) {
-    HttpRequest request = Chat();
-    request.url = absl::StrCat("http://127.0.0.1:", listener.port(), "/v1/chat/completions");
-    request.connect_timeout = connect_timeout;
-    request.retry.max_attempts = 1;
-    return request;
-  };
-  Result patient;
-  client->Send(to_listener(absl::Seconds(600)), patient.Callback());
-  Result hasty;
-  client->Send(to_listener(absl::Milliseconds(100)), hasty.Callback());
+  client->Send(ToListener(Chat(), listener.port(), absl::Seconds(600)), patient.Callback());
+  client->Send(ToListener(Chat(), listener.port(), absl::Milliseconds(100)), hasty.Callback());
   ASSERT_TRUE(hasty.done.WaitForNotificationWithTimeout(kWait))
       << "the second call waited for the first call's connect timeout";
   EXPECT_EQ(hasty.response.status().code(), absl::StatusCode::kDeadlineExceeded);
@@ -497,17 +518,8 @@ TEST_F(H2cTest, EachCallWaitsForTheConnectionOnlyItsOwnConnectTimeout) {
 
   // The other way round, on a connection of its own: its first call gives up, the later one
   // still waits (the connection did not give up with the first call).
-  UnansweredListener second;
-  ASSERT_NE(second.port(), 0);
-  auto to_second = [&](absl::Duration connect_timeout) {
-    HttpRequest request = to_listener(connect_timeout);
-    request.url = absl::StrCat("http://127.0.0.1:", second.port(), "/v1/chat/completions");
-    return request;
-  };
-  Result hasty_first;
-  client->Send(to_second(absl::Milliseconds(100)), hasty_first.Callback());
-  Result patient_second;
-  client->Send(to_second(absl::Seconds(600)), patient_second.Callback());
+  client->Send(ToListener(Chat(), second.port(), absl::Milliseconds(100)), hasty_first.Callback());
+  client->Send(ToListener(Chat(), second.port(), absl::Seconds(600)), patient_second.Callback());
   ASSERT_TRUE(hasty_first.done.WaitForNotificationWithTimeout(kWait));
   EXPECT_EQ(hasty_first.response.status().code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_FALSE(patient_second.done.HasBeenNotified());
@@ -517,6 +529,51 @@ TEST_F(H2cTest, EachCallWaitsForTheConnectionOnlyItsOwnConnectTimeout) {
     ASSERT_TRUE(r->done.HasBeenNotified());
     EXPECT_EQ(r->response.status().code(), absl::StatusCode::kCancelled);
   }
+}
+
+// A request that gave up waiting for the connection is never sent when the connection comes up
+// later: the server sees the HEADERS of the call that waited, and nothing of the other.
+TEST_F(H2cTest, ARequestThatGaveUpWaitingForItsConnectionIsNeverSent) {
+  UnansweredListener listener;
+  ASSERT_NE(listener.port(), 0);
+  Result patient, hasty;
+  std::unique_ptr<HttpClient> client = MakeClient();
+  ASSERT_NE(client, nullptr);
+  client->Send(ToListener(Chat(), listener.port(), absl::Seconds(600)), patient.Callback());
+  client->Send(ToListener(Chat(), listener.port(), absl::Milliseconds(100)), hasty.Callback());
+  ASSERT_TRUE(hasty.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_EQ(hasty.response.status().code(), absl::StatusCode::kDeadlineExceeded);
+
+  const int fd = listener.Release();
+  ASSERT_GE(fd, 0) << "the client's connection did not come in";
+  // Frames until the waiting call's request ended (END_STREAM on stream 1), then whatever
+  // follows within a moment: streams named by HEADERS and RST_STREAM frames.
+  std::string wire;
+  std::vector<int32_t> headers_streams, reset_streams;
+  bool request_ended = false;
+  size_t offset = 24;  // the client preface
+  while (UnansweredListener::Readable(fd, request_ended ? absl::Milliseconds(300) : kWait)) {
+    char buf[16384];
+    const ssize_t n = read(fd, buf, sizeof(buf));
+    if (n <= 0) break;
+    wire.append(buf, static_cast<size_t>(n));
+    while (wire.size() >= offset + 9) {
+      const auto* h = reinterpret_cast<const unsigned char*>(wire.data() + offset);
+      const size_t length = (size_t{h[0]} << 16) | (size_t{h[1]} << 8) | h[2];
+      if (wire.size() < offset + 9 + length) break;
+      const int32_t stream =
+          static_cast<int32_t>(((h[5] & 0x7fu) << 24) | (h[6] << 16) | (h[7] << 8) | h[8]);
+      if (h[3] == 0x1) headers_streams.push_back(stream);  // HEADERS
+      if (h[3] == 0x3) reset_streams.push_back(stream);    // RST_STREAM
+      if ((h[3] == 0x0 || h[3] == 0x1) && (h[4] & 0x1) != 0 && stream == 1) request_ended = true;
+      offset += 9 + length;
+    }
+  }
+  EXPECT_TRUE(request_ended);
+  EXPECT_EQ(headers_streams, std::vector<int32_t>{1});
+  EXPECT_TRUE(reset_streams.empty());
+  EXPECT_FALSE(patient.done.HasBeenNotified());
+  client.reset();
 }
 
 TEST_F(H2cTest, ErrorStatusIsAnAnswerAndRetried) {

@@ -86,6 +86,8 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
       StreamEnded();
       if (!closing_) nghttp2_submit_rst_stream(session_, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
     }
+    // A connection still coming up that nobody waits for any more stops trying.
+    if (!connected_ && open_ == 0) return Close();
     ScheduleFlush();
   }
 
@@ -173,10 +175,13 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
           absl::StrCat("no connection to ", target_.authority, " within ",
                        absl::ToInt64Milliseconds(stream->connect_timeout), " ms"));
       stream->close.transient = true;
-      // Its HEADERS may be queued for the socket: nghttp2 drops them (or resets the stream).
+      // Nothing is written to the socket before it connects (see Flush), so nghttp2 still holds
+      // the HEADERS and drops them.
       nghttp2_submit_rst_stream(session_, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
       StreamEnded();
       to_report_.push_back(id);
+      // Retries and new requests open another connection; the ones still waiting stay.
+      draining_ = true;
     }
     if (next == absl::InfiniteFuture()) {
       return Fail(absl::DeadlineExceededError(
@@ -211,7 +216,9 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
   void Flush() {
     flush_scheduled_ = false;
     std::shared_ptr<H2cConnection> keep = shared_from_this();
-    if (!closing_) {
+    // Before the socket connects nghttp2 keeps what it would send: a request that gives up
+    // waiting is then dropped, not sent later behind a RST_STREAM.
+    if (!closing_ && connected_) {
       if (const int error = Nghttp2Send(session_, bufferevent_get_output(bev_)); error != 0) {
         return Fail(absl::UnavailableError(absl::StrCat("HTTP/2 error: ", nghttp2_strerror(error))),
                     true);
@@ -263,6 +270,7 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
       const int one = 1;
       setsockopt(bufferevent_getfd(bev_), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
       setsockopt(bufferevent_getfd(bev_), SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+      ScheduleFlush();  // what nghttp2 held until now
       return;
     }
     if (!connected_) {
@@ -278,8 +286,8 @@ class H2cConnection : public std::enable_shared_from_this<H2cConnection> {
   }
 
   void StartConnect();
-  // Connects to the next address; a socket tried before is replaced, keeping what nghttp2 has
-  // queued for it.
+  // Connects to the next address; a socket tried before is replaced (nothing was written to it:
+  // Flush waits for the connection).
   void ConnectNext();
   bufferevent* NewSocket();
 
@@ -573,7 +581,6 @@ void H2cConnection::ConnectNext() {
     if (next_address_ > 1) {
       bufferevent* fresh = NewSocket();
       if (fresh == nullptr) break;
-      evbuffer_add_buffer(bufferevent_get_output(fresh), bufferevent_get_output(bev_));
       bufferevent_free(bev_);
       bev_ = fresh;
     }

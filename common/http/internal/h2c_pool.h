@@ -85,7 +85,8 @@ struct H2cRequest {
   absl::string_view body;  // must outlive the stream
   // How long this request waits for its connection to come up (DNS and TCP), counted from Start;
   // zero means 300 s, as libcurl. Each request waiting on a connection that is not up yet keeps
-  // its own; the connection gives up when no request waits for it any more.
+  // its own. Once one gave up, the connection takes no new requests (a retry opens another); it
+  // stops trying when no request waits for it any more.
   absl::Duration connect_timeout = absl::Seconds(10);
 };
 
