@@ -89,21 +89,21 @@ class GenerateReactor final : public grpc::ServerUnaryReactor {
     cancels->Add(generator.Generate(
         request, OptionsFor(context), nullptr,
         [reactor, response](absl::StatusOr<v1::GenerateResponse> result) {
-          grpc::Status status = ToGrpcStatus(result.status());
+          // The status is read by Start only after the exchange, and only when this one won it.
+          reactor->status_ = ToGrpcStatus(result.status());
           if (result.ok()) *response = *std::move(result);
-          reactor->early_status_ = status;  // read only by Start, and only after the exchange
           int expected = kStarting;
           if (reactor->state_.compare_exchange_strong(expected, kAnsweredEarly,
                                                       std::memory_order_acq_rel)) {
             return;  // Start finishes the call; `reactor` is not touched again here
           }
-          reactor->Finish(std::move(status));
+          reactor->Finish(std::move(reactor->status_));
         }));
     int expected = kStarting;
     if (reactor->state_.compare_exchange_strong(expected, kBound, std::memory_order_acq_rel)) {
       return reactor;
     }
-    grpc::Status status = std::move(reactor->early_status_);
+    grpc::Status status = std::move(reactor->status_);
     delete reactor;  // never handed to gRPC
     grpc::ServerUnaryReactor* done = context->DefaultReactor();
     done->Finish(std::move(status));
@@ -120,7 +120,7 @@ class GenerateReactor final : public grpc::ServerUnaryReactor {
 
   std::shared_ptr<CancelSet> cancels_;
   std::atomic<int> state_{kStarting};
-  grpc::Status early_status_;
+  grpc::Status status_;
 };
 
 // A server stream with one write in flight at a time and a queue behind it. Text deltas that

@@ -417,6 +417,9 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
                                      ? FromProtoDuration(config_.default_timeout())
                                      : absl::Minutes(5);
   flight->deadline = std::min(options.deadline, now + timeout);
+  // Whether only this call holds the caller to its deadline: the request's own timeout (or the
+  // default one) ends before the caller's (gRPC's, which cancels the call itself when it passes).
+  const bool deadline_is_ours = now + timeout < options.deadline;
 
   // Cacheable: deterministic requests (temperature 0 or a seed), unless configured otherwise.
   const auto mode = request.cache().mode() == v1::CachePolicy::MODE_UNSPECIFIED
@@ -458,9 +461,11 @@ std::shared_ptr<GenerationCall> Generator::Generate(v1::GenerateRequest request,
     auto it = shared ? flights_.find(flight->key) : flights_.end();
     // "At least as long", give or take a tenth of this caller's time (at least a second):
     // identical callers arriving moments apart share, a patient caller does not inherit the
-    // deadline of a hurried one.
+    // deadline of a hurried one. A hurried caller whose deadline only its own timeout enforces
+    // does not join a longer flight either: nothing would end its wait in time.
     const absl::Duration slack = std::max(absl::Seconds(1), (flight->deadline - now) / 10);
-    if (it != flights_.end() && it->second->deadline + slack >= flight->deadline) {
+    if (it != flights_.end() && it->second->deadline + slack >= flight->deadline &&
+        (!deadline_is_ours || it->second->deadline <= flight->deadline)) {
       existing = it->second;
     } else {
       {

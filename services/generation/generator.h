@@ -58,8 +58,10 @@ class Generator {
  public:
   // `clock` drives rate-limit buckets and the in-process cache's TTLs (tests use a fake one);
   // deadlines and latencies are real time, as the gRPC deadline and the HTTP client's timers are.
-  // `http` (not owned) must outlive the generator. Config errors are INVALID_ARGUMENT naming the
-  // config field (unknown provider of a deployment, unknown deployment of a model, …).
+  // `http` (not owned) is destroyed before the generator (after Shutdown): the client's last
+  // callbacks, for the calls it cancels as it goes, reach the providers. Config errors are
+  // INVALID_ARGUMENT naming the config field (unknown provider of a deployment, unknown
+  // deployment of a model, …).
   static absl::StatusOr<std::unique_ptr<Generator>> Create(
       const config::v1::GenerationConfig& config, Clock& clock, http::HttpClient* http,
       std::unique_ptr<Catalogue> catalogue, std::unique_ptr<cache::CacheClient> cache);

@@ -140,9 +140,11 @@ class GeneratorTest : public ::testing::Test {
 
   FakeClock clock_;
   std::unique_ptr<FakeLlmServer> fake_;
-  std::unique_ptr<http::HttpClient> http_;
   GenerationConfig config_;
+  // Destroyed after the HTTP client, as in montaged: the client's last callbacks (calls it
+  // cancels, cancellations still queued on its loop) reach the providers.
   std::unique_ptr<Generator> generator_;
+  std::unique_ptr<http::HttpClient> http_;
 };
 
 TEST_F(GeneratorTest, FallsBackToTheNextDeploymentOnErrors) {
@@ -339,6 +341,31 @@ TEST_F(GeneratorTest, ACallerWithALongerDeadlineDoesNotJoinAShorterCall) {
   EXPECT_EQ(first.response.status().code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(generator_->stats().coalesced, 0u);
   EXPECT_EQ(fake_->stats().total_requests, 2u);
+}
+
+// The other way round: a caller whose own timeout is shorter than the call in flight starts its
+// own call, held to that timeout (no gRPC deadline would end its wait as a waiter).
+TEST_F(GeneratorTest, ACallerWithAShorterTimeoutDoesNotJoinALongerCall) {
+  Build();
+  Behaviour hang;
+  hang.hang = true;
+  fake_->Enqueue(hang);
+  fake_->Enqueue(hang);
+  Result patient;
+  auto patient_call = Start(Ask("solo", "same words", 0), patient);  // default timeout: minutes
+  ASSERT_TRUE(fake_->WaitForInFlight(1, kWait));
+  v1::GenerateRequest hurried = Ask("solo", "same words", 0);
+  hurried.mutable_timeout()->set_nanos(300'000'000);
+  Result second;
+  Start(hurried, second);
+  ASSERT_TRUE(second.done.WaitForNotificationWithTimeout(kWait))
+      << "the hurried caller waited on the patient caller's call";
+  EXPECT_EQ(second.response.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(generator_->stats().coalesced, 0u);
+  EXPECT_EQ(fake_->stats().total_requests, 2u);
+  EXPECT_FALSE(patient.done.HasBeenNotified());
+  patient_call->Cancel();
+  ASSERT_TRUE(patient.done.WaitForNotificationWithTimeout(kWait));
 }
 
 TEST_F(GeneratorTest, OneCancelledWaiterDoesNotStopTheOthers) {
