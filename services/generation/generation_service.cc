@@ -288,6 +288,26 @@ class CampaignReactor final : public QueuedWriter<v1::CampaignEvent> {
     const uint32_t max = generator_.config().max_campaign_posts() > 0
                              ? generator_.config().max_campaign_posts()
                              : 50;
+    // The caller's variables go to the two templates that declare them (audience, tone); one
+    // that neither declares, or that the campaign fills in itself, is refused rather than
+    // dropped.
+    for (const auto& [name, value] : request_.variables().fields()) {
+      const std::string field = absl::StrCat("variables.", name);
+      if (name == "brief" || name == "platforms" || name == "platform" || name == "plan" ||
+          name == "index") {
+        return InvalidFieldError(field, "is filled in by the campaign itself");
+      }
+      bool declared = false;
+      for (const char* template_name : {"campaign_brief", "platform_post"}) {
+        absl::StatusOr<v1::Template> t = generator_.catalogue().Get(template_name);
+        if (!t.ok()) continue;
+        for (const auto& var : t->variables()) declared = declared || var.name() == name;
+      }
+      if (!declared) {
+        return InvalidFieldError(
+            field, "is not a variable of the campaign_brief or platform_post template");
+      }
+    }
     if (per > 20) return InvalidFieldError("posts_per_platform", "at most 20 per platform");
     if (static_cast<uint64_t>(per) * request_.platforms_size() > max) {
       return InvalidFieldError(

@@ -1,7 +1,6 @@
-// The generation service's registration entry point. Until the real service is built, every method
-// answers UNIMPLEMENTED naming what is missing (the generation service (LLM providers, prompt
-// catalogue, streaming, campaigns) arrives with issue #4), while health and reflection already
-// report the service so clients and the gateway can be written against its API.
+// The generation service's registration entry point: the GenerationService reactors over a
+// Generator (providers, prompt catalogue, cache, single-flight, campaigns), with the service's own
+// HTTP client, built from the `generation` section of the config.
 #ifndef MONTAGE_SERVICES_GENERATION_GENERATION_SERVICE_H_
 #define MONTAGE_SERVICES_GENERATION_GENERATION_SERVICE_H_
 

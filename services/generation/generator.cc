@@ -719,6 +719,15 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
       return;
     }
     if (result->attempts > 1) metrics_->retries.Add(labels).Increment(result->attempts - 1);
+    // Usage on every answer: when the provider reported none, an estimate, marked as one.
+    if (result->usage.prompt_tokens() == 0 && result->usage.completion_tokens() == 0) {
+      uint32_t prompt = 0;
+      for (const auto& m : flight->messages) prompt += EstimateTokens(m.content);
+      result->usage.set_prompt_tokens(prompt);
+      result->usage.set_completion_tokens(EstimateTokens(result->text));
+      result->usage.set_total_tokens(prompt + result->usage.completion_tokens());
+      result->usage.set_estimated(true);
+    }
     metrics_->tokens
         .Add({{"provider", d.provider->name()}, {"deployment", d.name}, {"direction", "in"}})
         .Increment(result->usage.prompt_tokens());
@@ -858,6 +867,7 @@ v1::ListModelsResponse Generator::ListModels() const {
   for (const Model* m : sorted) {
     v1::Model* pm = out.add_models();
     pm->set_alias(m->alias);
+    pm->set_description(m->description);
     for (const Deployment* d : m->deployments) {
       auto* pd = pm->add_deployments();
       pd->set_name(d->name);

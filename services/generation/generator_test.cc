@@ -65,6 +65,7 @@ class GeneratorTest : public ::testing::Test {
     AddDeployment("secondary", "fake-gemini", "gemini-fake");
     AddDeployment("tertiary", "fake-anthropic", "claude-fake");
     auto& chain = (*config_.mutable_models())["chain"];
+    chain.set_description("primary, then gemini, then claude");
     chain.add_deployments("primary");
     chain.add_deployments("secondary");
     chain.add_deployments("tertiary");
@@ -562,6 +563,31 @@ TEST_F(GeneratorTest, WithoutACacheDeterministicRequestsStillWork) {
   EXPECT_EQ(fake_->stats().total_requests, 2u);
 }
 
+// Usage on every answer: the provider's counts when it gives them, else an estimate marked as
+// one (some OpenAI-compatible servers send no usage).
+TEST_F(GeneratorTest, AnAnswerWithoutUsageGetsAnEstimateMarkedAsOne) {
+  Build();
+  auto reported = Call(Ask("solo", "count my tokens", 0.5));
+  ASSERT_TRUE(reported.ok()) << reported.status();
+  EXPECT_GT(reported->usage().total_tokens(), 0u);
+  EXPECT_FALSE(reported->usage().estimated());
+
+  Behaviour no_usage;
+  no_usage.status = 200;
+  no_usage.body = R"({"id":"chatcmpl-x","object":"chat.completion","model":"gpt-fake",)"
+                  R"("choices":[{"index":0,"message":{"role":"assistant",)"
+                  R"("content":"Twenty characters!!"},"finish_reason":"stop"}]})";
+  fake_->Enqueue(no_usage);
+  auto estimated = Call(Ask("solo", "sixteen bytes..", 0.5));
+  ASSERT_TRUE(estimated.ok()) << estimated.status();
+  EXPECT_EQ(estimated->text(), "Twenty characters!!");
+  EXPECT_TRUE(estimated->usage().estimated());
+  EXPECT_EQ(estimated->usage().completion_tokens(), 5u);  // 19 bytes, about 4 a token
+  EXPECT_EQ(estimated->usage().prompt_tokens(), EstimateTokens("sixteen bytes.."));
+  EXPECT_EQ(estimated->usage().total_tokens(),
+            estimated->usage().prompt_tokens() + estimated->usage().completion_tokens());
+}
+
 TEST_F(GeneratorTest, ListModelsShowsAliasesInFallbackOrder) {
   Build();
   v1::ListModelsResponse models = generator_->ListModels();
@@ -574,6 +600,7 @@ TEST_F(GeneratorTest, ListModelsShowsAliasesInFallbackOrder) {
     EXPECT_EQ(m.deployments(0).name(), "primary");
     EXPECT_EQ(m.deployments(1).provider(), "gemini");
     EXPECT_EQ(m.deployments(2).model(), "claude-fake");
+    EXPECT_EQ(m.description(), "primary, then gemini, then claude");
   }
   EXPECT_TRUE(found);
 }

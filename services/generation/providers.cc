@@ -777,6 +777,7 @@ class OfflineProvider final : public Provider {
     for (const auto& m : request.messages) prompt_tokens += EstimateTokens(m.content);
     r.usage.set_prompt_tokens(prompt_tokens);
     r.usage.set_completion_tokens(EstimateTokens(r.text));
+    r.usage.set_estimated(true);
     FillTotal(r.usage);
     if (on_delta != nullptr) {
       // Word by word, as a real stream would arrive.

@@ -252,6 +252,21 @@ TEST_F(GenerationProcessTest, BadInputIsInvalidArgumentNamingTheField) {
   s = reader->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(FieldViolation(s), "posts_per_platform");
+
+  // A variable neither campaign template declares, or one the campaign fills in, is refused.
+  for (const char* name : {"mood", "plan"}) {
+    genpb::GenerateCampaignRequest bad = campaign;
+    bad.set_posts_per_platform(1);
+    (*bad.mutable_variables()->mutable_fields())["tone"].set_string_value("warm");
+    (*bad.mutable_variables()->mutable_fields())[name].set_string_value("x");
+    grpc::ClientContext vctx;
+    WithDeadline(vctx);
+    auto vreader = stub_->GenerateCampaign(&vctx, bad);
+    EXPECT_FALSE(vreader->Read(&event));
+    s = vreader->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << name;
+    EXPECT_EQ(FieldViolation(s), absl::StrCat("variables.", name));
+  }
   EXPECT_EQ(fake_->stats().total_requests, 0u);
 }
 
