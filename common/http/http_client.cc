@@ -37,8 +37,10 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/random/random.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "common/http/internal/addresses.h"
@@ -820,7 +822,9 @@ absl::Status HttpClientImpl::CallError(const Call& call, absl::StatusCode code,
                                        absl::string_view what) const {
   std::string message = absl::StrCat(what, " ", call.request.method, " ", call.safe_url);
   if (call.attempt > 1) absl::StrAppend(&message, " (after ", call.attempt, " attempts)");
-  return absl::Status(code, message);
+  absl::Status status(code, message);
+  if (call.attempt > 1) SetFailedAttempts(status, call.attempt);
+  return status;
 }
 
 void HttpClientImpl::Submit(std::unique_ptr<Call> owned) {
@@ -1419,6 +1423,22 @@ curl_socket_t HttpClientImpl::OnOpenSocket(void* arg, curlsocktype purpose,
 }
 
 }  // namespace
+
+namespace {
+constexpr absl::string_view kAttemptsPayload = "type.montage.dev/montage.http.Attempts";
+}  // namespace
+
+uint32_t FailedAttempts(const absl::Status& status) {
+  absl::optional<absl::Cord> payload = status.GetPayload(kAttemptsPayload);
+  uint32_t attempts = 0;
+  if (!payload.has_value() || !absl::SimpleAtoi(std::string(*payload), &attempts)) return 0;
+  return attempts;
+}
+
+void SetFailedAttempts(absl::Status& status, uint32_t attempts) {
+  if (!status.ok() && attempts > 1)
+    status.SetPayload(kAttemptsPayload, absl::Cord(absl::StrCat(attempts)));
+}
 
 absl::StatusOr<std::unique_ptr<HttpClient>> HttpClient::Create(HttpClientOptions options) {
   GlobalInit();

@@ -53,6 +53,13 @@ struct HttpResponse {
   int http_version = 0;
 };
 
+// The attempts a failed call made (the first and its retries) when it made more than one, as the
+// Status it ended with carries them; 0 when the status carries none (one attempt, or a status
+// from elsewhere). SetFailedAttempts puts them on a status (a payload; callers that build their
+// own status from the client's may pass them on).
+uint32_t FailedAttempts(const absl::Status& status);
+void SetFailedAttempts(absl::Status& status, uint32_t attempts);
+
 // Which answers may be retried. The default (IsRetriableByDefault) retries 5xx (500, 502, 503,
 // 504 and 529 among them) and 429 unless the body says insufficient_quota; never 4xx otherwise.
 using RetryClassifier = std::function<bool(const HttpResponse&)>;

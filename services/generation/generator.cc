@@ -703,6 +703,9 @@ void Generator::TryDeployment(std::shared_ptr<Flight> flight, size_t index, bool
     metrics_->latency.Add(labels, GeneratorMetrics::Buckets())
         .Observe(absl::ToDoubleSeconds(absl::Now() - started));
     if (!result.ok()) {
+      if (const uint32_t attempts = http::FailedAttempts(result.status()); attempts > 1) {
+        metrics_->retries.Add(labels).Increment(attempts - 1);
+      }
       span_holder->SetStatus(telemetry::SpanStatusCode::kError, result.status().message());
       span_holder->End();
       d.tokens->Adjust(-static_cast<double>(estimate));  // nothing was spent

@@ -4,6 +4,7 @@
 #include "services/generation/generator.h"
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -13,6 +14,8 @@
 #include "common/clock.h"
 #include "common/config.h"
 #include "common/status.h"
+#include "common/telemetry/metrics.h"
+#include "common/telemetry/metrics_test_util.h"
 #include "google/protobuf/util/time_util.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
@@ -586,6 +589,39 @@ TEST_F(GeneratorTest, AnAnswerWithoutUsageGetsAnEstimateMarkedAsOne) {
   EXPECT_EQ(estimated->usage().prompt_tokens(), EstimateTokens("sixteen bytes.."));
   EXPECT_EQ(estimated->usage().total_tokens(),
             estimated->usage().prompt_tokens() + estimated->usage().completion_tokens());
+}
+
+// A counter of the process's registry (0 before its first increment).
+double CounterValue(const std::string& name, const std::map<std::string, std::string>& labels) {
+  return telemetry::testing::SampleValue(telemetry::RenderPrometheusText(), name, labels)
+      .value_or(0);
+}
+
+// montage_generation_upstream_retries_total counts the HTTP retries of a provider call whether
+// it then succeeded or failed.
+TEST_F(GeneratorTest, RetriesAreCountedWhetherTheCallSucceedsOrNot) {
+  auto* retry = (*config_.mutable_providers())["fake-openai"].mutable_retry();
+  retry->set_max_attempts(3);
+  retry->mutable_initial_backoff()->set_nanos(1'000'000);
+  retry->mutable_max_backoff()->set_nanos(1'000'000);
+  Build();
+  const std::map<std::string, std::string> labels{{"provider", "fake-openai"},
+                                                  {"deployment", "primary"}};
+  const std::string name = "montage_generation_upstream_retries_total";
+  Behaviour failing;
+  failing.status = 500;
+  for (int i = 0; i < 3; ++i) fake_->Enqueue(failing);
+  const double before = CounterValue(name, labels);
+  auto failed = Call(Ask("solo", "fails three times", 0.5));
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kUnavailable) << failed.status();
+  EXPECT_EQ(CounterValue(name, labels) - before, 2);
+
+  fake_->Enqueue(failing);
+  auto recovered = Call(Ask("solo", "fails once", 0.5));
+  ASSERT_TRUE(recovered.ok()) << recovered.status();
+  EXPECT_EQ(recovered->attempts(), 2u);
+  EXPECT_EQ(CounterValue(name, labels) - before, 3);
+  EXPECT_EQ(fake_->stats().total_requests, 5u);
 }
 
 TEST_F(GeneratorTest, ListModelsShowsAliasesInFallbackOrder) {

@@ -92,7 +92,15 @@ absl::Status ProviderError(absl::StatusCode code, absl::string_view reason,
 }
 
 // Maps a non-2xx answer to the Status the Generator acts on (see provider.h).
+absl::Status ClassifyHttpErrorOnce(const std::string& provider, const http::HttpResponse& r);
+
 absl::Status ClassifyHttpError(const std::string& provider, const http::HttpResponse& r) {
+  absl::Status status = ClassifyHttpErrorOnce(provider, r);
+  http::SetFailedAttempts(status, r.attempts);  // for the generator's retry count
+  return status;
+}
+
+absl::Status ClassifyHttpErrorOnce(const std::string& provider, const http::HttpResponse& r) {
   const ErrorBody err = ParseErrorBody(r.body);
   const std::string who = absl::StrCat("provider '", provider, "'");
   if (r.status == 401 || r.status == 403 ||
@@ -689,13 +697,17 @@ class HttpProvider final : public Provider {
   }
 
   absl::Status Transport(const absl::Status& s, bool mid_stream) const {
+    absl::Status out;
     if (s.code() == absl::StatusCode::kCancelled ||
         s.code() == absl::StatusCode::kDeadlineExceeded) {
-      return absl::Status(s.code(), absl::StrCat("provider '", name_, "': ", s.message()));
+      out = absl::Status(s.code(), absl::StrCat("provider '", name_, "': ", s.message()));
+    } else {
+      out = ProviderError(absl::StatusCode::kUnavailable,
+                          mid_stream ? "PROVIDER_STREAM_CUT" : "PROVIDER_UNREACHABLE", name_,
+                          absl::StrCat("provider '", name_, "': ", s.message()));
     }
-    return ProviderError(absl::StatusCode::kUnavailable,
-                         mid_stream ? "PROVIDER_STREAM_CUT" : "PROVIDER_UNREACHABLE", name_,
-                         absl::StrCat("provider '", name_, "': ", s.message()));
+    http::SetFailedAttempts(out, http::FailedAttempts(s));
+    return out;
   }
 
   // Parses a unary answer and reports it on the completions executor when there is one: the
