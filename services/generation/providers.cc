@@ -309,6 +309,42 @@ v1::FinishReason GeminiFinish(absl::string_view reason) {
   return v1::FINISH_REASON_UNSPECIFIED;
 }
 
+// A template's JSON Schema in the form Gemini's responseSchema takes: the OpenAPI 3.0 subset its
+// Schema object has (type in upper case, nullable instead of a "null" type; properties, required,
+// items, enum, description, minItems, maxItems). Keywords outside it (additionalProperties,
+// minLength, pattern...) are left out, since the REST API rejects unknown fields; the answer is
+// still checked against the whole schema here.
+json GeminiSchema(const json& schema) {
+  json out = json::object();
+  if (!schema.is_object()) return out;
+  if (auto type = schema.find("type"); type != schema.end()) {
+    std::vector<std::string> types;
+    if (type->is_string()) types.push_back(type->get<std::string>());
+    if (type->is_array()) {
+      for (const auto& t : *type) {
+        if (t.is_string()) types.push_back(t.get<std::string>());
+      }
+    }
+    for (const std::string& t : types) {
+      if (t == "null") {
+        out["nullable"] = true;
+      } else if (!out.contains("type")) {
+        out["type"] = absl::AsciiStrToUpper(t);
+      }
+    }
+  }
+  for (const char* key : {"description", "enum", "required", "minItems", "maxItems", "nullable"}) {
+    if (auto it = schema.find(key); it != schema.end()) out[key] = *it;
+  }
+  if (auto items = schema.find("items"); items != schema.end()) out["items"] = GeminiSchema(*items);
+  if (auto props = schema.find("properties"); props != schema.end() && props->is_object()) {
+    json converted = json::object();
+    for (const auto& [name, sub] : props->items()) converted[name] = GeminiSchema(sub);
+    out["properties"] = std::move(converted);
+  }
+  return out;
+}
+
 class GeminiFormat final : public WireFormat {
  public:
   absl::string_view kind() const override { return "gemini"; }
@@ -342,7 +378,12 @@ class GeminiFormat final : public WireFormat {
       config["stopSequences"] =
           json(std::vector<std::string>(req.sampling.stop().begin(), req.sampling.stop().end()));
     }
-    if (!req.output_schema_json.empty()) config["responseMimeType"] = "application/json";
+    if (!req.output_schema_json.empty()) {
+      config["responseMimeType"] = "application/json";
+      if (req.use_json_schema) {
+        config["responseSchema"] = GeminiSchema(json::parse(req.output_schema_json));
+      }
+    }
     if (!config.empty()) body["generationConfig"] = std::move(config);
     return body;
   }

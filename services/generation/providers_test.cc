@@ -9,6 +9,7 @@
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "services/generation/provider.h"
 #include "tests/fake_llm/fake_llm_server.h"
 
@@ -309,6 +310,47 @@ TEST_P(ProvidersTest, AsksForJsonWhenASchemaIsGiven) {
   if (GetParam() != ProviderConfig::ANTHROPIC) {
     // Anthropic has no JSON mode; the template's prompt asks for JSON instead.
     EXPECT_EQ(out.result->text, R"({"titles":["a","b"]})");
+  }
+}
+
+// With json_schema on, the schema itself goes to providers that take one: OpenAI as
+// response_format json_schema (whole), Gemini as generationConfig.responseSchema (its OpenAPI
+// subset: upper-case types, "null" as nullable, unknown keywords left out). Anthropic has neither.
+TEST_P(ProvidersTest, SendsTheSchemaItselfWhereTheProviderTakesOne) {
+  auto p = Make(Config());
+  ASSERT_NE(p, nullptr);
+  fake_->set_json_answer(R"({"titles":["a","b"]})");
+  ProviderRequest r = Request("titles please");
+  r.output_schema_json = R"({"type":"object","required":["titles"],"additionalProperties":false,
+      "properties":{"titles":{"type":"array","maxItems":5,"items":{"type":"string","minLength":1}},
+                    "note":{"type":["string","null"],"description":"optional"}}})";
+  r.use_json_schema = true;
+  Outcome out;
+  Run(*p, std::move(r), out, false);
+  ASSERT_TRUE(out.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(out.result.ok()) << out.result.status();
+  const nlohmann::json body = nlohmann::json::parse(fake_->stats().recent.back().body);
+  switch (GetParam()) {
+    case ProviderConfig::OPENAI:
+      EXPECT_EQ(body["response_format"]["type"], "json_schema");
+      EXPECT_EQ(body["response_format"]["json_schema"]["schema"]["additionalProperties"], false);
+      EXPECT_EQ(body["response_format"]["json_schema"]["schema"]["properties"]["titles"]["items"]
+                    ["minLength"],
+                1);
+      break;
+    case ProviderConfig::GEMINI: {
+      const nlohmann::json& config = body["generationConfig"];
+      EXPECT_EQ(config["responseMimeType"], "application/json");
+      const nlohmann::json expected = nlohmann::json::parse(R"({"type":"OBJECT",
+          "required":["titles"],
+          "properties":{"titles":{"type":"ARRAY","maxItems":5,"items":{"type":"STRING"}},
+                        "note":{"type":"STRING","nullable":true,"description":"optional"}}})");
+      EXPECT_EQ(config["responseSchema"], expected) << config.dump();
+      break;
+    }
+    default:
+      EXPECT_FALSE(body.contains("response_format"));
+      EXPECT_FALSE(body.contains("responseSchema"));
   }
 }
 
