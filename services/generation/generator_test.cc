@@ -3,6 +3,7 @@
 // validation with one retry, and bad input. No test asserts a duration.
 #include "services/generation/generator.h"
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <memory>
@@ -16,6 +17,7 @@
 #include "common/status.h"
 #include "common/telemetry/metrics.h"
 #include "common/telemetry/metrics_test_util.h"
+#include "common/telemetry/tracer.h"
 #include "google/protobuf/util/time_util.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
@@ -622,6 +624,83 @@ TEST_F(GeneratorTest, RetriesAreCountedWhetherTheCallSucceedsOrNot) {
   EXPECT_EQ(recovered->attempts(), 2u);
   EXPECT_EQ(CounterValue(name, labels) - before, 3);
   EXPECT_EQ(fake_->stats().total_requests, 5u);
+}
+
+// The generation metrics move with what happened (fallbacks, cache misses and hits, coalesced
+// calls, time to first token), and each deployment attempt is a span under the caller's.
+TEST_F(GeneratorTest, MetricsAndSpansFollowWhatHappened) {
+  Build();
+  const double fallbacks0 =
+      CounterValue("montage_generation_fallbacks_total", {{"model", "chain"}});
+  const double miss0 = CounterValue("montage_generation_cache_requests_total",
+                                    {{"model", "solo"}, {"result", "miss"}});
+  const double hit0 = CounterValue("montage_generation_cache_requests_total",
+                                   {{"model", "solo"}, {"result", "hit"}});
+  const double coalesced0 = CounterValue("montage_generation_coalesced_total", {{"model", "solo"}});
+  const double ttft0 = CounterValue("montage_generation_time_to_first_token_seconds_count",
+                                    {{"deployment", "primary"}});
+
+  // A fallback, under a parent span: one upstream span per deployment tried.
+  telemetry::Span parent = telemetry::GlobalTracer().StartSpan("test parent");
+  ASSERT_TRUE(parent.context().sampled);
+  Behaviour down;
+  down.status = 500;
+  fake_->Enqueue(down);
+  CallOptions traced;
+  traced.parent_span = parent.context();
+  Result fell_back;
+  Start(Ask("chain", "fall back, traced", 0.7), fell_back, false, traced);
+  ASSERT_TRUE(fell_back.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(fell_back.response.ok()) << fell_back.response.status();
+  EXPECT_EQ(CounterValue("montage_generation_fallbacks_total", {{"model", "chain"}}) - fallbacks0,
+            1);
+  std::vector<std::string> deployments;
+  for (const telemetry::SpanData& span : telemetry::GlobalTracer().RecentSpans(256)) {
+    if (span.trace_id != parent.context().trace_id || span.name != "generation.upstream") continue;
+    const telemetry::AttributeValue* d = span.FindAttribute("generation.deployment");
+    ASSERT_NE(d, nullptr);
+    deployments.push_back(std::get<std::string>(*d));
+    EXPECT_EQ(span.status_code, deployments.back() == "primary"
+                                    ? telemetry::SpanStatusCode::kError
+                                    : telemetry::SpanStatusCode::kUnset);
+  }
+  std::sort(deployments.begin(), deployments.end());
+  EXPECT_EQ(deployments, (std::vector<std::string>{"primary", "secondary"}));
+
+  // A miss, then a hit.
+  ASSERT_TRUE(Call(Ask("solo", "metrics, cached", 0)).ok());
+  ASSERT_TRUE(Call(Ask("solo", "metrics, cached", 0)).ok());
+  EXPECT_EQ(CounterValue("montage_generation_cache_requests_total",
+                         {{"model", "solo"}, {"result", "miss"}}) -
+                miss0,
+            1);
+  EXPECT_EQ(CounterValue("montage_generation_cache_requests_total",
+                         {{"model", "solo"}, {"result", "hit"}}) -
+                hit0,
+            1);
+
+  // Two identical calls at once: the second joins the first.
+  Behaviour slow;
+  slow.delay = absl::Milliseconds(300);
+  fake_->Enqueue(slow);
+  Result a, b;
+  Start(Ask("solo", "metrics, shared", 0), a);
+  ASSERT_TRUE(fake_->WaitForInFlight(1, kWait));
+  Start(Ask("solo", "metrics, shared", 0), b);
+  ASSERT_TRUE(a.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(b.done.WaitForNotificationWithTimeout(kWait));
+  EXPECT_EQ(CounterValue("montage_generation_coalesced_total", {{"model", "solo"}}) - coalesced0,
+            1);
+
+  // A streamed answer: one time-to-first-token observation.
+  Result streamed;
+  Start(Ask("solo", "metrics, streamed", 0.7), streamed, /*stream=*/true);
+  ASSERT_TRUE(streamed.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(streamed.response.ok()) << streamed.response.status();
+  EXPECT_EQ(CounterValue("montage_generation_time_to_first_token_seconds_count",
+                         {{"deployment", "primary"}}) -
+                ttft0,
+            1);
 }
 
 TEST_F(GeneratorTest, ListModelsShowsAliasesInFallbackOrder) {
