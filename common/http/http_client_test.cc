@@ -22,6 +22,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -133,6 +134,7 @@ class TestServer {
     absl::Duration interval;
     bool closed = false;
     bool done = false;
+    std::string body = "late";  // a deferred answer's body (not chunked)
   };
 
   static void OnStop(evutil_socket_t, short, void* arg) {
@@ -174,7 +176,7 @@ class TestServer {
     if (!deferred.chunked) {
       deferred.done = true;
       evhttp_connection_set_closecb(connection, nullptr, nullptr);
-      SendReply(deferred.request, 200, "late");
+      SendReply(deferred.request, 200, deferred.body);
       return;
     }
     while (deferred.next_chunk < deferred.chunks.size()) {
@@ -263,6 +265,12 @@ class TestServer {
                  {"X-Echo-Traceparent", traceparent != nullptr ? traceparent : ""}});
     } else if (path == "/delay") {
       Defer(request, absl::Seconds(5));
+    } else if (path == "/peer-slow") {
+      // The client's port, a moment later: which connection carried the request.
+      char* address = nullptr;
+      ev_uint16_t port = 0;
+      evhttp_connection_get_peer(evhttp_request_get_connection(request), &address, &port);
+      Defer(request, absl::Milliseconds(100)).body = absl::StrCat(port);
     } else if (path == "/sse") {
       StreamChunks(request, {"data: hel", "lo\n\nevent: delta\ndata: wor", "ld\r\n\r\n: keep",
                              "-alive\n\n", "data: a\ndata: b\n\n"});
@@ -946,6 +954,33 @@ TEST_F(HttpClientTest, PrivateAddressesCanBeRefused) {
   response = Send(request);
   EXPECT_EQ(response.status().code(), absl::StatusCode::kPermissionDenied) << response.status();
   EXPECT_EQ(server_.Hits("/ok"), 0);
+}
+
+// Connections are kept alive and reused, at most max_connections_per_host at once to a host (the
+// other transfers wait for one), and not reused once idle for idle_connection_timeout.
+TEST_F(HttpClientTest, ConnectionsPerHostAreLimitedReusedAndExpire) {
+  HttpClientOptions options;
+  options.max_connections_per_host = 1;
+  options.idle_connection_timeout = absl::Seconds(1);
+  client_ = MakeClient(options);
+  ASSERT_NE(client_, nullptr);
+  std::vector<Result> results(3);
+  for (Result& r : results) client_->Send(Get("/peer-slow"), r.Callback());
+  std::set<std::string> ports;
+  for (Result& r : results) {
+    ASSERT_TRUE(Wait(r.done));
+    ASSERT_TRUE(r.response.ok()) << r.response.status();
+    ports.insert(r.response->body);
+  }
+  EXPECT_EQ(ports.size(), 1u) << "three calls at once took more than one connection";
+  absl::StatusOr<HttpResponse> reused = Send(Get("/peer-slow"));
+  ASSERT_TRUE(reused.ok()) << reused.status();
+  EXPECT_EQ(reused->body, *ports.begin());
+  // libcurl counts the idle age in whole seconds: past two, the connection is not taken again.
+  absl::SleepFor(absl::Milliseconds(2200));
+  absl::StatusOr<HttpResponse> fresh = Send(Get("/peer-slow"));
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_NE(fresh->body, *ports.begin());
 }
 
 TEST_F(HttpClientTest, TracesAttemptsAndPropagatesContext) {
