@@ -1422,10 +1422,8 @@ curl_socket_t HttpClientImpl::OnOpenSocket(void* arg, curlsocktype purpose,
   return socket(address->family, address->socktype | SOCK_CLOEXEC, address->protocol);
 }
 
-}  // namespace
-
-namespace {
 constexpr absl::string_view kAttemptsPayload = "type.montage.dev/montage.http.Attempts";
+
 }  // namespace
 
 uint32_t FailedAttempts(const absl::Status& status) {

@@ -95,9 +95,12 @@ std::string ResponseHeader(absl::StatusCode code, size_t body_size) {
   return header;
 }
 
-bool ReadFull(int fd, char* data, size_t size) {
+// Reads or writes (`io`) all `size` bytes, blocking (the worker has nothing else to do); false
+// at EOF or on an error.
+template <typename Io, typename Byte>
+bool Whole(Io io, int fd, Byte* data, size_t size) {
   while (size > 0) {
-    const ssize_t n = read(fd, data, size);
+    const ssize_t n = io(fd, data, size);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return false;
     data += n;
@@ -105,16 +108,8 @@ bool ReadFull(int fd, char* data, size_t size) {
   }
   return true;
 }
-bool WriteFull(int fd, const char* data, size_t size) {
-  while (size > 0) {
-    const ssize_t n = write(fd, data, size);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    data += n;
-    size -= static_cast<size_t>(n);
-  }
-  return true;
-}
+bool ReadFull(int fd, char* data, size_t size) { return Whole(read, fd, data, size); }
+bool WriteFull(int fd, const char* data, size_t size) { return Whole(write, fd, data, size); }
 
 bool WriteResponse(int fd, const absl::StatusOr<std::string>& result) {
   const absl::string_view body =

@@ -68,6 +68,15 @@ void PlanOffTheCallThread(Executor& executor, absl::AnyInvocable<absl::StatusOr<
   }
 }
 
+// Returns `reactor` after asking for its plan off the call thread; its Begin gets the plan.
+template <typename Reactor>
+Reactor* BeginWhenPlanned(Executor& executor, Reactor* reactor,
+                          absl::AnyInvocable<absl::StatusOr<Plan>() &&> plan) {
+  PlanOffTheCallThread(executor, std::move(plan),
+                       [reactor](absl::StatusOr<Plan> made) { reactor->Begin(std::move(made)); });
+  return reactor;
+}
+
 // A call's job, and whether the call was cancelled before it had one. Shared by the reactor and
 // its Begin, which may still hold it after the reactor is gone: a job can end, and the call with
 // it, inside Synthesizer::Start (a synthesizer shutting down refuses it there).
@@ -326,34 +335,25 @@ class SpeechServiceImpl final : public v1::SpeechService::CallbackService {
   grpc::ServerUnaryReactor* Synthesize(grpc::CallbackServerContext* context,
                                        const v1::SynthesizeRequest* request,
                                        v1::SynthesizeResponse* response) override {
-    auto* reactor = new UnaryReactor(synthesizer_, response);
     const absl::Time deadline = DeadlineOf(context, synthesizer_.config());
-    PlanOffTheCallThread(
-        synthesizer_.executor(),
-        [this, request, deadline] { return synthesizer_.PlanText(*request, deadline, false); },
-        [reactor](absl::StatusOr<Plan> plan) { reactor->Begin(std::move(plan)); });
-    return reactor;
+    return BeginWhenPlanned(
+        synthesizer_.executor(), new UnaryReactor(synthesizer_, response),
+        [this, request, deadline] { return synthesizer_.PlanText(*request, deadline, false); });
   }
   grpc::ServerWriteReactor<v1::AudioChunk>* StreamSynthesize(
       grpc::CallbackServerContext* context, const v1::SynthesizeRequest* request) override {
-    auto* reactor = new StreamReactor(synthesizer_);
     const absl::Time deadline = DeadlineOf(context, synthesizer_.config());
-    PlanOffTheCallThread(
-        synthesizer_.executor(),
-        [this, request, deadline] { return synthesizer_.PlanText(*request, deadline, true); },
-        [reactor](absl::StatusOr<Plan> plan) { reactor->Begin(std::move(plan)); });
-    return reactor;
+    return BeginWhenPlanned(
+        synthesizer_.executor(), new StreamReactor(synthesizer_),
+        [this, request, deadline] { return synthesizer_.PlanText(*request, deadline, true); });
   }
   grpc::ServerUnaryReactor* SynthesizeDialogue(grpc::CallbackServerContext* context,
                                                const v1::SynthesizeDialogueRequest* request,
                                                v1::SynthesizeResponse* response) override {
-    auto* reactor = new UnaryReactor(synthesizer_, response);
     const absl::Time deadline = DeadlineOf(context, synthesizer_.config());
-    PlanOffTheCallThread(
-        synthesizer_.executor(),
-        [this, request, deadline] { return synthesizer_.PlanDialogue(*request, deadline); },
-        [reactor](absl::StatusOr<Plan> plan) { reactor->Begin(std::move(plan)); });
-    return reactor;
+    return BeginWhenPlanned(
+        synthesizer_.executor(), new UnaryReactor(synthesizer_, response),
+        [this, request, deadline] { return synthesizer_.PlanDialogue(*request, deadline); });
   }
   grpc::ServerUnaryReactor* ListVoices(grpc::CallbackServerContext* context,
                                        const v1::ListVoicesRequest* request,
